@@ -1,0 +1,28 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo protos bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m adapter.demo
+
+protos: $(STAMP)
+	$(BIN)/python tools/genprotos.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/scaler_rpc.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

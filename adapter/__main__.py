@@ -1,0 +1,159 @@
+"""`python -m adapter`: the KEDA external scaler (gRPC) with its /metrics and /healthz server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from adapter.prometheus import PrometheusAuth
+from adapter.server import ScalerServer, ServerConfig
+
+ENV_PREFIX = "SCALER_"
+
+
+def _env(name: str, default=None):
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _flag(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m adapter",
+        description=(
+            "KEDA external scaler for GPU diffusion inference. Reads GPU utilization, queue length and "
+            "p95 latency from Prometheus per ScaledObject in the background, combines them into one "
+            "composite metric in replica units with stabilization windows, and answers KEDA's "
+            "ExternalScaler RPCs from that cache. Per-ScaledObject settings come from the trigger "
+            "metadata (see README); the flags below are process-wide. Every flag can also be set "
+            "through the environment variable shown with it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--listen-address", default=_env("LISTEN_ADDRESS", "0.0.0.0"), help="address both servers bind (env SCALER_LISTEN_ADDRESS)")
+    add("--grpc-port", type=int, default=_env("GRPC_PORT", "6000"), help="gRPC port (ExternalScaler, health, reflection) (env SCALER_GRPC_PORT)")
+    add("--http-port", type=int, default=_env("HTTP_PORT", "9102"), help="HTTP port for /metrics and /healthz (env SCALER_HTTP_PORT)")
+    tls = parser.add_argument_group("TLS for the gRPC port (KEDA: enableTLS, caCert, tlsClientCert)")
+    tls.add_argument("--tls-cert-file", default=_env("TLS_CERT_FILE"), help="server certificate, PEM; enables TLS (env SCALER_TLS_CERT_FILE)")
+    tls.add_argument("--tls-key-file", default=_env("TLS_KEY_FILE"), help="server private key, PEM (env SCALER_TLS_KEY_FILE)")
+    tls.add_argument(
+        "--tls-client-ca-file",
+        default=_env("TLS_CLIENT_CA_FILE"),
+        help="CA bundle, PEM; when set, clients must present a certificate it signed (mTLS) (env SCALER_TLS_CLIENT_CA_FILE)",
+    )
+    prom = parser.add_argument_group(
+        "Prometheus access (scaler-side: KEDA does not forward TriggerAuthentication to external scalers)"
+    )
+    prom.add_argument("--prometheus-bearer-token-file", default=_env("PROMETHEUS_BEARER_TOKEN_FILE"), help="send this file's token as a Bearer token; re-read on every query (env SCALER_PROMETHEUS_BEARER_TOKEN_FILE)")
+    prom.add_argument("--prometheus-username", default=_env("PROMETHEUS_USERNAME"), help="basic auth user (env SCALER_PROMETHEUS_USERNAME)")
+    prom.add_argument("--prometheus-password-file", default=_env("PROMETHEUS_PASSWORD_FILE"), help="basic auth password, read from this file (env SCALER_PROMETHEUS_PASSWORD_FILE)")
+    prom.add_argument("--prometheus-ca-file", default=_env("PROMETHEUS_CA_FILE"), help="CA bundle to verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_CA_FILE)")
+    prom.add_argument(
+        "--prometheus-insecure-skip-verify",
+        action="store_true",
+        default=_flag(_env("PROMETHEUS_INSECURE_SKIP_VERIFY", "false")),
+        help="do not verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_INSECURE_SKIP_VERIFY)",
+    )
+    prom.add_argument(
+        "--allowed-prometheus-urls",
+        default=_env("ALLOWED_PROMETHEUS_URLS", ""),
+        help="comma list of URL prefixes prometheusAddress must start with; empty allows any. Set it when "
+        "credentials are configured, so a ScaledObject cannot send them elsewhere (env SCALER_ALLOWED_PROMETHEUS_URLS)",
+    )
+    prom.add_argument("--max-concurrent-queries", type=int, default=_env("MAX_CONCURRENT_QUERIES", "32"), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
+    add("--idle-forget-seconds", type=float, default=_env("IDLE_FORGET_SECONDS", "900"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
+    add("--max-scaled-objects", type=int, default=_env("MAX_SCALED_OBJECTS", "2000"), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
+    add("--shutdown-grace-seconds", type=float, default=_env("SHUTDOWN_GRACE_SECONDS", "5"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
+    add("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="(env SCALER_LOG_LEVEL)")
+    add("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"], help="(env SCALER_LOG_FORMAT)")
+    return parser
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    password = None
+    if args.prometheus_password_file:
+        with open(args.prometheus_password_file, encoding="utf-8") as f:
+            password = f.read().strip()
+    auth = PrometheusAuth(
+        bearer_token_file=args.prometheus_bearer_token_file,
+        username=args.prometheus_username,
+        password=password,
+        ca_file=args.prometheus_ca_file,
+        insecure_skip_verify=args.prometheus_insecure_skip_verify,
+    )
+    return ServerConfig(
+        listen_address=args.listen_address,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        tls_cert_file=args.tls_cert_file,
+        tls_key_file=args.tls_key_file,
+        tls_client_ca_file=args.tls_client_ca_file,
+        prometheus_auth=auth,
+        allowed_prometheus_urls=tuple(u.strip() for u in args.allowed_prometheus_urls.split(",") if u.strip()),
+        max_concurrent_queries=args.max_concurrent_queries,
+        idle_forget_s=args.idle_forget_seconds,
+        max_scaled_objects=args.max_scaled_objects,
+        shutdown_grace_s=args.shutdown_grace_seconds,
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    server = ScalerServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("adapter").info("shutting down")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    try:
+        asyncio.run(serve(config))
+    except (OSError, RuntimeError) as e:  # e.g. a port already in use
+        logging.getLogger("adapter").error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

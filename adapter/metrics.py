@@ -1,0 +1,148 @@
+"""The scaler's own metrics (`scaler_*`): per-target families built fresh on each scrape,
+plus process-wide gRPC and Prometheus-query counters.
+
+Per-target series carry `namespace`, `scaledobject` and `metric` (the trigger's metricName).
+A forgotten target's series disappear with it, because nothing per target is kept in
+prometheus_client's own state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from adapter.config import SIGNALS
+from adapter.signals import Reading
+from adapter.targets import Target
+
+LABELS = ("namespace", "scaledobject", "metric")
+HELD_BY = ("scale_up_window", "scale_down_window", "restart_hold", "min_replicas", "max_replicas")
+
+# RPCs answer from memory in well under a millisecond; Prometheus queries take milliseconds.
+_RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 10)
+_QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ScalerMetrics:
+    """Process-wide counters, registered into the registry passed in."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.grpc_requests = Counter(
+            "scaler_grpc_requests", "gRPC calls answered, by method and status code", ["method", "code"], registry=registry
+        )
+        self.grpc_duration = Histogram(
+            "scaler_grpc_request_duration_seconds",
+            "Time to answer a unary gRPC call",
+            ["method"],
+            buckets=_RPC_BUCKETS,
+            registry=registry,
+        )
+        self.query_duration = Histogram(
+            "scaler_prometheus_query_duration_seconds",
+            "Prometheus instant query round trips, by query",
+            ["query"],
+            buckets=_QUERY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_reading(self, reading: Reading) -> None:
+        for outcome in reading.outcomes:
+            self.query_duration.labels(outcome.name).observe(outcome.duration_s)
+
+
+class TargetCollector:
+    """Builds the per-target families from the registry's targets at scrape time."""
+
+    def __init__(self, targets: Callable[[], list[Target]], clock: Callable[[], float]):
+        self._targets = targets
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []  # families vary with the registered targets
+
+    def collect(self) -> Iterable[Metric]:
+        now = self._clock()
+        g = _Families()
+        newest: dict[tuple[str, str, str], Target] = {}
+        for target in self._targets():
+            labels = (target.namespace, target.name, target.spec.metric_name)
+            kept = newest.get(labels)
+            if kept is None or target.last_used_at > kept.last_used_at:
+                newest[labels] = target
+        g.scaledobjects.add_metric([], len(newest))
+        for labels, target in newest.items():
+            self._collect_target(g, list(labels), target, now)
+        return g.all()
+
+    @staticmethod
+    def _collect_target(g: _Families, labels: list[str], target: Target, now: float) -> None:
+        age = target.age(now)
+        stale = age is None or age > target.spec.stale_after_s
+        g.stale.add_metric(labels, 1.0 if stale else 0.0)
+        if age is not None:
+            g.age.add_metric(labels, age)
+        g.refreshes.add_metric(labels + ["ok"], target.refreshes["ok"])
+        g.refreshes.add_metric(labels + ["error"], target.refreshes["error"])
+        for outcome in target.last_outcomes:
+            g.query_duration.add_metric(labels + [outcome.name], outcome.duration_s)
+        for query in ("queue", "ready", "gpu", "latency"):
+            if query in target.query_failures or any(o.name == query for o in target.last_outcomes):
+                g.query_failures.add_metric(labels + [query], target.query_failures[query])
+        snapshot = target.snapshot
+        if snapshot is None:
+            return
+        signals, decision = snapshot.signals, snapshot.decision
+        g.queue.add_metric(labels, signals.queue)
+        g.ready.add_metric(labels, signals.ready_replicas)
+        if signals.gpu_util_percent is not None:
+            g.gpu.add_metric(labels, signals.gpu_util_percent)
+        if signals.p95_seconds is not None:
+            g.p95.add_metric(labels, signals.p95_seconds)
+        for signal in SIGNALS:
+            if signal in decision.proposals:
+                g.proposal.add_metric(labels + [signal], decision.proposals[signal])
+        g.composite.add_metric(labels, decision.composite)
+        g.desired.add_metric(labels, decision.value)
+        g.active.add_metric(labels, 1.0 if decision.active else 0.0)
+        g.burst.add_metric(labels, 1.0 if decision.burst else 0.0)
+        for signal in SIGNALS + ("none",):
+            g.limiting.add_metric(labels + [signal], 1.0 if decision.limiting == signal else 0.0)
+        for reason in HELD_BY:
+            g.held.add_metric(labels + [reason], 1.0 if decision.held_by == reason else 0.0)
+
+
+class _Families:
+    """One scrape's worth of fresh metric families."""
+
+    def __init__(self):
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=LABELS + extra)
+
+        self.scaledobjects = GaugeMetricFamily("scaler_scaledobjects", "Triggers registered and refreshing")
+        self.queue = gauge("scaler_queue_requests", "Queue signal: requests waiting + running over the target's pods")
+        self.ready = gauge("scaler_ready_replicas", "Replicas reporting ready (diffusion_ready)")
+        self.gpu = gauge("scaler_gpu_utilization_percent", "GPU signal: mean utilization over the target's GPUs")
+        self.p95 = gauge("scaler_latency_p95_seconds", "Latency signal: p95 request latency over the window")
+        self.proposal = gauge("scaler_proposal_replicas", "Replicas each signal proposes", ("signal",))
+        self.composite = gauge("scaler_composite_replicas", "Composite of the proposals, before stabilization")
+        self.desired = gauge("scaler_desired_replicas", "Composite after stabilization: the value KEDA receives")
+        self.active = gauge("scaler_active", "1 when IsActive answers true (queue above activationQueue)")
+        self.burst = gauge("scaler_burst", "1 when the queue proposal skipped the scale-up window")
+        self.limiting = gauge("scaler_limiting_signal", "1 for the signal whose proposal is the composite", ("signal",))
+        self.held = gauge("scaler_stabilization_hold", "1 for what holds the value away from the composite", ("reason",))
+        self.age = gauge("scaler_value_age_seconds", "Age of the value being served")
+        self.stale = gauge("scaler_stale", "1 when no value can be served (none yet, or older than staleAfterSeconds)")
+        self.query_duration = gauge(
+            "scaler_query_last_duration_seconds", "Duration of each query in the last refresh", ("query",)
+        )
+        self.refreshes = CounterMetricFamily(
+            "scaler_refreshes", "Background refreshes by result", labels=LABELS + ("result",)
+        )
+        self.query_failures = CounterMetricFamily(
+            "scaler_query_failures", "Failed Prometheus queries by query", labels=LABELS + ("query",)
+        )
+
+    def all(self) -> list[Metric]:
+        return list(vars(self).values())

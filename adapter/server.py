@@ -1,0 +1,174 @@
+"""Assembles the scaler process: gRPC (ExternalScaler, health, reflection, optional TLS/mTLS),
+the refresher registry, and the HTTP server for /metrics and /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from adapter._proto import externalscaler_pb2_grpc as pb_grpc
+from adapter.httpserver import MetricsServer
+from adapter.metrics import ScalerMetrics, TargetCollector
+from adapter.prometheus import PrometheusAuth, PrometheusClient
+from adapter.service import SERVICE_NAME, ExternalScalerService
+from adapter.signals import SignalReader
+from adapter.targets import TargetRegistry
+
+log = logging.getLogger(__name__)
+
+# /healthz fails when the event loop has not ticked for this long (a wedged loop).
+_HEARTBEAT_LIMIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The process's settings (flags and environment), parsed once."""
+
+    listen_address: str = "0.0.0.0"
+    grpc_port: int = 6000
+    http_port: int = 9102
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # set: clients must present a certificate it signed
+    prometheus_auth: PrometheusAuth = field(default_factory=PrometheusAuth)
+    allowed_prometheus_urls: tuple[str, ...] = ()
+    max_concurrent_queries: int = 32
+    idle_forget_s: float = 900.0
+    max_scaled_objects: int = 2000
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self):
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("--tls-cert-file and --tls-key-file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file (mTLS) needs --tls-cert-file and --tls-key-file")
+        for name in ("grpc_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name.replace('_', '-')} must be a port number, 0 to 65535")
+        if self.max_concurrent_queries < 1 or self.max_scaled_objects < 1:
+            raise ValueError("--max-concurrent-queries and --max-scaled-objects must be at least 1")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    """TLS credentials that pick up rotated certificate files (cert-manager) on new handshakes."""
+    paths = [p for p in (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) if p]
+
+    def load() -> grpc.ServerCertificateConfiguration:
+        pair = [(_read(config.tls_key_file), _read(config.tls_cert_file))]
+        ca = _read(config.tls_client_ca_file) if config.tls_client_ca_file else None
+        return grpc.ssl_server_certificate_configuration(pair, root_certificates=ca)
+
+    def mtimes() -> tuple[float, ...]:
+        return tuple(os.stat(p).st_mtime_ns for p in paths)
+
+    loaded = {"mtimes": mtimes()}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            current = mtimes()
+            if current == loaded["mtimes"]:
+                return None
+            fresh = load()
+        except (OSError, ValueError) as e:
+            log.error("keeping the current TLS certificate: cannot load the new one: %s", e)
+            return None
+        loaded["mtimes"] = current
+        log.info("TLS certificate files changed; new connections use them")
+        return fresh
+
+    return grpc.dynamic_ssl_server_credentials(
+        load(), fetch, require_client_authentication=config.tls_client_ca_file is not None
+    )
+
+
+class ScalerServer:
+    """One scaler process's servers; `start` binds the ports, `stop` drains and closes them."""
+
+    def __init__(self, config: ServerConfig, metrics_registry: CollectorRegistry | None = None):
+        self.config = config
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._executor = ThreadPoolExecutor(config.max_concurrent_queries, thread_name_prefix="promql")
+        self._client = PrometheusClient(config.prometheus_auth)
+        self._heartbeat = time.monotonic()
+        self._serving = False
+
+    async def start(self) -> None:
+        config = self.config
+        metrics = ScalerMetrics(self.metrics_registry)
+        reader = SignalReader(self._client.query, self._executor, config.max_concurrent_queries)
+        self.registry = TargetRegistry(
+            reader,
+            allowed_prefixes=config.allowed_prometheus_urls,
+            idle_forget_s=config.idle_forget_s,
+            max_targets=config.max_scaled_objects,
+            on_reading=metrics.observe_reading,
+        )
+        self.metrics_registry.register(TargetCollector(self.registry.targets, self.registry.now))
+
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalScalerServicer_to_server(ExternalScalerService(self.registry, metrics), self._grpc)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        address = f"{config.listen_address}:{config.grpc_port}"
+        if config.tls_cert_file:
+            self.grpc_port = self._grpc.add_secure_port(address, server_credentials(config))
+        else:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        await self._grpc.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        self._http = MetricsServer(self.metrics_registry, self.health, config.listen_address, config.http_port)
+        self.http_port = self._http.port
+        self._http.start()
+        self._beat_task = asyncio.get_running_loop().create_task(self._beat())
+        self._serving = True
+        log.info(
+            "serving ExternalScaler on %s:%d (%s), metrics on :%d",
+            config.listen_address, self.grpc_port,
+            "mTLS" if config.tls_client_ca_file else "TLS" if config.tls_cert_file else "plaintext",
+            self.http_port,
+        )  # fmt: skip
+
+    async def _beat(self) -> None:
+        while True:
+            self._heartbeat = time.monotonic()
+            await asyncio.sleep(1.0)
+
+    def health(self) -> tuple[bool, str]:
+        if not self._serving:
+            return False, "not serving (starting or shutting down)"
+        silent = time.monotonic() - self._heartbeat
+        if silent > _HEARTBEAT_LIMIT_S:
+            return False, f"event loop stalled for {silent:.0f}s"
+        return True, "ok"
+
+    async def stop(self) -> None:
+        """Reports NOT_SERVING, lets RPCs in flight finish (bounded), then closes everything."""
+        self._serving = False
+        await self._health.enter_graceful_shutdown()
+        await self._grpc.stop(self.config.shutdown_grace_s)
+        self._beat_task.cancel()
+        await self.registry.close()
+        self._http.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)

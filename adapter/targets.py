@@ -1,0 +1,208 @@
+"""Registered triggers, their background refreshers and the cache the RPCs answer from.
+
+A trigger is registered on first contact, keyed by namespace, name and the whole metadata
+map, so an edited ScaledObject becomes a new target and the old one is forgotten once idle.
+Each target refreshes on its own task every `refreshSeconds`; RPCs read the last good
+snapshot and never wait on Prometheus, except for a target's very first call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from adapter.config import ScalerSpec, parse_metadata
+from adapter.policy import Decision, PolicyState, Signals, decide
+from adapter.signals import QueryOutcome, Reading, SignalReader
+
+log = logging.getLogger(__name__)
+
+TargetKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class Unavailable(Exception):
+    """No value may be served: none yet, or the last good one is older than staleAfterSeconds."""
+
+
+class TooManyTargets(Exception):
+    """The registry is full; protects the scaler from unbounded metadata churn."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The last good decision and the signals it came from."""
+
+    decision: Decision
+    signals: Signals
+    at: float  # clock time of the reading
+
+
+class Target:
+    """One trigger of one ScaledObject: spec, policy state, last good snapshot, statistics."""
+
+    def __init__(self, key: TargetKey, namespace: str, name: str, spec: ScalerSpec, now: float):
+        self.key = key
+        self.namespace = namespace
+        self.name = name
+        self.spec = spec
+        self.created_at = now
+        self.last_used_at = now
+        self.state = PolicyState()
+        self.snapshot: Snapshot | None = None
+        self.last_error: str | None = None
+        self.last_outcomes: tuple[QueryOutcome, ...] = ()
+        self.refreshes: Counter[str] = Counter()  # by result: ok, error
+        self.query_failures: Counter[str] = Counter()  # by query name
+        self.open_streams = 0
+        self.first_attempt = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def apply(self, reading: Reading, now: float) -> None:
+        """Records a refresh; a successful one advances the policy and replaces the snapshot."""
+        self.last_outcomes = reading.outcomes
+        for outcome in reading.outcomes:
+            if outcome.error:
+                self.query_failures[outcome.name] += 1
+        if reading.signals is None:
+            self.refreshes["error"] += 1
+            self.last_error = reading.error
+        else:
+            decision = decide(self.spec.policy, reading.signals, self.state, now)
+            self.state = decision.state
+            self.snapshot = Snapshot(decision, reading.signals, now)
+            self.refreshes["ok"] += 1
+            self.last_error = None
+        self.first_attempt.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def changed(self, timeout_s: float) -> None:
+        """Returns after the next refresh, or after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    def current(self, now: float) -> Snapshot:
+        """The snapshot to serve at `now`; raises Unavailable when there is none or it is stale."""
+        if self.snapshot is None:
+            reason = self.last_error or "the first refresh has not finished"
+            raise Unavailable(f"no value yet for {self.namespace}/{self.name}: {reason}")
+        age = now - self.snapshot.at
+        if age > self.spec.stale_after_s:
+            raise Unavailable(
+                f"last good value for {self.namespace}/{self.name} is {age:.0f}s old "
+                f"(staleAfterSeconds={self.spec.stale_after_s:g}); last error: {self.last_error}"
+            )
+        return self.snapshot
+
+    def age(self, now: float) -> float | None:
+        return None if self.snapshot is None else now - self.snapshot.at
+
+
+class TargetRegistry:
+    """Owns every target and its refresh task; lives on one asyncio event loop."""
+
+    def __init__(
+        self,
+        reader: SignalReader,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        allowed_prefixes: tuple[str, ...] = (),
+        idle_forget_s: float = 900.0,
+        max_targets: int = 2000,
+        on_reading: Callable[[Reading], None] | None = None,
+    ):
+        self._reader = reader
+        self._clock = clock
+        self._allowed_prefixes = allowed_prefixes
+        self._idle_forget_s = idle_forget_s
+        self._max_targets = max_targets
+        self._on_reading = on_reading
+        self._targets: dict[TargetKey, Target] = {}
+        self._tasks: dict[TargetKey, asyncio.Task] = {}
+
+    def now(self) -> float:
+        return self._clock()
+
+    def targets(self) -> list[Target]:
+        """A copy, safe to iterate from another thread (the /metrics server)."""
+        return list(self._targets.values())
+
+    def resolve(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
+        """The target for this trigger, registered and refreshing; raises MetadataError, TooManyTargets."""
+        key: TargetKey = (namespace, name, tuple(sorted(metadata.items())))
+        target = self._targets.get(key)
+        if target is None:
+            target = self._register(key, namespace, name, metadata)
+        target.last_used_at = self._clock()
+        return target
+
+    async def resolve_ready(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
+        """As resolve, and waits for the target's first refresh to finish (only ever once)."""
+        target = self.resolve(namespace, name, metadata)
+        if not target.first_attempt.is_set():
+            # The reader bounds every query; this is a backstop on top of it.
+            try:
+                await asyncio.wait_for(target.first_attempt.wait(), target.spec.query_timeout_s + 2.0)
+            except asyncio.TimeoutError:
+                pass
+        return target
+
+    def _register(self, key: TargetKey, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
+        spec = parse_metadata(metadata, self._allowed_prefixes)
+        if len(self._targets) >= self._max_targets:
+            raise TooManyTargets(
+                f"{len(self._targets)} triggers are registered, the limit (--max-scaled-objects); "
+                "idle ones are forgotten after --idle-forget-seconds"
+            )
+        if spec.unknown_keys:
+            log.warning(
+                "ScaledObject %s/%s: ignoring unknown trigger metadata keys %s",
+                namespace, name, ", ".join(spec.unknown_keys),
+            )  # fmt: skip
+        target = Target(key, namespace, name, spec, self._clock())
+        self._targets[key] = target
+        self._tasks[key] = asyncio.get_running_loop().create_task(
+            self._refresh_loop(target), name=f"refresh {namespace}/{name}"
+        )
+        log.info("registered ScaledObject %s/%s (metric %s)", namespace, name, spec.metric_name)
+        return target
+
+    async def refresh(self, target: Target) -> None:
+        reading = await self._reader.read(target.spec)
+        target.apply(reading, self._clock())
+        if self._on_reading is not None:
+            self._on_reading(reading)
+        if reading.signals is None:
+            log.warning("ScaledObject %s/%s: refresh failed: %s", target.namespace, target.name, reading.error)
+
+    async def _refresh_loop(self, target: Target) -> None:
+        period = target.spec.refresh_s
+        next_due = self._clock()
+        try:
+            while True:
+                try:
+                    await self.refresh(target)
+                except Exception:  # never let one target's bug stop its refreshes
+                    log.exception("ScaledObject %s/%s: refresh crashed", target.namespace, target.name)
+                    target.first_attempt.set()
+                now = self._clock()
+                if target.open_streams == 0 and now - target.last_used_at > self._idle_forget_s:
+                    log.info("forgetting idle ScaledObject %s/%s", target.namespace, target.name)
+                    return
+                next_due = max(next_due + period, now)
+                await asyncio.sleep(next_due - now)
+        finally:
+            self._targets.pop(target.key, None)
+            self._tasks.pop(target.key, None)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""The GPU exporter (NVML -> Prometheus, dcgm-exporter-compatible names). Built in its own issue."""

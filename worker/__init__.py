@@ -1,0 +1,1 @@
+"""The diffusers worker (HTTP -> queue -> batcher -> pipeline). Built in its own issue."""
