@@ -1,0 +1,144 @@
+"""Trigger metadata parsing: defaults, every rejection names its key, arbitrary maps never crash."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapter.config import KNOWN_KEYS, MetadataError, parse_metadata
+
+BASE = {"prometheusAddress": "http://prometheus.monitoring:9090"}
+
+
+def parse(**extra):
+    return parse_metadata({**BASE, **extra})
+
+
+def test_defaults_match_the_documented_table():
+    spec = parse()
+    policy = spec.policy
+    assert spec.prometheus_address == "http://prometheus.monitoring:9090"
+    assert (spec.window, spec.refresh_s, spec.stale_after_s, spec.query_timeout_s) == ("1m", 5, 60, 2)
+    assert spec.metric_name == "composite"
+    assert policy.signals == ("queue", "gpu")  # latency is off without targetP95Seconds
+    assert (policy.target_queue_per_replica, policy.target_gpu_util_percent) == (8, 75)
+    assert (policy.scale_up_window_s, policy.scale_down_window_s, policy.burst_factor) == (0, 300, 2)
+    assert (policy.combine, policy.min_replicas, policy.max_replicas, policy.activation_queue) == ("max", None, None, 0)
+
+
+def test_latency_is_enabled_by_its_objective():
+    assert parse(targetP95Seconds="12").policy.signals == ("queue", "gpu", "latency")
+
+
+def test_builtin_queries_use_the_selector_and_window():
+    spec = parse(selector='namespace="ml",deployment="sd-worker"', window="30s")
+    sel = '{namespace="ml",deployment="sd-worker"}'
+    assert spec.queries.queue == f"sum(diffusion_requests_in_flight{sel})"
+    assert spec.queries.gpu == f"avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{sel}[30s]))"
+    assert spec.queries.latency == (
+        f"histogram_quantile(0.95, sum by (le) (rate(diffusion_request_duration_seconds_bucket{sel}[30s])))"
+    )
+    assert spec.queries.ready == f"sum(diffusion_ready{sel})"
+
+
+def test_query_overrides_replace_the_builtins():
+    spec = parse(queueQuery="sum(my_queue)", readyReplicasQuery="count(up)")
+    assert (spec.queries.queue, spec.queries.ready) == ("sum(my_queue)", "count(up)")
+
+
+def test_from_env_keys_resolved_by_keda_are_accepted():
+    spec = parse_metadata({"prometheusAddressFromEnv": "http://p:9090", "minReplicasFromEnv": "2"})
+    assert spec.prometheus_address == "http://p:9090" and spec.policy.min_replicas == 2
+    assert spec.unknown_keys == ()
+
+
+def test_kedas_own_keys_are_not_reported_as_unknown_but_others_are():
+    spec = parse(scalerAddress="scaler:6000", enableTLS="true", unsafeSsl="false", targetQueue="3")
+    assert spec.unknown_keys == ("targetQueue",)
+
+
+def test_weights_parse_in_weighted_mode():
+    spec = parse(combine="weighted", weights="queue=2, gpu=0.5", targetP95Seconds="5")
+    assert dict(spec.policy.weights) == {"queue": 2.0, "gpu": 0.5, "latency": 1.0}
+
+
+def test_allowed_prefixes_restrict_the_prometheus_address():
+    parse_metadata(BASE, allowed_prefixes=("http://prometheus.monitoring",))
+    with pytest.raises(MetadataError) as raised:
+        parse_metadata({"prometheusAddress": "http://evil:9090"}, allowed_prefixes=("http://prometheus.monitoring",))
+    assert raised.value.key == "prometheusAddress"
+
+
+@pytest.mark.parametrize(
+    "metadata, key, says",
+    [
+        ({}, "prometheusAddress", "required"),
+        ({"prometheusAddress": "prometheus:9090"}, "prometheusAddress", "base URL"),
+        ({**BASE, "combine": "sum"}, "combine", "max or weighted"),
+        ({**BASE, "targetQueuePerReplica": "eight"}, "targetQueuePerReplica", "above 0"),
+        ({**BASE, "targetQueuePerReplica": "0"}, "targetQueuePerReplica", "above 0"),
+        ({**BASE, "targetQueuePerReplica": "nan"}, "targetQueuePerReplica", "above 0"),
+        ({**BASE, "targetGpuUtilization": "101"}, "targetGpuUtilization", "0 < x <= 100"),
+        ({**BASE, "targetGpuUtilization": "-5"}, "targetGpuUtilization", "0 < x <= 100"),
+        ({**BASE, "targetP95Seconds": "inf"}, "targetP95Seconds", "above 0"),
+        ({**BASE, "window": "1 minute"}, "window", "PromQL duration"),
+        ({**BASE, "window": "0s"}, "window", "PromQL duration"),
+        ({**BASE, "signals": "queue,memory"}, "signals", "queue, gpu, latency"),
+        ({**BASE, "signals": "latency"}, "signals", "targetP95Seconds"),
+        ({**BASE, "weights": "queue=2"}, "weights", "combine=weighted"),
+        ({**BASE, "combine": "weighted", "weights": "queue=x"}, "weights", "queue=2"),
+        ({**BASE, "combine": "weighted", "weights": "queue=0,gpu=0"}, "weights", "above 0"),
+        ({**BASE, "minReplicas": "1.5"}, "minReplicas", "whole number"),
+        ({**BASE, "minReplicas": "5", "maxReplicas": "2"}, "minReplicas", "maxReplicas"),
+        ({**BASE, "scaleDownWindowSeconds": "-1"}, "scaleDownWindowSeconds", "0 to 3600"),
+        ({**BASE, "refreshSeconds": "10", "staleAfterSeconds": "5"}, "staleAfterSeconds", "refreshSeconds"),
+        ({**BASE, "selector": "namespace=ml"}, "selector", "label matchers"),
+        ({**BASE, "selector": 'a="b"} or vector(1'}, "selector", "label matchers"),
+        ({**BASE, "metricName": "has space"}, "metricName", "letters"),
+    ],
+)
+def test_bad_metadata_names_the_key_the_value_and_what_is_accepted(metadata, key, says):
+    with pytest.raises(MetadataError) as raised:
+        parse_metadata(metadata)
+    assert raised.value.key == key
+    assert key in str(raised.value) and says in str(raised.value)
+    if raised.value.value is not None:
+        assert repr(raised.value.value) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ['namespace="ml"', 'namespace="ml", deployment=~"sd-.*",', "pod!='x'", 'a!~"b\\"c"', ""],
+)
+def test_valid_selectors_are_accepted(selector):
+    assert parse(selector=selector).selector == selector
+
+
+# --- property-based: arbitrary maps never crash, every rejection is a MetadataError ----
+
+KEYS = st.one_of(st.sampled_from(sorted(KNOWN_KEYS)), st.text(max_size=12))
+NEAR_VALID = st.one_of(
+    st.text(max_size=20),
+    st.sampled_from(["", "0", "-1", "1", "8", "75", "100", "1e309", "nan", "inf", "1m", "5s", "max", "weighted"]),
+    st.sampled_from(["queue", "gpu,latency", "queue=2,gpu=1", 'namespace="ml"', "http://127.0.0.1:1"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.integers().map(str),
+)
+MAPS = st.dictionaries(KEYS, NEAR_VALID, max_size=12)
+
+
+@settings(max_examples=500, deadline=None)
+@given(MAPS, st.booleans())
+def test_arbitrary_metadata_either_parses_or_raises_metadata_error(metadata, with_address):
+    if with_address:
+        metadata = {**metadata, "prometheusAddress": "http://127.0.0.1:1"}
+    try:
+        spec = parse_metadata(metadata)
+    except MetadataError as e:
+        assert e.key in KNOWN_KEYS
+        return
+    policy = spec.policy
+    assert policy.signals and set(policy.signals) <= {"queue", "gpu", "latency"}
+    assert policy.target_queue_per_replica > 0 and 0 < policy.target_gpu_util_percent <= 100
+    assert spec.stale_after_s >= spec.refresh_s > 0
