@@ -7,6 +7,7 @@ are never confused.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -67,14 +68,15 @@ class PrometheusClient:
         try:
             response = self._session().get(
                 f"{base_url}/api/v1/query",
-                params={"query": promql, "timeout": f"{timeout_s:g}s"},
+                # Prometheus reads a bare number as seconds; "0.3s" would be a 400.
+                params={"query": promql, "timeout": f"{timeout_s:g}"},
                 headers=self._headers(),
                 timeout=timeout_s,
             )
         except requests.Timeout:
             raise QueryError(f"no answer within {timeout_s:g}s") from None
         except requests.RequestException as e:
-            raise QueryError(f"request failed: {_short(e)}") from None
+            raise QueryError(f"request to {base_url} failed: {_describe(e)}") from None
         try:
             body = response.json()
         except ValueError:
@@ -103,6 +105,11 @@ def _single_value(data: object) -> float | None:
     raise QueryError(f"query returned a {kind}; an instant vector of one series or a scalar is needed")
 
 
-def _short(error: Exception) -> str:
-    text = str(error)
-    return text if len(text) <= 200 else text[:200] + "..."
+def _describe(error: requests.RequestException) -> str:
+    """The root cause in one stable line (log lines are deduplicated by message)."""
+    inner = error.args[0] if error.args else None
+    reason = getattr(inner, "reason", None) or inner or error
+    text = str(reason)
+    # urllib3 prefixes "HTTPConnection(host='h', port=9): "; the rest is the useful part
+    text = re.sub(r"^HTTPS?Connection\([^)]*\): ", "", text)
+    return text if len(text) <= 300 else text[:300] + "..."

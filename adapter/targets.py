@@ -175,11 +175,16 @@ class TargetRegistry:
 
     async def refresh(self, target: Target) -> None:
         reading = await self._reader.read(target.spec)
+        previous_error = target.last_error
         target.apply(reading, self._clock())
         if self._on_reading is not None:
             self._on_reading(reading)
-        if reading.signals is None:
-            log.warning("ScaledObject %s/%s: refresh failed: %s", target.namespace, target.name, reading.error)
+        # Log changes, not every refresh: a Prometheus outage would otherwise log once per
+        # target per refresh. The counters in /metrics carry the rest.
+        if target.last_error and target.last_error != previous_error:
+            log.warning("ScaledObject %s/%s: refresh failed: %s", target.namespace, target.name, target.last_error)
+        elif previous_error and not target.last_error:
+            log.info("ScaledObject %s/%s: refreshes succeed again", target.namespace, target.name)
 
     async def _refresh_loop(self, target: Target) -> None:
         period = target.spec.refresh_s
