@@ -10,6 +10,7 @@ import uuid
 from typing import Callable, TypeVar
 
 import grpc
+import requests
 import pytest
 
 from adapter._proto import externalscaler_pb2 as pb
@@ -36,7 +37,7 @@ def eventually(check: Callable[[], T], timeout_s: float = 15.0, interval_s: floa
     while True:
         try:
             return check()
-        except (AssertionError, grpc.RpcError):
+        except (AssertionError, grpc.RpcError, requests.RequestException):
             if time.monotonic() > deadline:
                 raise
         time.sleep(interval_s)
