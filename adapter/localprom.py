@@ -93,6 +93,20 @@ class LocalPrometheus:
         self.stop()
         raise RuntimeError(f"prometheus was not ready within {timeout_s:g}s: {self.log_tail()}")
 
+    def wait_for_scrapes(self, targets: int = 1, timeout_s: float = 30.0) -> None:
+        """Blocks until `targets` scrape targets have been scraped once (Prometheus only
+        starts scraping a few seconds after it is ready)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                answer = requests.get(f"{self.url}/api/v1/query", params={"query": "up"}, timeout=2).json()
+                if len(answer["data"]["result"]) >= targets:
+                    return
+            except (requests.RequestException, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"prometheus scraped fewer than {targets} targets within {timeout_s:g}s")
+
     def log_tail(self, lines: int = 20) -> str:
         path = self._dir / "prometheus.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

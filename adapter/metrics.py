@@ -41,15 +41,15 @@ class ScalerMetrics:
         )
         self.query_duration = Histogram(
             "scaler_prometheus_query_duration_seconds",
-            "Prometheus instant query round trips, by query",
+            "Prometheus request round trips, by query ('combined' when one request carries all of a target's queries)",
             ["query"],
             buckets=_QUERY_BUCKETS,
             registry=registry,
         )
 
     def observe_reading(self, reading: Reading) -> None:
-        for outcome in reading.outcomes:
-            self.query_duration.labels(outcome.name).observe(outcome.duration_s)
+        for query, duration_s in reading.requests:
+            self.query_duration.labels(query).observe(duration_s)
 
 
 class TargetCollector:

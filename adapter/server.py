@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -103,7 +102,6 @@ class ScalerServer:
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
-        self._executor = ThreadPoolExecutor(config.max_concurrent_queries, thread_name_prefix="promql")
         self._client = PrometheusClient(config.prometheus_auth)
         self._heartbeat = time.monotonic()
         self._serving = False
@@ -111,7 +109,7 @@ class ScalerServer:
     async def start(self) -> None:
         config = self.config
         metrics = ScalerMetrics(self.metrics_registry)
-        reader = SignalReader(self._client.query, self._executor, config.max_concurrent_queries)
+        reader = SignalReader(self._client.query, config.max_concurrent_queries)
         self.registry = TargetRegistry(
             reader,
             allowed_prefixes=config.allowed_prometheus_urls,
@@ -171,4 +169,4 @@ class ScalerServer:
         self._beat_task.cancel()
         await self.registry.close()
         self._http.stop()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._client.close()

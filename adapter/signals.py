@@ -1,4 +1,10 @@
-"""Reads one target's signals: the needed PromQL queries, run concurrently, interpreted strictly.
+"""Reads one target's signals from Prometheus and interprets them strictly.
+
+One refresh is one HTTP request: the target's queries are joined into a single PromQL
+expression, each part tagged by `label_replace` with a `scaler_signal` label, so Prometheus
+and the scaler each handle one request per target per refresh instead of four. If
+Prometheus rejects the joined form (a query override that returns a scalar, say), the
+target falls back to one request per query for good, which also names the query at fault.
 
 Interpretation is where "a missing answer never becomes 0" is enforced:
 
@@ -10,26 +16,31 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 | latency | abstains          | abstains              | failure  |
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
-window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A failed query
-fails the whole reading: the caller keeps serving the last good value instead.
+window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that
+returns more than one series is a failure (aggregate it). A failed query fails the whole
+reading: the caller keeps serving the last good value instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from adapter.config import ScalerSpec
 from adapter.policy import Signals
-from adapter.prometheus import QueryError
+from adapter.prometheus import QueryError, Sample
+
+log = logging.getLogger(__name__)
+
+SIGNAL_LABEL = "scaler_signal"
 
 
 class QueryFunction(Protocol):
-    def __call__(self, base_url: str, promql: str, timeout_s: float) -> float | None: ...
+    async def __call__(self, base_url: str, promql: str, timeout_s: float) -> list[Sample]: ...
 
 
 @dataclass(frozen=True)
@@ -44,19 +55,34 @@ class QueryOutcome:
 
 @dataclass(frozen=True)
 class Reading:
-    """The signals of one refresh, or None when any needed query failed."""
+    """The signals of one refresh (None when any needed query failed), with each query's
+    outcome and each HTTP request's duration."""
 
     signals: Signals | None
     outcomes: tuple[QueryOutcome, ...]
+    requests: tuple[tuple[str, float], ...] = ()  # ("combined" or a query name, seconds)
 
     @property
     def error(self) -> str:
-        return "; ".join(f"{o.name} query: {o.error}" for o in self.outcomes if o.error)
+        """Each failed query and why; queries that failed alike (one joined request) share a line."""
+        failed: dict[str, list[str]] = {}
+        for outcome in self.outcomes:
+            if outcome.error:
+                failed.setdefault(outcome.error, []).append(outcome.name)
+        return "; ".join(
+            f"{', '.join(names)} {'query' if len(names) == 1 else 'queries'}: {error}" for error, names in failed.items()
+        )
 
 
 def needed_queries(spec: ScalerSpec) -> tuple[str, ...]:
     """Queue (activity) and ready replicas always; GPU and latency when enabled."""
     return ("queue", "ready") + tuple(s for s in ("gpu", "latency") if s in spec.policy.signals)
+
+
+def combined_query(spec: ScalerSpec, names: tuple[str, ...]) -> str:
+    """All of `names` in one expression; each part's series carry `scaler_signal="<name>"`."""
+    parts = (f'label_replace({getattr(spec.queries, n)}, "{SIGNAL_LABEL}", "{n}", "", "")' for n in names)
+    return " or ".join(parts)
 
 
 def interpret(name: str, value: float | None) -> float | None:
@@ -72,55 +98,84 @@ def interpret(name: str, value: float | None) -> float | None:
     return value
 
 
+def _outcome(name: str, samples: list[Sample], duration_s: float) -> QueryOutcome:
+    if len(samples) > 1:
+        return QueryOutcome(name, duration_s, error=f"returned {len(samples)} series; aggregate it to one, e.g. with sum()")
+    raw = samples[0].value if samples else None
+    try:
+        interpret(name, raw)
+    except ValueError as e:
+        return QueryOutcome(name, duration_s, value=raw, error=str(e))
+    return QueryOutcome(name, duration_s, value=raw)
+
+
 class SignalReader:
-    """Runs a target's queries on a bounded pool of threads (the HTTP client blocks)."""
+    """Runs targets' queries, at most `max_concurrent` requests in flight."""
 
-    def __init__(
-        self,
-        query: QueryFunction,
-        executor: Executor,
-        max_concurrent: int,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, query: QueryFunction, max_concurrent: int, clock: Callable[[], float] = time.monotonic):
         self._query = query
-        self._executor = executor
         self._clock = clock
-        # Bounds queries in flight across all targets; a query's timeout starts when it
-        # gets a slot, so a queue of waiting refreshes does not turn into timeouts.
+        # Bounds requests in flight across all targets; a request's timeout starts when it
+        # gets a slot, so a backlog of refreshes does not turn into timeouts.
         self._slots = asyncio.Semaphore(max_concurrent)
+        # Targets whose joined query Prometheus rejected, keyed by address and queries.
+        self._separate: set[tuple] = set()
 
-    async def _one(self, spec: ScalerSpec, name: str) -> QueryOutcome:
-        promql = getattr(spec.queries, name)
+    async def _request(self, spec: ScalerSpec, promql: str) -> tuple[list[Sample] | None, str | None, bool, float]:
+        """(samples, error, rejected, duration) of one instant query, bounded in time."""
         async with self._slots:
             started = self._clock()
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._executor, self._query, spec.prometheus_address, promql, spec.query_timeout_s)
+            call = self._query(spec.prometheus_address, promql, spec.query_timeout_s)
             try:
-                # The HTTP client has its own timeouts; this bound is the backstop.
-                raw = await asyncio.wait_for(call, spec.query_timeout_s + 1.0)
+                # The HTTP client bounds the exchange itself; this bound is the backstop.
+                samples = await asyncio.wait_for(call, spec.query_timeout_s + 1.0)
             except QueryError as e:
-                return QueryOutcome(name, self._clock() - started, error=str(e))
+                return None, str(e), e.rejected, self._clock() - started
             except asyncio.TimeoutError:
-                return QueryOutcome(name, self._clock() - started, error=f"no answer within {spec.query_timeout_s:g}s")
+                return None, f"no answer within {spec.query_timeout_s:g}s", False, self._clock() - started
             except Exception as e:  # a bug in a query function must not kill the refresher
-                return QueryOutcome(name, self._clock() - started, error=f"{type(e).__name__}: {e}")
-            duration = self._clock() - started
-        try:
-            interpret(name, raw)
-        except ValueError as e:
-            return QueryOutcome(name, duration, value=raw, error=str(e))
-        return QueryOutcome(name, duration, value=raw)
+                return None, f"{type(e).__name__}: {e}", False, self._clock() - started
+            return samples, None, False, self._clock() - started
+
+    async def _read_combined(self, spec: ScalerSpec, names: tuple[str, ...]) -> Reading | None:
+        samples, error, rejected, duration = await self._request(spec, combined_query(spec, names))
+        if rejected:
+            return None
+        if error is not None:
+            return Reading(None, tuple(QueryOutcome(n, duration, error=error) for n in names), (("combined", duration),))
+        by_name: dict[str, list[Sample]] = {n: [] for n in names}
+        for sample in samples:
+            name = sample.labels.get(SIGNAL_LABEL)
+            if name in by_name:
+                by_name[name].append(sample)
+        outcomes = tuple(_outcome(n, by_name[n], duration) for n in names)
+        return Reading(None, outcomes, (("combined", duration),))
+
+    async def _read_separately(self, spec: ScalerSpec, names: tuple[str, ...]) -> Reading:
+        answers = await asyncio.gather(*(self._request(spec, getattr(spec.queries, n)) for n in names))
+        outcomes = []
+        for name, (samples, error, _, duration) in zip(names, answers):
+            outcomes.append(QueryOutcome(name, duration, error=error) if error else _outcome(name, samples, duration))
+        return Reading(None, tuple(outcomes), tuple((n, a[3]) for n, a in zip(names, answers)))
 
     async def read(self, spec: ScalerSpec) -> Reading:
         names = needed_queries(spec)
-        outcomes = tuple(await asyncio.gather(*(self._one(spec, n) for n in names)))
-        if any(o.error for o in outcomes):
-            return Reading(None, outcomes)
-        values = {o.name: interpret(o.name, o.value) for o in outcomes}
+        key = (spec.prometheus_address, spec.queries)
+        reading = None
+        if key not in self._separate:
+            reading = await self._read_combined(spec, names)
+            if reading is None:
+                self._separate.add(key)
+                log.info("Prometheus rejected the joined query of %s; querying one signal at a time", spec.selector or key)
+        if reading is None:
+            reading = await self._read_separately(spec, names)
+        if any(o.error for o in reading.outcomes):
+            return reading
+        values = {o.name: interpret(o.name, o.value) for o in reading.outcomes}
         signals = Signals(
             queue=values["queue"],
             ready_replicas=values["ready"],
             gpu_util_percent=values.get("gpu"),
             p95_seconds=values.get("latency"),
         )
-        return Reading(signals, outcomes)
+        return Reading(signals, reading.outcomes, reading.requests)

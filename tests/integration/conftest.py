@@ -56,6 +56,18 @@ def eventually_fails(call: Callable[[], object], timeout_s: float = 15.0) -> grp
         time.sleep(0.1)
 
 
+def wait_until_scraped(prometheus: LocalPrometheus, deployment: str, timeout_s: float = 15.0) -> None:
+    """Blocks until Prometheus holds the deployment's series (pods appear one scrape later)."""
+
+    def has_series():
+        answer = requests.get(
+            f"{prometheus.url}/api/v1/query", params={"query": f'diffusion_ready{{deployment="{deployment}"}}'}, timeout=2
+        ).json()
+        assert answer["data"]["result"], f"no series of {deployment} yet"
+
+    eventually(has_series, timeout_s)
+
+
 @pytest.fixture(scope="session")
 def fleet():
     fleet = SyntheticFleet()

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapter._proto import externalscaler_pb2 as pb
 from adapter.synthetic import PodLoad
 
-from .conftest import eventually, eventually_fails, metrics_request, ref
+from .conftest import eventually, eventually_fails, metrics_request, ref, wait_until_scraped
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,35 @@ def test_every_rpc_answers_with_the_composite_of_real_prometheus_signals(prometh
     assert sample(scaler, "scaler_stale", **labels) == 0
     assert sample(scaler, "scaler_grpc_requests_total", method="GetMetrics", code="OK") >= 1
     assert sample(scaler, "scaler_grpc_requests_total", method="GetMetricSpec", code="OK") == 1
-    assert sample(scaler, "scaler_prometheus_query_duration_seconds_count", query="latency") >= 1
+    # one request per refresh carries all four queries
+    assert sample(scaler, "scaler_prometheus_query_duration_seconds_count", query="combined") >= 1
+    assert sample(scaler, "scaler_query_last_duration_seconds", query="latency", **labels) > 0
+
+
+def test_an_override_returning_a_scalar_falls_back_to_one_request_per_query(prometheus, fleet, scaler, deployment):
+    fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=20))
+    override = f'scalar(sum(diffusion_requests_in_flight{{deployment="{deployment}"}}))'
+    so = ref(deployment, prometheus.url, queueQuery=override, signals="queue")
+    eventually(lambda: _assert_value(scaler, so, 3.0))
+    assert sample(scaler, "scaler_prometheus_query_duration_seconds_count", query="queue") >= 1
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ('diffusion_requests_in_flight{{deployment="{d}"}} or vector(1)', "returned 2 series; aggregate it"),
+        ("sum(rate(diffusion_requests_in_flight[1m])", "parse error"),
+    ],
+)
+def test_a_broken_override_fails_the_refresh_and_names_the_query(prometheus, fleet, scaler, deployment, override, says):
+    fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=20))
+    wait_until_scraped(prometheus, deployment)
+    so = ref(deployment, prometheus.url, queueQuery=override.format(d=deployment))
+    with pytest.raises(grpc.RpcError) as raised:
+        scaler.stub.GetMetrics(metrics_request(so))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "queue query: " in raised.value.details() and says in raised.value.details()
+    assert "ready query" not in raised.value.details()
 
 
 def test_metric_names_with_keda_trigger_prefix_are_accepted_and_unknown_ones_are_not_found(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
+import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from adapter.config import parse_metadata
-from adapter.prometheus import QueryError
+from adapter.prometheus import QueryError, Sample
 from adapter.signals import SignalReader, interpret, needed_queries
 
 
@@ -48,45 +47,50 @@ def test_only_enabled_signals_are_queried():
     assert needed_queries(spec()) == ("queue", "ready", "gpu", "latency")
 
 
-class FakePrometheus:
-    """Answers by query kind; records how many queries ran at once."""
+JOINED_PART = re.compile(r'label_replace\((.*), "scaler_signal", "(\w+)", "", ""\)$')
 
-    def __init__(self, answers, delay_s=0.0):
+
+class FakePrometheus:
+    """Answers by query kind, joined queries too; records requests and how many ran at once."""
+
+    def __init__(self, answers, delay_s=0.0, reject_joined=False):
         self.answers = answers
+        self.reject_joined = reject_joined
         self.delay_s = delay_s
         self.running = 0
         self.peak = 0
-        self.lock = threading.Lock()
-        self.release = threading.Event()
+        self.requests = []
 
-    def __call__(self, base_url, promql, timeout_s):
-        with self.lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
+    async def __call__(self, base_url, promql, timeout_s):
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.requests.append(promql)
         try:
-            time.sleep(self.delay_s)
-            for marker, answer in self.answers.items():
-                if marker in promql:
-                    if answer == "hang":
-                        self.release.wait(30)
-                    if isinstance(answer, Exception):
-                        raise answer
-                    return answer
-            return None
+            await asyncio.sleep(self.delay_s)
+            if self.reject_joined and " or " in promql:
+                raise QueryError("HTTP 400: expected type instant vector", rejected=True)
+            samples = []
+            for part in promql.split(" or "):
+                joined = JOINED_PART.match(part)
+                expression, labels = (joined.group(1), {"scaler_signal": joined.group(2)}) if joined else (part, {})
+                samples += [Sample(labels, value) for value in await self._answer(expression)]
+            return samples
         finally:
-            with self.lock:
-                self.running -= 1
+            self.running -= 1
+
+    async def _answer(self, expression):
+        for marker, answer in self.answers.items():
+            if marker in expression:
+                if answer == "hang":
+                    await asyncio.sleep(30)  # ignores its timeout, as a wedged client would
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer if isinstance(answer, list) else [answer]
+        return []
 
 
 def read(fake, spec_, max_concurrent=8):
-    async def go():
-        with ThreadPoolExecutor(8) as pool:
-            try:
-                return await SignalReader(fake, pool, max_concurrent).read(spec_)
-            finally:
-                fake.release.set()  # let a hung fake call end so the pool can shut down
-
-    return asyncio.run(go())
+    return asyncio.run(SignalReader(fake, max_concurrent).read(spec_))
 
 
 def test_a_reading_collects_every_signal():
@@ -97,11 +101,39 @@ def test_a_reading_collects_every_signal():
     assert reading.error == ""
 
 
-def test_one_failed_query_fails_the_whole_reading_and_says_which():
+def test_one_refresh_is_one_request():
+    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0})
+    reading = read(fake, spec())
+    assert len(fake.requests) == 1
+    assert [name for name, _ in reading.requests] == ["combined"]
+
+
+def test_a_failed_request_fails_the_whole_reading():
     fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0, "GPU_UTIL": QueryError("HTTP 503: overloaded")})
     reading = read(fake, spec())
     assert reading.signals is None
-    assert reading.error == "gpu query: HTTP 503: overloaded"
+    assert reading.error == "queue, ready, gpu, latency queries: HTTP 503: overloaded"
+
+
+def test_a_rejected_joined_query_falls_back_to_one_request_per_query_for_good():
+    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0, "GPU_UTIL": 50.0}, reject_joined=True)
+
+    async def go():
+        reader = SignalReader(fake, 4)
+        first = await reader.read(spec(signals="queue,gpu"))
+        second = await reader.read(spec(signals="queue,gpu"))
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert first.signals.gpu_util_percent == 50 and second.signals.queue == 12
+    assert len(fake.requests) == 1 + 3 + 3  # the joined try once, then three a refresh
+    assert [name for name, _ in second.requests] == ["queue", "ready", "gpu"]
+
+
+def test_more_than_one_series_is_a_failure():
+    reading = read(FakePrometheus({"in_flight": [1.0, 2.0], "diffusion_ready": 2.0}), spec(signals="queue"))
+    assert reading.signals is None
+    assert "queue query: returned 2 series" in reading.error
 
 
 def test_a_nan_queue_fails_the_reading():
@@ -121,9 +153,8 @@ def test_queries_in_flight_are_bounded():
     fake = FakePrometheus({}, delay_s=0.05)
 
     async def go():
-        with ThreadPoolExecutor(16) as pool:
-            reader = SignalReader(fake, pool, max_concurrent=3)
-            await asyncio.gather(*(reader.read(spec()) for _ in range(6)))
+        reader = SignalReader(fake, max_concurrent=3)
+        await asyncio.gather(*(reader.read(spec()) for _ in range(6)))
 
     asyncio.run(go())
     assert fake.peak == 3
