@@ -93,6 +93,10 @@ class LocalPrometheus:
         self.stop()
         raise RuntimeError(f"prometheus was not ready within {timeout_s:g}s: {self.log_tail()}")
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def wait_for_scrapes(self, targets: int = 1, timeout_s: float = 30.0) -> None:
         """Blocks until `targets` scrape targets have been scraped once (Prometheus only
         starts scraping a few seconds after it is ready)."""

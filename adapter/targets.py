@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -188,7 +189,10 @@ class TargetRegistry:
 
     async def _refresh_loop(self, target: Target) -> None:
         period = target.spec.refresh_s
-        next_due = self._clock()
+        # The first refresh runs at once (an RPC is waiting for it); later ones start at a
+        # random phase of the period, so targets registered together (KEDA after a restart)
+        # do not refresh in lockstep and stall the event loop in bursts.
+        next_due = self._clock() + random.uniform(-period, 0.0)
         try:
             while True:
                 try:

@@ -4,11 +4,15 @@ Prometheus on every call (what KEDA's built-in prometheus scaler does).
 
     make bench            # or: .venv/bin/python bench/scaler_rpc.py --help
 
-Phases alternate (cached, direct, cached, direct, ...) so drift on a noisy machine hits both
-alike. Client-observed latency is measured per call with perf_counter in the client
-processes, so it includes the client's own gRPC overhead. An open-loop phase then offers the
-cached scaler a fixed rate and measures latency from each call's scheduled start
-(no coordinated omission).
+Phases alternate (cached, direct, ceiling, cached, ...) so drift on a noisy machine hits all
+alike; "ceiling" is grpcio's own asyncio server answering a constant (bench/grpc_ceiling.py),
+the most any Python gRPC server can answer on the same cores. One server runs at a time.
+Client-observed latency is measured per call with perf_counter in the client processes, so
+it includes the client's own gRPC overhead. Open-loop phases then offer a fixed rate and
+measure latency from each call's scheduled start (no coordinated omission).
+
+On a machine with spare cores, --scaler-cpus pins the server under test (and Prometheus
+beside it) to a 2-core slice and --client-cpus keeps the clients off it.
 """
 
 from __future__ import annotations
@@ -119,7 +123,9 @@ async def _open_loop(address, refs, rate_per_s, duration_s, seed):
     return latencies, errors
 
 
-def _client_process(mode, address, refs_bytes, arg, duration_s, seed, out):
+def _client_process(mode, address, refs_bytes, arg, duration_s, seed, out, cpus):
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     refs = [pb.ScaledObjectRef.FromString(b) for b in refs_bytes]
     if mode == "closed":
         result = asyncio.run(_closed_loop(address, refs, arg, duration_s, seed))
@@ -128,13 +134,13 @@ def _client_process(mode, address, refs_bytes, arg, duration_s, seed, out):
     out.put(result)
 
 
-def drive(mode, address, refs, processes, arg, duration_s):
+def drive(mode, address, refs, processes, arg, duration_s, cpus=None):
     """Runs client processes; returns (calls/s, sorted latencies in seconds, errors)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     refs_bytes = [r.SerializeToString() for r in refs]
     procs = [
-        ctx.Process(target=_client_process, args=(mode, address, refs_bytes, arg, duration_s, i, out))
+        ctx.Process(target=_client_process, args=(mode, address, refs_bytes, arg, duration_s, i, out, cpus))
         for i in range(processes)
     ]
     for p in procs:
@@ -150,11 +156,33 @@ def drive(mode, address, refs, processes, arg, duration_s):
 # --- servers -----------------------------------------------------------------------------
 
 
-def start_scaler(command: list[str], grpc_port: int, http_port: int) -> subprocess.Popen:
+def pin(pid: int, cpus: set[int] | None) -> None:
+    """Moves every thread of a running process onto `cpus`."""
+    if not cpus:
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass  # a thread that ended meanwhile
+
+
+def parse_cpus(text: str | None) -> set[int] | None:
+    if not text:
+        return None
+    cpus = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def start_scaler(command: list[str], grpc_port: int, http_port: int, cpus: set[int] | None = None) -> subprocess.Popen:
     process = subprocess.Popen(
         command + ["--listen-address", "127.0.0.1", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
                    "--log-level", "warning", "--idle-forget-seconds", "3600"],
         cwd=ROOT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -204,10 +232,13 @@ def main() -> int:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight per client process (closed loop)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=2, help="cached/direct pairs")
-    parser.add_argument("--open-loop-rate", type=float, default=2000.0, help="RPC/s offered in the open-loop phase (0: skip)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of cached/direct/ceiling closed-loop phases")
+    parser.add_argument("--open-loop-rates", default="1000,2000", help="comma list of RPC/s offered open-loop ('' skips)")
+    parser.add_argument("--scaler-cpus", help="pin the server under test and Prometheus to these CPUs, e.g. 0,1")
+    parser.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 2-7")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args()
+    scaler_cpus, client_cpus = parse_cpus(args.scaler_cpus), parse_cpus(args.client_cpus)
 
     fleet = SyntheticFleet()
     fleet_port = fleet.start()
@@ -217,29 +248,45 @@ def main() -> int:
         fleet.set_pod("bench", f"sd-{i}", f"sd-{i}-0", load)
 
     prom = LocalPrometheus([f"127.0.0.1:{fleet_port}"], scrape_interval_s=1.0).start()
+    pin(prom.pid, scaler_cpus)
     refs = make_refs(args.scaled_objects, prom.url)
     prom.wait_for_scrapes()
     time.sleep(1.5)  # one more scrape, so every selector has series
 
     python = sys.executable
-    commands = {"cached": [python, "-m", "adapter"], "direct": [python, "bench/direct_scaler.py"]}
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-               "scaled_objects": args.scaled_objects, "client_processes": args.client_processes,
-               "concurrency_per_process": args.concurrency, "phase_seconds": args.seconds, "phases": []}  # fmt: skip
+    commands = {
+        "cached": [python, "-m", "adapter"],
+        "direct": [python, "bench/direct_scaler.py"],
+        "ceiling": [python, "bench/grpc_ceiling.py"],
+    }
+    results = {
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
+        "scaler_cpus": args.scaler_cpus or "all",
+        "client_cpus": args.client_cpus or "all",
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "scaled_objects": args.scaled_objects,
+        "client_processes": args.client_processes,
+        "concurrency_per_process": args.concurrency,
+        "phase_seconds": args.seconds,
+        "phases": [],
+    }
 
-    def phase(name: str, label: str, mode: str, arg: float) -> None:
-        # One scaler at a time: each refreshes 500 targets in the background, and two
-        # would share the two cores with each other as well as with the clients.
+    def phase(name: str, label: str, mode: str, arg: float) -> dict:
+        # One server at a time: a scaler refreshes 500 targets in the background, and two
+        # would share the cores with each other as well as with the clients.
         grpc_port = free_port()
-        process = start_scaler(commands[name], grpc_port, free_port())
+        process = start_scaler(commands[name], grpc_port, free_port(), scaler_cpus)
         address = f"127.0.0.1:{grpc_port}"
         try:
-            seconds = register(address, refs)
+            seconds = register(address, refs) if name != "ceiling" else 0.0
             cpu_before = process_cpu_s(process.pid)
-            rate, latencies, errors = drive(mode, address, refs, args.client_processes, arg, args.seconds)
+            rate, latencies, errors = drive(
+                mode, address, refs, args.client_processes, arg, args.seconds, client_cpus
+            )
             row = summary(label, rate, latencies, errors)
-            row["scaler_cpu_cores"] = round((process_cpu_s(process.pid) - cpu_before) / args.seconds, 2)
+            row["server_cpu_cores"] = round((process_cpu_s(process.pid) - cpu_before) / args.seconds, 2)
             row["registration_s"] = round(seconds, 1)
         finally:
             process.send_signal(signal.SIGTERM)
@@ -249,22 +296,27 @@ def main() -> int:
                 process.kill()
         results["phases"].append(row)
         print(json.dumps(row), flush=True)
+        return row
 
+    closed: dict[str, list[dict]] = {"cached": [], "direct": [], "ceiling": []}
     try:
         for round_index in range(args.rounds):
-            for name in ("cached", "direct"):
-                phase(name, f"{name} closed-loop #{round_index + 1}", "closed", args.concurrency)
-        if args.open_loop_rate > 0:
-            per_process = args.open_loop_rate / args.client_processes
-            phase("cached", f"cached open-loop at {args.open_loop_rate:g}/s", "open", per_process)
+            for name in closed:
+                closed[name].append(phase(name, f"{name} closed-loop #{round_index + 1}", "closed", args.concurrency))
+        for rate in (float(r) for r in args.open_loop_rates.split(",") if r.strip()):
+            for name in ("cached", "ceiling"):
+                phase(name, f"{name} open-loop at {rate:g}/s", "open", rate / args.client_processes)
     finally:
         prom.close()
         fleet.stop()
 
-    pairs = [(c, d) for c, d in zip(results["phases"][0::2], results["phases"][1::2]) if "closed" in c["phase"]]
-    ratios = [round(c["rpc_per_s"] / d["rpc_per_s"], 1) for c, d in pairs if d["rpc_per_s"] > 0]
-    results["throughput_ratio_cached_over_direct"] = ratios
-    print(f"throughput ratio cached/direct per round: {ratios}")
+    pairs = zip(closed["cached"], closed["direct"], closed["ceiling"])
+    results["cached_over_direct_throughput"] = [round(c["rpc_per_s"] / max(d["rpc_per_s"], 1e-9), 1) for c, d, _ in pairs]
+    results["cached_over_ceiling_throughput"] = [
+        round(c["rpc_per_s"] / max(g["rpc_per_s"], 1e-9), 2) for c, g in zip(closed["cached"], closed["ceiling"])
+    ]
+    print("cached/direct throughput per round:", results["cached_over_direct_throughput"])
+    print("cached/ceiling throughput per round:", results["cached_over_ceiling_throughput"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
