@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo protos bench clean
+.PHONY: test demo protos bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,10 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+prometheus:
+	bash tools/ensure-prometheus.sh
+
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) prometheus
 	$(BIN)/python -m adapter.demo
 
 protos: $(STAMP)
