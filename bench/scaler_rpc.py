@@ -11,8 +11,8 @@ Client-observed latency is measured per call with perf_counter in the client pro
 it includes the client's own gRPC overhead. Open-loop phases then offer a fixed rate and
 measure latency from each call's scheduled start (no coordinated omission).
 
-On a machine with spare cores, --scaler-cpus pins the server under test (and Prometheus
-beside it) to a 2-core slice and --client-cpus keeps the clients off it.
+On a machine with spare cores, --scaler-cpus pins the server under test to a 2-core slice,
+and --client-cpus and --prometheus-cpus keep the clients and Prometheus off it.
 """
 
 from __future__ import annotations
@@ -234,11 +234,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of cached/direct/ceiling closed-loop phases")
     parser.add_argument("--open-loop-rates", default="1000,2000", help="comma list of RPC/s offered open-loop ('' skips)")
-    parser.add_argument("--scaler-cpus", help="pin the server under test and Prometheus to these CPUs, e.g. 0,1")
+    parser.add_argument("--scaler-cpus", help="pin the server under test to these CPUs, e.g. 0,1")
+    parser.add_argument("--prometheus-cpus", help="pin Prometheus to these CPUs (default: with the scaler)")
     parser.add_argument("--client-cpus", help="pin the client processes to these CPUs, e.g. 2-7")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args()
     scaler_cpus, client_cpus = parse_cpus(args.scaler_cpus), parse_cpus(args.client_cpus)
+    prometheus_cpus = parse_cpus(args.prometheus_cpus) or scaler_cpus
 
     fleet = SyntheticFleet()
     fleet_port = fleet.start()
@@ -248,7 +250,7 @@ def main() -> int:
         fleet.set_pod("bench", f"sd-{i}", f"sd-{i}-0", load)
 
     prom = LocalPrometheus([f"127.0.0.1:{fleet_port}"], scrape_interval_s=1.0).start()
-    pin(prom.pid, scaler_cpus)
+    pin(prom.pid, prometheus_cpus)
     refs = make_refs(args.scaled_objects, prom.url)
     prom.wait_for_scrapes()
     time.sleep(1.5)  # one more scrape, so every selector has series
@@ -263,6 +265,7 @@ def main() -> int:
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
         "scaler_cpus": args.scaler_cpus or "all",
         "client_cpus": args.client_cpus or "all",
+        "prometheus_cpus": args.prometheus_cpus or args.scaler_cpus or "all",
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -281,12 +284,14 @@ def main() -> int:
         address = f"127.0.0.1:{grpc_port}"
         try:
             seconds = register(address, refs) if name != "ceiling" else 0.0
-            cpu_before = process_cpu_s(process.pid)
+            cpu_before, wall_before = process_cpu_s(process.pid), time.monotonic()
             rate, latencies, errors = drive(
                 mode, address, refs, args.client_processes, arg, args.seconds, client_cpus
             )
+            # over the whole drive, client start-up included: a lower bound while loaded
+            cpu_s, wall_s = process_cpu_s(process.pid) - cpu_before, time.monotonic() - wall_before
             row = summary(label, rate, latencies, errors)
-            row["server_cpu_cores"] = round((process_cpu_s(process.pid) - cpu_before) / args.seconds, 2)
+            row["server_cpu_cores"] = round(cpu_s / wall_s, 2)
             row["registration_s"] = round(seconds, 1)
         finally:
             process.send_signal(signal.SIGTERM)
