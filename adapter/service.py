@@ -54,6 +54,10 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
     def __init__(self, registry: TargetRegistry, metrics: ScalerMetrics):
         self._registry = registry
         self._metrics = metrics
+        # Resolved once: a labels() lookup per call costs as much as the rest of the answer.
+        unary = ("IsActive", "GetMetricSpec", "GetMetrics")
+        self._ok = {m: metrics.grpc_requests.labels(m, "OK") for m in unary}
+        self._duration = {m: metrics.grpc_duration.labels(m) for m in unary}
 
     # --- unary RPCs -------------------------------------------------------------------
 
@@ -135,10 +139,10 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
             response = await answer()
         except Exception as error:
             code = self._failed(method, error)
-            self._metrics.grpc_duration.labels(method).observe(time.perf_counter() - started)
+            self._duration[method].observe(time.perf_counter() - started)
             await context.abort(code, str(error) or code.name)
-        self._metrics.grpc_requests.labels(method, "OK").inc()
-        self._metrics.grpc_duration.labels(method).observe(time.perf_counter() - started)
+        self._ok[method].inc()
+        self._duration[method].observe(time.perf_counter() - started)
         return response
 
     async def _stream(self, method: str, context, ref: pb.ScaledObjectRef, run: Callable[[], Awaitable[None]]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -42,7 +43,7 @@ from adapter.localprom import LocalPrometheus, free_port  # noqa: E402
 from adapter.synthetic import PodLoad, SyntheticFleet  # noqa: E402
 
 
-def make_refs(count: int, prometheus_url: str) -> list[pb.ScaledObjectRef]:
+def make_refs(count: int, prometheus_url: str, refresh_s: float = 5.0) -> list[pb.ScaledObjectRef]:
     refs = []
     for i in range(count):
         metadata = {
@@ -53,6 +54,8 @@ def make_refs(count: int, prometheus_url: str) -> list[pb.ScaledObjectRef]:
             "targetQueuePerReplica": "8",
             "targetGpuUtilization": "75",
             "scaleDownWindowSeconds": "300",
+            "refreshSeconds": f"{refresh_s:g}",
+            "staleAfterSeconds": f"{max(60.0, 2 * refresh_s):g}",
         }
         refs.append(pb.ScaledObjectRef(name=f"sd-{i}", namespace="bench", scalerMetadata=metadata))
     return refs
@@ -126,6 +129,8 @@ async def _open_loop(address, refs, rate_per_s, duration_s, seed):
 def _client_process(mode, address, refs_bytes, arg, duration_s, seed, out, cpus):
     if cpus:
         os.sched_setaffinity(0, cpus)
+    # The instrument must not pause: a client's GC pause would read as server latency.
+    gc.disable()
     refs = [pb.ScaledObjectRef.FromString(b) for b in refs_bytes]
     if mode == "closed":
         result = asyncio.run(_closed_loop(address, refs, arg, duration_s, seed))
@@ -232,7 +237,13 @@ def main() -> int:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4, help="calls in flight per client process (closed loop)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of cached/direct/ceiling closed-loop phases")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of closed-loop phases, one per server")
+    parser.add_argument(
+        "--servers",
+        default="cached,direct,ceiling",
+        help="closed-loop phases per round among cached, direct, ceiling and idle (the cached scaler "
+        "with refreshes an hour apart: what the background refresh costs)",
+    )
     parser.add_argument("--open-loop-rates", default="1000,2000", help="comma list of RPC/s offered open-loop ('' skips)")
     parser.add_argument("--scaler-cpus", help="pin the server under test to these CPUs, e.g. 0,1")
     parser.add_argument("--prometheus-cpus", help="pin Prometheus to these CPUs (default: with the scaler)")
@@ -252,6 +263,7 @@ def main() -> int:
     prom = LocalPrometheus([f"127.0.0.1:{fleet_port}"], scrape_interval_s=1.0).start()
     pin(prom.pid, prometheus_cpus)
     refs = make_refs(args.scaled_objects, prom.url)
+    idle_refs = make_refs(args.scaled_objects, prom.url, refresh_s=3600)
     prom.wait_for_scrapes()
     time.sleep(1.5)  # one more scrape, so every selector has series
 
@@ -260,6 +272,7 @@ def main() -> int:
         "cached": [python, "-m", "adapter"],
         "direct": [python, "bench/direct_scaler.py"],
         "ceiling": [python, "bench/grpc_ceiling.py"],
+        "idle": [python, "-m", "adapter"],
     }
     results = {
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, {platform.machine()}",
@@ -282,11 +295,12 @@ def main() -> int:
         grpc_port = free_port()
         process = start_scaler(commands[name], grpc_port, free_port(), scaler_cpus)
         address = f"127.0.0.1:{grpc_port}"
+        these_refs = idle_refs if name == "idle" else refs
         try:
-            seconds = register(address, refs) if name != "ceiling" else 0.0
+            seconds = register(address, these_refs) if name != "ceiling" else 0.0
             cpu_before, wall_before = process_cpu_s(process.pid), time.monotonic()
             rate, latencies, errors = drive(
-                mode, address, refs, args.client_processes, arg, args.seconds, client_cpus
+                mode, address, these_refs, args.client_processes, arg, args.seconds, client_cpus
             )
             # over the whole drive, client start-up included: a lower bound while loaded
             cpu_s, wall_s = process_cpu_s(process.pid) - cpu_before, time.monotonic() - wall_before
@@ -303,10 +317,12 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         return row
 
-    closed: dict[str, list[dict]] = {"cached": [], "direct": [], "ceiling": []}
+    closed: dict[str, list[dict]] = {name: [] for name in args.servers.split(",")}
+    for name in ("cached", "direct", "ceiling"):
+        closed.setdefault(name, [])
     try:
         for round_index in range(args.rounds):
-            for name in closed:
+            for name in args.servers.split(","):
                 closed[name].append(phase(name, f"{name} closed-loop #{round_index + 1}", "closed", args.concurrency))
         for rate in (float(r) for r in args.open_loop_rates.split(",") if r.strip()):
             for name in ("cached", "ceiling"):
