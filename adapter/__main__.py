@@ -127,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig) -> bool:
+    """Serves until SIGTERM or SIGINT; returns whether the shutdown was clean."""
     server = ScalerServer(config)
     await server.start()
     stop = asyncio.Event()
@@ -135,8 +136,16 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logging.getLogger("adapter").info("shutting down")
-    await server.stop()
+    log = logging.getLogger("adapter")
+    log.info("shutting down")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)  # a second signal ends the process at once
+    if not await server.stop():
+        # asyncio.run would wait forever for the task that ignored its cancellation
+        log.error("exiting without the refreshers that would not stop")
+        logging.shutdown()
+        os._exit(1)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         parser.error(str(e))
     try:
-        asyncio.run(serve(config))
+        clean = asyncio.run(serve(config))
     except (OSError, RuntimeError) as e:  # e.g. a port already in use
         logging.getLogger("adapter").error("cannot start: %s", e)
         return 1
-    return 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

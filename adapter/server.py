@@ -166,12 +166,14 @@ class ScalerServer:
             return False, f"event loop stalled for {silent:.0f}s"
         return True, "ok"
 
-    async def stop(self) -> None:
-        """Reports NOT_SERVING, lets RPCs in flight finish (bounded), then closes everything."""
+    async def stop(self) -> bool:
+        """Reports NOT_SERVING, lets RPCs in flight finish (bounded), then closes everything.
+        Returns False when a refresher would not stop: the caller should exit regardless."""
         self._serving = False
         await self._health.enter_graceful_shutdown()
         await self._grpc.stop(self.config.shutdown_grace_s)
         self._beat_task.cancel()
-        await self.registry.close()
+        clean = await self.registry.close()
         self._http.stop()
         await self._client.close()
+        return clean

@@ -125,10 +125,13 @@ class SignalReader:
         """(samples, error, rejected, duration) of one instant query, bounded in time."""
         async with self._slots:
             started = self._clock()
-            call = self._query(spec.prometheus_address, promql, spec.query_timeout_s)
             try:
                 # The HTTP client bounds the exchange itself; this bound is the backstop.
-                samples = await asyncio.wait_for(call, spec.query_timeout_s + 1.0)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the query completes, and a refresher that
+                # missed its cancellation kept the scaler from exiting on SIGTERM.
+                async with asyncio.timeout(spec.query_timeout_s + 1.0):
+                    samples = await self._query(spec.prometheus_address, promql, spec.query_timeout_s)
             except QueryError as e:
                 return None, str(e), e.rejected, self._clock() - started
             except asyncio.TimeoutError:

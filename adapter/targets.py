@@ -84,8 +84,9 @@ class Target:
     async def changed(self, timeout_s: float) -> None:
         """Returns after the next refresh, or after `timeout_s`."""
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
             pass
 
     def current(self, now: float) -> Snapshot:
@@ -126,6 +127,7 @@ class TargetRegistry:
         self._on_reading = on_reading
         self._targets: dict[TargetKey, Target] = {}
         self._tasks: dict[TargetKey, asyncio.Task] = {}
+        self._closing = False
 
     def now(self) -> float:
         return self._clock()
@@ -149,8 +151,9 @@ class TargetRegistry:
         if not target.first_attempt.is_set():
             # The reader bounds every query; this is a backstop on top of it.
             try:
-                await asyncio.wait_for(target.first_attempt.wait(), target.spec.query_timeout_s + 2.0)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(target.spec.query_timeout_s + 2.0):
+                    await target.first_attempt.wait()
+            except TimeoutError:
                 pass
         return target
 
@@ -201,6 +204,8 @@ class TargetRegistry:
                     log.exception("ScaledObject %s/%s: refresh crashed", target.namespace, target.name)
                     target.first_attempt.set()
                 now = self._clock()
+                if self._closing:
+                    return
                 if target.open_streams == 0 and now - target.last_used_at > self._idle_forget_s:
                     log.info("forgetting idle ScaledObject %s/%s", target.namespace, target.name)
                     return
@@ -210,8 +215,16 @@ class TargetRegistry:
             self._targets.pop(target.key, None)
             self._tasks.pop(target.key, None)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = 5.0) -> bool:
+        """Stops every refresher; returns within `timeout_s` even if one ignores its
+        cancellation, and says whether all of them stopped."""
+        self._closing = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks:
+            return True
+        _, stuck = await asyncio.wait(tasks, timeout=timeout_s)
+        if stuck:
+            log.error("%d refresher(s) did not stop within %gs", len(stuck), timeout_s)
+        return not stuck

@@ -18,7 +18,7 @@ from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from adapter.localprom import free_port
 
 from .certs import CertificateAuthority
-from .conftest import eventually, ref
+from .conftest import eventually, metrics_request, ref
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def test_rotated_certificate_files_are_used_for_new_connections(tmp_path, start_
     eventually(new_certificate_is_served, timeout_s=10)
 
 
-def test_the_command_line_serves_until_sigterm_then_exits_cleanly(tmp_path):
+def test_the_command_line_serves_until_sigterm_then_exits_cleanly(prometheus):
     grpc_port, http_port = free_port(), free_port()
     env = {**os.environ, "SCALER_HTTP_PORT": str(http_port), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
@@ -119,9 +119,13 @@ def test_the_command_line_serves_until_sigterm_then_exits_cleanly(tmp_path):
     try:
         eventually(lambda: _assert_equal(requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code, 200))
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            assert pb_grpc.ExternalScalerStub(channel).GetMetricSpec(SPEC_REF, timeout=5).metricSpecs
+            stub = pb_grpc.ExternalScalerStub(channel)
+            assert stub.GetMetricSpec(SPEC_REF, timeout=5).metricSpecs
+            # refreshers busy against a real Prometheus when the signal lands
+            for i in range(40):
+                stub.GetMetrics(metrics_request(ref(f"sd-{i}", prometheus.url, refreshSeconds="0.1")), timeout=10)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 0
+        assert process.wait(10) == 0
     finally:
         if process.poll() is None:
             process.kill()
