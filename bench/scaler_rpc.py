@@ -235,7 +235,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scaled-objects", type=int, default=500)
     parser.add_argument("--client-processes", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=4, help="calls in flight per client process (closed loop)")
+    parser.add_argument(
+        "--concurrency", default="1,4", help="comma list: calls in flight per client process in the closed-loop phases"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of closed-loop phases, one per server")
     parser.add_argument(
@@ -317,13 +319,16 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         return row
 
-    closed: dict[str, list[dict]] = {name: [] for name in args.servers.split(",")}
-    for name in ("cached", "direct", "ceiling"):
-        closed.setdefault(name, [])
+    servers = args.servers.split(",")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    closed: dict[tuple[str, int], list[dict]] = {}
     try:
         for round_index in range(args.rounds):
-            for name in args.servers.split(","):
-                closed[name].append(phase(name, f"{name} closed-loop #{round_index + 1}", "closed", args.concurrency))
+            for level in levels:
+                in_flight = level * args.client_processes
+                for name in servers:
+                    label = f"{name} closed-loop, {in_flight} in flight, #{round_index + 1}"
+                    closed.setdefault((name, level), []).append(phase(name, label, "closed", level))
         for rate in (float(r) for r in args.open_loop_rates.split(",") if r.strip()):
             for name in ("cached", "ceiling"):
                 phase(name, f"{name} open-loop at {rate:g}/s", "open", rate / args.client_processes)
@@ -331,13 +336,16 @@ def main() -> int:
         prom.close()
         fleet.stop()
 
-    pairs = zip(closed["cached"], closed["direct"], closed["ceiling"])
-    results["cached_over_direct_throughput"] = [round(c["rpc_per_s"] / max(d["rpc_per_s"], 1e-9), 1) for c, d, _ in pairs]
-    results["cached_over_ceiling_throughput"] = [
-        round(c["rpc_per_s"] / max(g["rpc_per_s"], 1e-9), 2) for c, g in zip(closed["cached"], closed["ceiling"])
-    ]
-    print("cached/direct throughput per round:", results["cached_over_direct_throughput"])
-    print("cached/ceiling throughput per round:", results["cached_over_ceiling_throughput"])
+    for other in ("direct", "ceiling", "idle"):
+        ratios = {}
+        for level in levels:
+            pairs = zip(closed.get(("cached", level), []), closed.get((other, level), []))
+            ratios[level * args.client_processes] = [
+                round(c["rpc_per_s"] / max(o["rpc_per_s"], 1e-9), 2) for c, o in pairs
+            ]
+        if any(ratios.values()):
+            results[f"cached_over_{other}_throughput_by_in_flight"] = ratios
+            print(f"cached/{other} throughput, by calls in flight, per round: {ratios}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
