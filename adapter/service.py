@@ -94,8 +94,8 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
     # --- streaming RPCs ---------------------------------------------------------------
 
     async def StreamIsActive(self, request: pb.ScaledObjectRef, context) -> None:
-        async def stream() -> None:
-            target = await self._ready(request)
+        async def stream(target: Target) -> None:
+            await self._registry.first_refresh(target)
             last_sent: bool | None = None
             while True:
                 active = target.current(self._registry.now()).decision.active
@@ -108,8 +108,7 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
         await self._stream("StreamIsActive", context, request, stream)
 
     async def StreamMetricSpec(self, request: pb.ScaledObjectRef, context) -> None:
-        async def stream() -> None:
-            target = self._resolve(request)
+        async def stream(target: Target) -> None:
             # A trigger's spec never changes: edited metadata is a new target, and KEDA
             # opens a new stream for it. Send once, then hold the stream open.
             await context.write(self._spec_response(target))
@@ -125,7 +124,9 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
         return self._registry.resolve(ref.namespace, ref.name, ref.scalerMetadata)
 
     async def _ready(self, ref: pb.ScaledObjectRef) -> Target:
-        return await self._registry.resolve_ready(ref.namespace, ref.name, ref.scalerMetadata)
+        target = self._resolve(ref)
+        await self._registry.first_refresh(target)
+        return target
 
     @staticmethod
     def _spec_response(target: Target) -> pb.GetMetricSpecResponse:
@@ -145,12 +146,14 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
         self._duration[method].observe(time.perf_counter() - started)
         return response
 
-    async def _stream(self, method: str, context, ref: pb.ScaledObjectRef, run: Callable[[], Awaitable[None]]) -> None:
+    async def _stream(
+        self, method: str, context, ref: pb.ScaledObjectRef, run: Callable[[Target], Awaitable[None]]
+    ) -> None:
         target: Target | None = None
         try:
             target = self._resolve(ref)
             target.open_streams += 1
-            await run()
+            await run(target)
         except asyncio.CancelledError:
             self._metrics.grpc_requests.labels(method, "CANCELLED").inc()
             raise

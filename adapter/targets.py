@@ -145,17 +145,16 @@ class TargetRegistry:
         target.last_used_at = self._clock()
         return target
 
-    async def resolve_ready(self, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
-        """As resolve, and waits for the target's first refresh to finish (only ever once)."""
-        target = self.resolve(namespace, name, metadata)
-        if not target.first_attempt.is_set():
-            # The reader bounds every query; this is a backstop on top of it.
-            try:
-                async with asyncio.timeout(target.spec.query_timeout_s + 2.0):
-                    await target.first_attempt.wait()
-            except TimeoutError:
-                pass
-        return target
+    async def first_refresh(self, target: Target) -> None:
+        """Waits for a new target's first refresh to finish; returns at once ever after."""
+        if target.first_attempt.is_set():
+            return
+        # The reader bounds every query; this is a backstop on top of it.
+        try:
+            async with asyncio.timeout(target.spec.query_timeout_s + 2.0):
+                await target.first_attempt.wait()
+        except TimeoutError:
+            pass
 
     def _register(self, key: TargetKey, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
         spec = parse_metadata(metadata, self._allowed_prefixes)
