@@ -15,7 +15,6 @@ import json
 import pathlib
 import resource
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 

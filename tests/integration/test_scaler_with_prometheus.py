@@ -12,7 +12,6 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter._proto import externalscaler_pb2 as pb
 from adapter.synthetic import PodLoad
 
 from .conftest import eventually, eventually_fails, metrics_request, ref, wait_until_scraped
