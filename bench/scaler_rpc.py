@@ -71,6 +71,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
 # --- client processes ------------------------------------------------------------------
 
 
+async def _timed_call(stub, rng, refs, since: float) -> float | None:
+    """One GetMetrics on a random ScaledObject: seconds from `since` to its answer, None on error."""
+    request = pb.GetMetricsRequest(scaledObjectRef=rng.choice(refs), metricName="composite")
+    try:
+        await stub.GetMetrics(request, timeout=10)
+    except grpc.aio.AioRpcError:
+        return None
+    return time.perf_counter() - since
+
+
 async def _closed_loop(address, refs, concurrency, duration_s, seed):
     rng = random.Random(seed)
     latencies, errors = [], 0
@@ -81,14 +91,11 @@ async def _closed_loop(address, refs, concurrency, duration_s, seed):
         async def worker():
             nonlocal errors
             while time.perf_counter() < deadline:
-                request = pb.GetMetricsRequest(scaledObjectRef=rng.choice(refs), metricName="composite")
-                started = time.perf_counter()
-                try:
-                    await stub.GetMetrics(request, timeout=10)
-                except grpc.aio.AioRpcError:
+                latency = await _timed_call(stub, rng, refs, since=time.perf_counter())
+                if latency is None:
                     errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
+                else:
+                    latencies.append(latency)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, errors
@@ -106,13 +113,11 @@ async def _open_loop(address, refs, rate_per_s, duration_s, seed):
 
         async def one(scheduled):
             nonlocal errors
-            request = pb.GetMetricsRequest(scaledObjectRef=rng.choice(refs), metricName="composite")
-            try:
-                await stub.GetMetrics(request, timeout=10)
-            except grpc.aio.AioRpcError:
+            latency = await _timed_call(stub, rng, refs, since=scheduled)
+            if latency is None:
                 errors += 1
-                return
-            latencies.append(time.perf_counter() - scheduled)
+            else:
+                latencies.append(latency)
 
         for i in range(total):
             scheduled = start + i / rate_per_s
