@@ -1,0 +1,151 @@
+"""`python -m worker`: build a random-weight model (`make-model`) or serve one (`serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ENV_PREFIX = "WORKER_"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _flag(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Diffusers inference worker with dynamic batching and honest load metrics.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    make = commands.add_parser(
+        "make-model",
+        help="build a Stable Diffusion pipeline with random weights, offline, and save it",
+        description=(
+            "Builds a StableDiffusionPipeline with random weights from built-in configs and writes it "
+            "with save_pretrained. tiny: a few MB, for tests and CPU demos (64x64 images). sd15: the "
+            "SD-1.5 UNet/VAE/CLIP-text shapes, for GPU benchmarks (512x512). No model hub is contacted."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    make.add_argument("directory", type=Path, help="where to write the pipeline")
+    make.add_argument("--arch", choices=["tiny", "sd15"], default="tiny", help="architecture")
+    make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    make.add_argument("--fp16", action="store_true", help="store weights in float16 (half the disk)")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a diffusers pipeline directory over HTTP",
+        description=(
+            "Serves POST /v1/images/generations (OpenAI images API shape), /healthz, /readyz, /metrics "
+            "and the OpenAPI document at /openapi.json. Any diffusers text-to-image pipeline directory "
+            "loads, offline. On SIGTERM it drains: readiness turns false, new requests get 503, accepted "
+            "ones complete, then it exits 0 (1 if --drain-timeout passes first). Every flag can also be "
+            "set through the environment variable shown with it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = serve.add_argument
+    add("--model", type=Path, default=_env("MODEL"), required=_env("MODEL") is None,
+        help="diffusers pipeline directory (env WORKER_MODEL)")
+    add("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (env WORKER_HOST)")
+    add("--port", type=int, default=_env("PORT", "8000"), help="HTTP port (env WORKER_PORT)")
+    add("--device", choices=["auto", "cpu", "cuda"], default=_env("DEVICE", "auto"),
+        help="auto takes CUDA when present; float16 on CUDA, float32 on CPU (env WORKER_DEVICE)")
+    add("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE", "8"),
+        help="images per pipeline call at most; a request with n images counts n (env WORKER_MAX_BATCH_SIZE)")
+    add("--max-wait-ms", type=_non_negative_float, default=_env("MAX_WAIT_MS", "50"),
+        help="how long the oldest waiting request may wait for its batch to fill (env WORKER_MAX_WAIT_MS)")
+    add("--max-queue", type=_positive_int, default=_env("MAX_QUEUE", "64"),
+        help="images waiting at most; beyond it requests get 429 with Retry-After (env WORKER_MAX_QUEUE)")
+    add("--request-timeout", type=_positive_float, default=_env("REQUEST_TIMEOUT", "300"),
+        help="seconds from arrival to answer, else 504 (env WORKER_REQUEST_TIMEOUT)")
+    add("--drain-timeout", type=_positive_float, default=_env("DRAIN_TIMEOUT", "120"),
+        help="seconds a SIGTERM drain may take; keep terminationGracePeriodSeconds above it (env WORKER_DRAIN_TIMEOUT)")
+    add("--max-image-side", type=_positive_int, default=_env("MAX_IMAGE_SIDE", "1024"),
+        help="largest width or height served, in pixels (env WORKER_MAX_IMAGE_SIDE)")
+    add("--compile", action="store_true", default=_flag(_env("COMPILE", "false")),
+        help="torch.compile the UNet in channels_last (long first batches per shape) (env WORKER_COMPILE)")
+    add("--no-warm-up", dest="warm_up", action="store_false", default=not _flag(_env("NO_WARM_UP", "false")),
+        help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP)")
+    add("--access-log", action="store_true", default=_flag(_env("ACCESS_LOG", "false")),
+        help="log every HTTP request (env WORKER_ACCESS_LOG)")
+    add("--log-level", choices=["debug", "info", "warning", "error"], default=_env("LOG_LEVEL", "info"),
+        help="(env WORKER_LOG_LEVEL)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "make-model":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from .modelbuild import make_model
+
+        make_model(args.directory, args.arch, args.seed, args.fp16)
+        print(f"wrote a random-weight {args.arch} pipeline to {args.directory}")
+        return 0
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import ServeConfig, serve
+    from .service import WorkerLimits
+
+    try:
+        limits = WorkerLimits(
+            max_batch_size=args.max_batch_size,
+            max_wait_s=args.max_wait_ms / 1000,
+            max_queue_images=args.max_queue,
+            request_timeout_s=args.request_timeout,
+            max_image_side=args.max_image_side,
+        )
+    except ValueError as error:
+        print(f"python -m worker serve: {error}", file=sys.stderr)
+        return 2
+    if not (args.model / "model_index.json").is_file():
+        print(f"python -m worker serve: --model {args.model} is not a diffusers pipeline directory "
+              "(no model_index.json); build one with `python -m worker make-model DIR`", file=sys.stderr)
+        return 2
+    config = ServeConfig(
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        limits=limits,
+        drain_timeout_s=args.drain_timeout,
+        compile_unet=args.compile,
+        warm_up=args.warm_up,
+        access_log=args.access_log,
+    )
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The one thread that owns the pipeline: takes batches from the queue, runs them, answers jobs.
+
+Failure isolation lives here. An out-of-memory error splits the batch in two, retries each
+half, and lowers the effective max batch for good; any other exception fails exactly the jobs
+in that batch, and the loop goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from .batching import Batch, BatchKey, BatchQueue, Job
+from .metrics import WorkerMetrics
+
+log = logging.getLogger("worker.engine")
+
+
+class ImageRunner(Protocol):
+    """The pipeline boundary: one call per batch, one image (HxWx3 uint8 array) per seed."""
+
+    def generate(
+        self, key: BatchKey, prompts: list[str], negative_prompts: list[str | None], seeds: list[int]
+    ) -> Sequence[Any]: ...
+
+    def is_out_of_memory(self, error: BaseException) -> bool: ...
+
+    def release_memory(self) -> None: ...
+
+
+class BatchFailed(Exception):
+    """A job's batch raised; the message is the pipeline's error."""
+
+
+class Engine:
+    """Runs batches on a dedicated thread until the queue is closed and empty."""
+
+    def __init__(
+        self,
+        queue: BatchQueue,
+        runner: ImageRunner,
+        max_batch_size: int,
+        metrics: WorkerMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.queue = queue
+        self.runner = runner
+        self.max_batch_size = max_batch_size  # lowered after out-of-memory, never raised
+        self.metrics = metrics
+        self.clock = clock
+        self._busy_total_s = 0.0
+        self._busy_since: float | None = None
+        self._busy_lock = threading.Lock()
+        self._images_per_s: float | None = None  # smoothed throughput, for Retry-After
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="pipeline", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Waits for the loop to end; returns whether it did."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def run_forever(self) -> None:
+        while (batch := self.queue.take(self.max_batch_size, self.clock)) is not None:
+            self.run_batch(batch)
+
+    def busy_seconds(self) -> float:
+        with self._busy_lock:
+            running = self.clock() - self._busy_since if self._busy_since is not None else 0.0
+            return self._busy_total_s + running
+
+    def images_per_second(self) -> float | None:
+        return self._images_per_s
+
+    def run_batch(self, batch: Batch) -> None:
+        start = self.clock()
+        for piece in batch.slices:
+            if piece.start == 0:
+                self.metrics.queue_wait.observe(start - piece.job.arrived_at)
+        with self._busy_lock:
+            self._busy_since = start
+        try:
+            images = self.runner.generate(batch.key, batch.prompts(), batch.negative_prompts(), batch.seeds())
+            if len(images) != batch.size:
+                raise RuntimeError(f"pipeline returned {len(images)} images for a batch of {batch.size}")
+        except Exception as error:  # noqa: BLE001 - every failure must answer its jobs
+            self._stop_busy()
+            if self.runner.is_out_of_memory(error) and batch.size > 1:
+                self._retry_split(batch)
+            else:
+                self._fail(batch, error)
+            return
+        seconds = self._stop_busy() - start
+        self.metrics.batch_size.observe(batch.size)
+        self.metrics.images.inc(batch.size)
+        self._note_throughput(batch.size, seconds)
+        self._deliver(batch, images)
+
+    def _stop_busy(self) -> float:
+        with self._busy_lock:
+            now = self.clock()
+            if self._busy_since is not None:
+                self._busy_total_s += now - self._busy_since
+            self._busy_since = None
+            return now
+
+    def _retry_split(self, batch: Batch) -> None:
+        self.runner.release_memory()
+        first, second = batch.split()
+        if first.size < self.max_batch_size:
+            log.warning("out of memory at batch size %d: max batch lowered to %d", batch.size, first.size)
+            self.max_batch_size = first.size
+        self.run_batch(first)
+        self.run_batch(second)
+
+    def _fail(self, batch: Batch, error: BaseException) -> None:
+        log.error("batch of %d images failed: %s: %s", batch.size, type(error).__name__, error)
+        failure = BatchFailed(f"{type(error).__name__}: {error}")
+        for piece in batch.slices:
+            job = piece.job
+            if job.finished:
+                continue
+            self.queue.cancel(job)  # its later images would be thrown away
+            job.error = failure
+            self._finish(job)
+
+    def _deliver(self, batch: Batch, images: Sequence[Any]) -> None:
+        offset = 0
+        for piece in batch.slices:
+            job = piece.job
+            job.images[piece.start:piece.stop] = images[offset:offset + piece.size]
+            offset += piece.size
+            job.done_images += piece.size
+            if job.done_images == job.n and not job.finished:
+                self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        job.finished = True
+        try:
+            job.on_done(job)
+        except Exception:  # noqa: BLE001 - a broken callback must not stop the loop
+            log.exception("answering a job failed")
+
+    def _note_throughput(self, images: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = images / seconds
+        self._images_per_s = rate if self._images_per_s is None else 0.7 * self._images_per_s + 0.3 * rate

@@ -1,0 +1,122 @@
+"""Runs the worker: uvicorn serving the API at once, the model loading beside it, drain on signals.
+
+The HTTP server comes up before the model so that liveness answers during a long load;
+readiness turns true once the model is loaded and warmed up. The first SIGTERM (or Ctrl-C)
+starts a drain: readiness false, new requests 503, accepted ones finish, then exit 0; exit 1
+when `drain_timeout_s` passes first. A second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from .api import build_app
+from .metrics import WorkerMetrics
+from .service import WorkerLimits, WorkerService
+
+log = logging.getLogger("worker.server")
+
+EXIT_DRAINED, EXIT_DRAIN_TIMEOUT, EXIT_LOAD_FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8000
+    device: str = "auto"
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+    drain_timeout_s: float = 120.0
+    compile_unet: bool = False
+    warm_up: bool = True
+    access_log: bool = False
+
+
+class WorkerServer(uvicorn.Server):
+    """uvicorn, with the model loaded on a thread and a drain instead of an abrupt stop."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.serve_config = config
+        self.service = WorkerService(config.limits, WorkerMetrics(CollectorRegistry()))
+        super().__init__(
+            uvicorn.Config(
+                build_app(self.service),
+                host=config.host,
+                port=config.port,
+                lifespan="off",
+                access_log=config.access_log,
+                timeout_graceful_shutdown=5,
+                log_config=None,
+            )
+        )
+        self.exit_code = EXIT_DRAINED
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_started = False
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        threading.Thread(target=self._load_model, name="model-load", daemon=True).start()
+        await super().serve(sockets)
+
+    def _load_model(self) -> None:
+        from .pipeline import DiffusionRunner
+
+        config = self.serve_config
+        try:
+            runner = DiffusionRunner.load(config.model_dir, config.device, config.compile_unet)
+            defaults = runner.defaults()
+            if config.warm_up:
+                runner.warm_up(defaults)
+        except Exception:  # noqa: BLE001 - any load failure ends the process with a clear log
+            log.exception("loading the model from %s failed", config.model_dir)
+            self.exit_code = EXIT_LOAD_FAILED
+            self.should_exit = True
+            return
+        self.service.attach(runner, defaults, runner.load_seconds)
+        log.info("ready: max batch %d, max wait %.0f ms, queue %d images",
+                 config.limits.max_batch_size, config.limits.max_wait_s * 1000, config.limits.max_queue_images)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs as a signal handler on the loop's thread; uvicorn's own handler would stop at
+        # once and re-raise the signal at exit, which loses accepted requests.
+        if self._drain_started:
+            if sig == signal.SIGINT:
+                log.warning("second interrupt: stopping without waiting for the drain")
+                self.exit_code = EXIT_DRAIN_TIMEOUT
+                self.force_exit = self.should_exit = True
+            return
+        self._drain_started = True
+        if self._loop is None:
+            self.should_exit = True
+            return
+        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+
+    def _start_drain(self, reason: str) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain(reason))
+
+    async def _drain(self, reason: str) -> None:
+        service = self.service
+        log.info("%s: draining %d accepted requests (at most %.0f s)",
+                 reason, service.in_flight, self.serve_config.drain_timeout_s)
+        drained = await service.drain(self.serve_config.drain_timeout_s)
+        if not drained:
+            self.exit_code = EXIT_DRAIN_TIMEOUT
+        log.info("drain %s; exiting", "complete" if drained else "timed out")
+        self.should_exit = True
+
+
+def serve(config: ServeConfig) -> int:
+    """Serves until drained or failed; returns the process exit code."""
+    server = WorkerServer(config)
+    server.run()
+    return server.exit_code

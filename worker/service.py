@@ -1,0 +1,281 @@
+"""The worker's request lifecycle: admit, queue, await, answer, and count the outcome.
+
+`WorkerService` sits between the HTTP layer and the pipeline thread. Every accepted request
+ends in exactly one outcome (ok, timeout, error, cancelled) and every refused one is counted
+as rejected, so `diffusion_requests_total` adds up to what clients sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .batching import BatchKey, BatchQueue, Job, QueueClosed, QueueFull
+from .engine import BatchFailed, Engine, ImageRunner
+from .metrics import LiveState, WorkerMetrics
+from .pipeline import ModelDefaults
+
+log = logging.getLogger("worker.service")
+
+SEED_MODULUS = 2**63  # torch.Generator.manual_seed takes any int below 2**64; stay signed-safe
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """Admission and batching settings, parsed once from flags."""
+
+    max_batch_size: int = 8
+    max_wait_s: float = 0.05
+    max_queue_images: int = 64
+    request_timeout_s: float = 300.0
+    max_image_side: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue_images", "max_image_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be at least 0, got {self.max_wait_s}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be above 0, got {self.request_timeout_s}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A validated generation request, in the worker's terms."""
+
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    width: int | None  # None: the model's default size
+    height: int | None
+    steps: int
+    guidance_scale: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png_b64: str
+    seed: int
+
+
+class Rejected(Exception):
+    """Refused before queueing: `status` is the HTTP status, `retry_after_s` a hint for clients."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class InvalidRequest(Exception):
+    """A request that is well-formed but does not fit this model or these limits."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RequestFailed(Exception):
+    """Accepted but not answered with images: `status` is 500 (pipeline error) or 504 (timeout)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client disconnected before its images were ready."""
+
+
+def encode_png(pixels) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    # Level 1: most of zlib's gain at a fraction of the default level's time per image.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class WorkerService:
+    """Admission, queueing and answers for one pipeline."""
+
+    def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.queue = BatchQueue(limits.max_queue_images, limits.max_wait_s)
+        self.engine: Engine | None = None
+        self.defaults: ModelDefaults | None = None
+        self.draining = False
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        metrics.watch(
+            LiveState(
+                queue_images=lambda: self.queue.waiting_images,
+                requests_in_flight=lambda: self._in_flight,
+                busy_seconds=lambda: self.engine.busy_seconds() if self.engine else 0.0,
+                max_batch_size=lambda: self.engine.max_batch_size if self.engine else limits.max_batch_size,
+                ready=lambda: self.ready,
+            )
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def attach(self, runner: ImageRunner, defaults: ModelDefaults, load_seconds: float) -> None:
+        """Starts serving with a loaded runner (called once, after the model loaded)."""
+        self.metrics.model_load.set(load_seconds)
+        self.defaults = defaults
+        engine = Engine(self.queue, runner, self.limits.max_batch_size, self.metrics)
+        engine.start()
+        self.engine = engine
+
+    # -- a request --------------------------------------------------------------------------
+
+    async def generate(
+        self, spec: ImageSpec, disconnected: Callable[[], Awaitable[None]]
+    ) -> list[GeneratedImage]:
+        """Runs one request to its end; raises Rejected, InvalidRequest, RequestFailed or ClientGone."""
+        if self.draining:
+            self.metrics.requests.labels("rejected").inc()
+            raise Rejected(503, "draining: this worker accepts no new requests", retry_after_s=1)
+        if self.engine is None or self.defaults is None:
+            self.metrics.requests.labels("rejected").inc()
+            raise Rejected(503, "model not loaded yet", retry_after_s=5)
+        key = self._batch_key(spec, self.defaults)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Job] = loop.create_future()
+        job = Job(
+            key=key,
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            seeds=self._seeds(spec),
+            arrived_at=time.monotonic(),
+            on_done=lambda finished: _resolve_soon(loop, done, finished),
+        )
+        try:
+            self.queue.submit(job)
+        except QueueFull as full:
+            self.metrics.requests.labels("rejected").inc()
+            raise Rejected(429, str(full), retry_after_s=self._retry_after_s(full.waiting_images)) from None
+        except QueueClosed:
+            self.metrics.requests.labels("rejected").inc()
+            raise Rejected(503, "draining: this worker accepts no new requests", retry_after_s=1) from None
+        self._enter()
+        outcome = "error"
+        try:
+            images = await self._await_job(job, done, disconnected)
+            outcome = "ok"
+            return images
+        except ClientGone:
+            outcome = "cancelled"
+            raise
+        except RequestFailed as failed:
+            outcome = "timeout" if failed.status == 504 else "error"
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+            self.metrics.request_duration.observe(time.monotonic() - job.arrived_at)
+            self._leave()
+
+    async def _await_job(
+        self, job: Job, done: asyncio.Future[Job], disconnected: Callable[[], Awaitable[None]]
+    ) -> list[GeneratedImage]:
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            finished, _ = await asyncio.wait(
+                {done, gone}, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+        if done not in finished:
+            self.queue.cancel(job)
+            if gone in finished:
+                raise ClientGone()
+            raise RequestFailed(504, f"no result within the request timeout of {self.limits.request_timeout_s:g} s")
+        if job.error is not None:
+            message = str(job.error) if isinstance(job.error, BatchFailed) else repr(job.error)
+            raise RequestFailed(500, f"generation failed: {message}")
+        encoded = await asyncio.to_thread(lambda: [encode_png(pixels) for pixels in job.images])
+        return [GeneratedImage(png, seed) for png, seed in zip(encoded, job.seeds)]
+
+    def _batch_key(self, spec: ImageSpec, defaults: ModelDefaults) -> BatchKey:
+        width = spec.width or defaults.width
+        height = spec.height or defaults.height
+        for side in (width, height):
+            if side % defaults.size_multiple:
+                raise InvalidRequest("size", f"each side must be a multiple of {defaults.size_multiple} for this model")
+            if side > self.limits.max_image_side:
+                raise InvalidRequest("size", f"each side must be at most {self.limits.max_image_side} pixels")
+        if spec.n > self.limits.max_queue_images:
+            raise InvalidRequest("n", f"n must be at most the queue capacity, {self.limits.max_queue_images} images")
+        return BatchKey(width, height, spec.steps, spec.guidance_scale)
+
+    @staticmethod
+    def _seeds(spec: ImageSpec) -> tuple[int, ...]:
+        base = spec.seed if spec.seed is not None else secrets.randbelow(SEED_MODULUS)
+        return tuple((base + index) % SEED_MODULUS for index in range(spec.n))
+
+    def _retry_after_s(self, waiting_images: int) -> int:
+        """Seconds until the queue has likely drained what waits now, from recent throughput."""
+        rate = self.engine.images_per_second() if self.engine else None
+        if not rate:
+            return 1
+        return max(1, min(60, math.ceil(waiting_images / rate)))
+
+    # -- in-flight accounting and drain -----------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _enter(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight += 1
+            self._idle.clear()
+
+    def _leave(self) -> None:
+        with self._in_flight_lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuses new work, waits for every accepted request to be answered; True if all were."""
+        self.draining = True
+        self.queue.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            log.error("drain timed out after %.0f s with %d requests unanswered", timeout_s, self._in_flight)
+            return False
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.join, 5.0)
+        return True
+
+
+def _resolve_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Job], job: Job) -> None:
+    """Called on the pipeline thread: hands the finished job to the request's event loop."""
+
+    def resolve() -> None:
+        if not future.done():
+            future.set_result(job)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the loop is closed: the process is exiting and nobody waits
+        pass
+
