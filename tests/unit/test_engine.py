@@ -1,0 +1,189 @@
+"""The pipeline loop against a scripted runner at the pipeline boundary: splits, failures, answers."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from worker.batching import BatchKey, BatchQueue, Job
+from worker.engine import BatchFailed, Engine
+from worker.metrics import WorkerMetrics
+
+KEY = BatchKey(64, 64, steps=4, guidance_scale=7.5)
+
+
+class FakeOutOfMemory(Exception):
+    pass
+
+
+class ScriptedRunner:
+    """Returns each image as its seed; runs out of memory above `memory_images`; raises on 'explode'."""
+
+    def __init__(self, memory_images: int = 1000) -> None:
+        self.memory_images = memory_images
+        self.calls: list[list[int]] = []
+        self.released = 0
+
+    def generate(self, key, prompts, negative_prompts, seeds):
+        self.calls.append(list(seeds))
+        if len(seeds) > self.memory_images:
+            raise FakeOutOfMemory(f"{len(seeds)} images do not fit")
+        if "explode" in prompts:
+            raise ValueError("the pipeline blew up")
+        return [("image", seed) for seed in seeds]
+
+    def is_out_of_memory(self, error):
+        return isinstance(error, FakeOutOfMemory)
+
+    def release_memory(self):
+        self.released += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_engine(runner: ScriptedRunner, max_batch: int = 8) -> tuple[Engine, BatchQueue, WorkerMetrics]:
+    queue = BatchQueue(capacity_images=64, max_wait_s=0.0)
+    metrics = WorkerMetrics(CollectorRegistry())
+    return Engine(queue, runner, max_batch, metrics, clock=Clock()), queue, metrics
+
+
+def submit(queue: BatchQueue, prompt: str, seeds: tuple[int, ...], done: list[Job]) -> Job:
+    job = Job(key=KEY, prompt=prompt, negative_prompt=None, seeds=seeds, arrived_at=99.0, on_done=done.append)
+    queue.submit(job)
+    return job
+
+
+def drain(engine: Engine, queue: BatchQueue) -> None:
+    queue.close()
+    engine.run_forever()
+
+
+def value(metrics: WorkerMetrics, name: str, labels: dict | None = None) -> float:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def test_every_image_reaches_its_own_job_in_order():
+    runner = ScriptedRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=4)
+    done: list[Job] = []
+    a = submit(queue, "a", (1, 2, 3), done)
+    b = submit(queue, "b", (7, 8), done)
+    drain(engine, queue)
+    assert runner.calls == [[1, 2, 3, 7], [8]]
+    assert a.images == [("image", 1), ("image", 2), ("image", 3)]
+    assert b.images == [("image", 7), ("image", 8)]
+    assert done == [a, b] and a.error is None and b.error is None
+    assert value(metrics, "diffusion_images_total") == 5
+    assert value(metrics, "diffusion_batch_size_count") == 2
+    assert value(metrics, "diffusion_batch_size_sum") == 5
+
+
+def test_out_of_memory_splits_the_batch_retries_the_halves_and_lowers_the_max_batch():
+    runner = ScriptedRunner(memory_images=2)
+    engine, queue, metrics = make_engine(runner, max_batch=8)
+    done: list[Job] = []
+    jobs = [submit(queue, f"r{index}", (index * 10, index * 10 + 1), done) for index in range(4)]
+    drain(engine, queue)
+    assert runner.calls[0] == [0, 1, 10, 11, 20, 21, 30, 31]
+    assert [len(call) for call in runner.calls] == [8, 4, 2, 2, 4, 2, 2]
+    assert engine.max_batch_size == 2
+    assert runner.released == 3
+    assert all(job.error is None and len(job.images) == 2 for job in jobs)
+    assert sorted(done, key=id) == sorted(jobs, key=id)
+    # only the calls that produced images count as batches
+    assert value(metrics, "diffusion_batch_size_count") == 4
+    assert value(metrics, "diffusion_images_total") == 8
+
+
+def test_later_batches_respect_the_lowered_max_batch():
+    runner = ScriptedRunner(memory_images=3)
+    engine, queue, _ = make_engine(runner, max_batch=8)
+    done: list[Job] = []
+    submit(queue, "first", tuple(range(8)), done)
+    batch = queue.poll(engine.max_batch_size, now=200.0)
+    engine.run_batch(batch)
+    assert engine.max_batch_size == 2
+    submit(queue, "later", tuple(range(6)), done)
+    drain(engine, queue)
+    assert [len(call) for call in runner.calls[-3:]] == [2, 2, 2]
+
+
+def test_out_of_memory_at_one_image_fails_that_request_only():
+    runner = ScriptedRunner(memory_images=0)
+    engine, queue, _ = make_engine(runner, max_batch=1)
+    done: list[Job] = []
+    job = submit(queue, "huge", (5,), done)
+    drain(engine, queue)
+    assert isinstance(job.error, BatchFailed) and "FakeOutOfMemory" in str(job.error)
+    assert done == [job]
+
+
+def test_an_error_fails_exactly_the_jobs_of_its_batch_and_the_loop_goes_on():
+    runner = ScriptedRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=2)
+    done: list[Job] = []
+    doomed = [submit(queue, "explode", (1,), done), submit(queue, "ok-in-same-batch", (2,), done)]
+    after = submit(queue, "after", (3,), done)
+    drain(engine, queue)
+    for job in doomed:
+        assert isinstance(job.error, BatchFailed)
+        assert "ValueError: the pipeline blew up" in str(job.error)
+    assert after.error is None and after.images == [("image", 3)]
+    assert value(metrics, "diffusion_images_total") == 1
+
+
+def test_a_failed_job_spanning_batches_is_answered_once_and_its_rest_not_computed():
+    runner = ScriptedRunner()
+    engine, queue, _ = make_engine(runner, max_batch=2)
+    done: list[Job] = []
+    spanning = submit(queue, "explode", (1, 2, 3, 4, 5), done)
+    drain(engine, queue)
+    assert done == [spanning]
+    assert runner.calls == [[1, 2]]
+
+
+def test_a_runner_returning_the_wrong_count_fails_the_batch_instead_of_misdelivering():
+    class ShortRunner(ScriptedRunner):
+        def generate(self, key, prompts, negative_prompts, seeds):
+            return super().generate(key, prompts, negative_prompts, seeds)[:-1]
+
+    engine, queue, _ = make_engine(ShortRunner())
+    done: list[Job] = []
+    job = submit(queue, "p", (1, 2), done)
+    drain(engine, queue)
+    assert "returned 1 images for a batch of 2" in str(job.error)
+
+
+def test_busy_seconds_count_the_running_batch_up_to_now():
+    clock = Clock()
+
+    class SlowRunner(ScriptedRunner):
+        def generate(self, key, prompts, negative_prompts, seeds):
+            clock.now += 1.5  # the batch takes 1.5 s of the engine's clock
+            observed.append(engine.busy_seconds())
+            clock.now += 0.5
+            return super().generate(key, prompts, negative_prompts, seeds)
+
+    observed: list[float] = []
+    queue = BatchQueue(capacity_images=8, max_wait_s=0.0)
+    engine = Engine(queue, SlowRunner(), 8, WorkerMetrics(CollectorRegistry()), clock=clock)
+    submit(queue, "p", (1,), [])
+    drain(engine, queue)
+    assert observed == [1.5]
+    assert engine.busy_seconds() == 2.0
+    clock.now += 10
+    assert engine.busy_seconds() == 2.0  # idle time is not busy
+
+
+def test_queue_wait_is_observed_once_per_request_when_its_first_image_starts():
+    runner = ScriptedRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=1)
+    submit(queue, "p", (1, 2, 3), [])
+    drain(engine, queue)
+    assert value(metrics, "diffusion_queue_wait_seconds_count") == 1
+    assert value(metrics, "diffusion_queue_wait_seconds_sum") == 1.0  # arrived 99.0, started 100.0
