@@ -144,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         warm_up=args.warm_up,
         access_log=args.access_log,
     )
-    return serve(config)
+    code = serve(config)
+    # The pipeline thread may still be inside torch (drain timed out, or a load was cut
+    # short); tearing the interpreter down around it aborts the process. Leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class GenerationRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=10, description="Images to generate, each with its own seed")
     size: str | None = Field(
         default=None,
+        pattern=r"^[0-9]+x[0-9]+$",
         description=f"'WIDTHxHEIGHT', each a multiple of 8 from {MIN_SIDE} to {MAX_SIDE}; default: the model's native size",
         examples=["512x512"],
     )
