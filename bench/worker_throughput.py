@@ -1,0 +1,241 @@
+"""Worker throughput: the raw pipeline, our worker over HTTP, and LitServe, side by side in one run.
+
+For each max batch size B, in this order on one GPU (never two at once):
+  raw       the pipeline called directly with batches of B (seconds per batch, images/s)
+  worker    `python -m worker serve --max-batch-size B`, closed-loop HTTP clients at each
+            concurrency of --concurrency (multiples of B), counting images answered per second
+            and request latency (p50/p95)
+  litserve  bench/litserve_app.py with max_batch_size B and the same batch timeout, same loads
+
+    python bench/worker_throughput.py --model /models/sd15 --batch-sizes 1,4,8,12,16 --out results.json
+
+Every request is 512x512, 20 steps, CFG 7.5 by default (the DESIGN.md table's settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+@dataclass
+class Result:
+    system: str
+    max_batch: int
+    concurrency: int
+    images_per_s: float
+    p50_s: float
+    p95_s: float
+    requests: int
+    errors: int
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, steps: int,
+                 repeats: int, compile_unet: bool) -> list[Result]:
+    from worker.batching import BatchKey
+    from worker.pipeline import DiffusionRunner
+
+    runner = DiffusionRunner.load(model, "auto", compile_unet)
+    key = BatchKey(width, height, steps, 7.5)
+    results = []
+    for size in batch_sizes:
+        prompts, negatives, seeds = ["a photo of a lighthouse"] * size, [None] * size, list(range(size))
+        runner.generate(key, prompts, negatives, seeds)  # warm-up at this shape
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            runner.generate(key, prompts, negatives, seeds)
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        results.append(Result("raw", size, size, size / median, median, max(times), repeats, 0, sum(times)))
+        print(f"raw       B={size:<3} {size / median:6.2f} images/s  {median:.3f} s/batch", flush=True)
+    del runner
+    try:
+        import torch
+
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - CPU-only runs
+        pass
+    return results
+
+
+@contextmanager
+def server(command: list[str], url: str, ready_path: str, log_path: Path):
+    log = log_path.open("w")
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}; see {log_path}")
+            try:
+                if requests.get(url + ready_path, timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after 600 s; see {log_path}")
+            time.sleep(0.2)
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def closed_loop(url: str, body: dict, concurrency: int, warmup_s: float, duration_s: float) -> tuple[int, list[float], int]:
+    """`concurrency` clients each send, wait, send again; returns (images, latencies, errors) in the window."""
+    start = time.monotonic()
+    window = (start + warmup_s, start + warmup_s + duration_s)
+    lock = threading.Lock()
+    images, latencies, errors = [0], [], [0]
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        sent = 0
+        while time.monotonic() < window[1]:
+            began = time.monotonic()
+            try:
+                response = session.post(url, json={**body, "seed": index * 100_000 + sent}, timeout=600)
+                ok = response.status_code == 200 and len(response.json()["data"]) == body.get("n", 1)
+            except requests.RequestException:
+                ok = False
+            ended = time.monotonic()
+            sent += 1
+            if window[0] <= ended <= window[1]:
+                with lock:
+                    if ok:
+                        images[0] += body.get("n", 1)
+                        latencies.append(ended - began)
+                    else:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return images[0], latencies, errors[0]
+
+
+def http_runs(system: str, command: list[str], ready_path: str, size: int, concurrencies: list[int],
+              body: dict, warmup_s: float, duration_s: float, logs: Path) -> list[Result]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    results = []
+    with server([*command, "--port", str(port)], url, ready_path, logs / f"{system}-b{size}.log"):
+        for concurrency in concurrencies:
+            images, latencies, errors = closed_loop(url + "/v1/images/generations", body, concurrency, warmup_s, duration_s)
+            result = Result(system, size, concurrency, images / duration_s, percentile(latencies, 0.5),
+                            percentile(latencies, 0.95), len(latencies), errors, duration_s)
+            results.append(result)
+            print(f"{system:<9} B={size:<3} c={concurrency:<3} {result.images_per_s:6.2f} images/s  "
+                  f"p50 {result.p50_s:.2f} s  p95 {result.p95_s:.2f} s  errors {errors}", flush=True)
+    return results
+
+
+def table(results: list[Result]) -> str:
+    raw = {r.max_batch: r.images_per_s for r in results if r.system == "raw"}
+    lines = ["| system | max batch | concurrency | images/s | vs raw | p50 s | p95 s | requests | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        ratio = f"{r.images_per_s / raw[r.max_batch]:.0%}" if r.max_batch in raw and r.system != "raw" else ""
+        lines.append(f"| {r.system} | {r.max_batch} | {r.concurrency} | {r.images_per_s:.2f} | {ratio} | "
+                     f"{r.p50_s:.2f} | {r.p95_s:.2f} | {r.requests} | {r.errors} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="pipeline directory (python -m worker make-model)")
+    parser.add_argument("--batch-sizes", default="1,4,8,12,16")
+    parser.add_argument("--systems", default="raw,worker,litserve", help="any of raw, worker, litserve")
+    parser.add_argument("--concurrency", default="2", help="closed-loop clients as multiples of the max batch, e.g. 1,2")
+    parser.add_argument("--size", default="512x512")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-wait-ms", type=float, default=50, help="worker --max-wait-ms and LitServe batch_timeout")
+    parser.add_argument("--warmup-s", type=float, default=8)
+    parser.add_argument("--duration-s", type=float, default=20)
+    parser.add_argument("--raw-repeats", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (raw and worker)")
+    parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    systems = args.systems.split(",")
+    multiples = [float(m) for m in args.concurrency.split(",")]
+    width, height = map(int, args.size.split("x"))
+    body = {"prompt": "a photo of a lighthouse", "size": args.size, "num_inference_steps": args.steps, "guidance_scale": 7.5}
+    args.logs.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    if "raw" in systems:
+        results += raw_pipeline(args.model, batch_sizes, width, height, args.steps, args.raw_repeats, args.compile)
+    for size in batch_sizes:
+        concurrencies = sorted({max(1, round(size * m)) for m in multiples})
+        if "worker" in systems:
+            command = [sys.executable, "-m", "worker", "serve", "--model", str(args.model), "--host", "127.0.0.1",
+                       "--device", args.device, "--max-batch-size", str(size), "--max-wait-ms", str(args.max_wait_ms),
+                       "--max-queue", str(max(64, 4 * size)), "--max-image-side", str(max(width, height))]
+            if args.compile:
+                command.append("--compile")
+            results += http_runs("worker" + ("+compile" if args.compile else ""), command, "/readyz", size,
+                                 concurrencies, body, args.warmup_s, args.duration_s, args.logs)
+        if "litserve" in systems:
+            command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model", str(args.model),
+                       "--device", args.device, "--max-batch-size", str(size), "--batch-timeout-ms", str(args.max_wait_ms)]
+            results += http_runs("litserve", command, "/health", size, concurrencies, body,
+                                 args.warmup_s, args.duration_s, args.logs)
+    print()
+    print(table(results))
+    if args.out:
+        meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
+                "argv": sys.argv, "settings": {k: str(v) for k, v in vars(args).items()}}
+        try:
+            import torch
+
+            meta["torch"] = torch.__version__
+            meta["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001
+            pass
+        args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
