@@ -16,9 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from adapter.httpserver import MetricsServer
-
-# Request latency buckets (seconds) that fit multi-second diffusion requests.
-LATENCY_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+from worker.metrics import LATENCY_BUCKETS_S  # the real worker's buckets, so quantiles match
 
 
 @dataclass

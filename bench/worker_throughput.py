@@ -40,7 +40,9 @@ class Result:
     system: str
     max_batch: int
     concurrency: int
-    images_per_s: float
+    images_per_s: float  # closed loop: concurrency x images per request / mean latency (Little's law)
+    counted_images_per_s: float  # images answered inside the window / window; coarse with long batches
+    mean_s: float
     p50_s: float
     p95_s: float
     requests: int
@@ -62,11 +64,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, steps: int,
-                 repeats: int, compile_unet: bool) -> list[Result]:
+                 repeats: int, sink: Path | None) -> list[Result]:
     from worker.batching import BatchKey
     from worker.pipeline import DiffusionRunner
 
-    runner = DiffusionRunner.load(model, "auto", compile_unet)
+    runner = DiffusionRunner.load(model, "auto")
     key = BatchKey(width, height, steps, 7.5)
     results = []
     for size in batch_sizes:
@@ -78,7 +80,8 @@ def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, s
             runner.generate(key, prompts, negatives, seeds)
             times.append(time.perf_counter() - started)
         median = statistics.median(times)
-        results.append(Result("raw", size, size, size / median, median, max(times), repeats, 0, sum(times)))
+        results.append(record(Result("raw", size, size, size / median, size / median, statistics.mean(times), median,
+                              max(times), repeats, 0, sum(times)), sink))
         print(f"raw       B={size:<3} {size / median:6.2f} images/s  {median:.3f} s/batch", flush=True)
     del runner
     try:
@@ -109,9 +112,10 @@ def server(command: list[str], url: str, ready_path: str, log_path: Path):
             time.sleep(0.2)
         yield
     finally:
+        # The measurement is over: a short grace, then the whole process group goes.
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -153,6 +157,14 @@ def closed_loop(url: str, body: dict, concurrency: int, warmup_s: float, duratio
     return images[0], latencies, errors[0]
 
 
+def record(result: Result, sink: Path | None) -> Result:
+    """Appends the result to the JSON-lines sink at once, so a run cut short keeps what it measured."""
+    if sink is not None:
+        with sink.open("a") as lines:
+            lines.write(json.dumps(asdict(result)) + "\n")
+    return result
+
+
 def http_runs(system: str, command: list[str], ready_path: str, size: int, concurrencies: list[int],
               body: dict, warmup_s: float, duration_s: float, logs: Path) -> list[Result]:
     port = free_port()
@@ -161,21 +173,26 @@ def http_runs(system: str, command: list[str], ready_path: str, size: int, concu
     with server([*command, "--port", str(port)], url, ready_path, logs / f"{system}-b{size}.log"):
         for concurrency in concurrencies:
             images, latencies, errors = closed_loop(url + "/v1/images/generations", body, concurrency, warmup_s, duration_s)
-            result = Result(system, size, concurrency, images / duration_s, percentile(latencies, 0.5),
-                            percentile(latencies, 0.95), len(latencies), errors, duration_s)
-            results.append(result)
-            print(f"{system:<9} B={size:<3} c={concurrency:<3} {result.images_per_s:6.2f} images/s  "
+            mean = statistics.mean(latencies) if latencies else float("nan")
+            # Every client always has one request out, so throughput = clients / mean latency
+            # exactly; counting completions in a window is off by up to a batch per window.
+            result = Result(system, size, concurrency, concurrency * body.get("n", 1) / mean, images / duration_s,
+                            mean, percentile(latencies, 0.5), percentile(latencies, 0.95), len(latencies), errors,
+                            duration_s)
+            results.append(record(result, logs / "results.jsonl"))
+            print(f"{system:<9} B={size:<3} c={concurrency:<3} {result.images_per_s:6.2f} images/s "
+                  f"(counted {result.counted_images_per_s:5.2f})  "
                   f"p50 {result.p50_s:.2f} s  p95 {result.p95_s:.2f} s  errors {errors}", flush=True)
     return results
 
 
 def table(results: list[Result]) -> str:
     raw = {r.max_batch: r.images_per_s for r in results if r.system == "raw"}
-    lines = ["| system | max batch | concurrency | images/s | vs raw | p50 s | p95 s | requests | errors |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| system | max batch | clients | images/s | vs raw | counted images/s | p50 s | p95 s | requests | errors |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ratio = f"{r.images_per_s / raw[r.max_batch]:.0%}" if r.max_batch in raw and r.system != "raw" else ""
-        lines.append(f"| {r.system} | {r.max_batch} | {r.concurrency} | {r.images_per_s:.2f} | {ratio} | "
+        lines.append(f"| {r.system} | {r.max_batch} | {r.concurrency} | {r.images_per_s:.2f} | {ratio} | {r.counted_images_per_s:.2f} | "
                      f"{r.p50_s:.2f} | {r.p95_s:.2f} | {r.requests} | {r.errors} |")
     return "\n".join(lines)
 
@@ -191,9 +208,8 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=50, help="worker --max-wait-ms and LitServe batch_timeout")
     parser.add_argument("--warmup-s", type=float, default=8)
     parser.add_argument("--duration-s", type=float, default=20)
-    parser.add_argument("--raw-repeats", type=int, default=4)
+    parser.add_argument("--raw-repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (raw and worker)")
     parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -206,16 +222,15 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
     if "raw" in systems:
-        results += raw_pipeline(args.model, batch_sizes, width, height, args.steps, args.raw_repeats, args.compile)
+        results += raw_pipeline(args.model, batch_sizes, width, height, args.steps, args.raw_repeats,
+                                args.logs / "results.jsonl")
     for size in batch_sizes:
         concurrencies = sorted({max(1, round(size * m)) for m in multiples})
         if "worker" in systems:
             command = [sys.executable, "-m", "worker", "serve", "--model", str(args.model), "--host", "127.0.0.1",
                        "--device", args.device, "--max-batch-size", str(size), "--max-wait-ms", str(args.max_wait_ms),
                        "--max-queue", str(max(64, 4 * size)), "--max-image-side", str(max(width, height))]
-            if args.compile:
-                command.append("--compile")
-            results += http_runs("worker" + ("+compile" if args.compile else ""), command, "/readyz", size,
+            results += http_runs("worker", command, "/readyz", size,
                                  concurrencies, body, args.warmup_s, args.duration_s, args.logs)
         if "litserve" in systems:
             command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model", str(args.model),

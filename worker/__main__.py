@@ -93,8 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a SIGTERM drain may take; keep terminationGracePeriodSeconds above it (env WORKER_DRAIN_TIMEOUT)")
     add("--max-image-side", type=_positive_int, default=_env("MAX_IMAGE_SIDE", "1024"),
         help="largest width or height served, in pixels (env WORKER_MAX_IMAGE_SIDE)")
-    add("--compile", action="store_true", default=_flag(_env("COMPILE", "false")),
-        help="torch.compile the UNet in channels_last (long first batches per shape) (env WORKER_COMPILE)")
     add("--no-warm-up", dest="warm_up", action="store_false", default=not _flag(_env("NO_WARM_UP", "false")),
         help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP)")
     add("--access-log", action="store_true", default=_flag(_env("ACCESS_LOG", "false")),
@@ -140,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         limits=limits,
         drain_timeout_s=args.drain_timeout,
-        compile_unet=args.compile,
         warm_up=args.warm_up,
         access_log=args.access_log,
     )

@@ -81,7 +81,7 @@ class WorkerMetrics:
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        self.images = Counter("diffusion_images", "Images generated and returned", registry=registry)
+        self.images = Counter("diffusion_images", "Images the pipeline generated", registry=registry)
         self.model_load = Gauge(
             "diffusion_model_load_seconds", "Seconds the model took to load onto its device", registry=registry,
         )

@@ -49,7 +49,7 @@ class DiffusionRunner:
         self.load_seconds = load_seconds
 
     @classmethod
-    def load(cls, model_dir: Path, device: str = "auto", compile_unet: bool = False) -> DiffusionRunner:
+    def load(cls, model_dir: Path, device: str = "auto") -> DiffusionRunner:
         """Loads any diffusers text-to-image pipeline directory, offline; fp16 on CUDA.
 
         `load_seconds` covers importing torch and diffusers, reading the weights and moving
@@ -73,9 +73,6 @@ class DiffusionRunner:
         pipeline = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
-        if compile_unet:
-            pipeline.unet.to(memory_format=torch.channels_last)
-            pipeline.unet = torch.compile(pipeline.unet, dynamic=False)
         if device == "cuda":
             torch.cuda.synchronize()
         load_seconds = time.perf_counter() - started

@@ -36,7 +36,6 @@ class ServeConfig:
     device: str = "auto"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     drain_timeout_s: float = 120.0
-    compile_unet: bool = False
     warm_up: bool = True
     access_log: bool = False
 
@@ -73,7 +72,7 @@ class WorkerServer(uvicorn.Server):
 
         config = self.serve_config
         try:
-            runner = DiffusionRunner.load(config.model_dir, config.device, config.compile_unet)
+            runner = DiffusionRunner.load(config.model_dir, config.device)
             defaults = runner.defaults()
             if config.warm_up:
                 runner.warm_up(defaults)
