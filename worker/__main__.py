@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--drain-timeout", type=_positive_float, default=_env("DRAIN_TIMEOUT", "120"),
         help="seconds a SIGTERM drain may take; keep terminationGracePeriodSeconds above it (env WORKER_DRAIN_TIMEOUT)")
     add("--max-image-side", type=_positive_int, default=_env("MAX_IMAGE_SIDE", "1024"),
-        help="largest width or height served, in pixels (env WORKER_MAX_IMAGE_SIDE)")
+        help="largest width or height served, in pixels; the API's own bound is 2048 (env WORKER_MAX_IMAGE_SIDE)")
     add("--no-warm-up", dest="warm_up", action="store_false", default=not _flag(_env("NO_WARM_UP", "false")),
-        help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP)")
+        help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
     add("--access-log", action="store_true", default=_flag(_env("ACCESS_LOG", "false")),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=["debug", "info", "warning", "error"], default=_env("LOG_LEVEL", "info"),
