@@ -83,10 +83,15 @@ class Engine:
         return self._images_per_s
 
     def run_batch(self, batch: Batch) -> None:
+        """Runs a batch as the queue cut it; each request's wait ends when its first image starts."""
         start = self.clock()
         for piece in batch.slices:
             if piece.start == 0:
                 self.metrics.queue_wait.observe(start - piece.job.arrived_at)
+        self._execute(batch)
+
+    def _execute(self, batch: Batch) -> None:
+        start = self.clock()
         with self._busy_lock:
             self._busy_since = start
         try:
@@ -120,8 +125,8 @@ class Engine:
         if first.size < self.max_batch_size:
             log.warning("out of memory at batch size %d: max batch lowered to %d", batch.size, first.size)
             self.max_batch_size = first.size
-        self.run_batch(first)
-        self.run_batch(second)
+        self._execute(first)
+        self._execute(second)
 
     def _fail(self, batch: Batch, error: BaseException) -> None:
         log.error("batch of %d images failed: %s: %s", batch.size, type(error).__name__, error)

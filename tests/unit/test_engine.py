@@ -98,6 +98,7 @@ def test_out_of_memory_splits_the_batch_retries_the_halves_and_lowers_the_max_ba
     # only the calls that produced images count as batches
     assert value(metrics, "diffusion_batch_size_count") == 4
     assert value(metrics, "diffusion_images_total") == 8
+    assert value(metrics, "diffusion_queue_wait_seconds_count") == 4  # once per request, retries or not
 
 
 def test_later_batches_respect_the_lowered_max_batch():
