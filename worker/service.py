@@ -209,7 +209,7 @@ class WorkerService:
             message = str(job.error) if isinstance(job.error, BatchFailed) else repr(job.error)
             raise RequestFailed(500, f"generation failed: {message}")
         encoded = await asyncio.to_thread(lambda: [encode_png(pixels) for pixels in job.images])
-        return [GeneratedImage(png, seed) for png, seed in zip(encoded, job.seeds)]
+        return [GeneratedImage(png, seed) for png, seed in zip(encoded, job.seeds, strict=True)]
 
     def _batch_key(self, spec: ImageSpec, defaults: ModelDefaults) -> BatchKey:
         width = spec.width or defaults.width
