@@ -18,6 +18,7 @@ PROTO_DIR = ROOT / "protos"
 # proto file -> the package that owns its generated code
 TARGETS: dict[str, str] = {
     "externalscaler.proto": "adapter/_proto",
+    "podresources.proto": "exporter/_proto",
 }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -48,3 +50,28 @@ def test_the_contract_matches_kedas_field_numbers():
         "GetMetrics": ("GetMetricsRequest", "GetMetricsResponse", False),
         "StreamMetricSpec": ("ScaledObjectRef", "GetMetricSpecResponse", True),
     }
+
+
+def test_podresources_matches_the_kubelet_contract_field_for_field():
+    """Every message and field number in ../shared/reference/kubelet/CONTRACT.md, parsed from its text."""
+    import os
+    import re
+
+    from exporter._proto import podresources_pb2 as pb
+
+    contract = ROOT.parent / "shared" / "reference" / "kubelet" / "CONTRACT.md"
+    if not contract.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{contract} is missing")
+        pytest.skip(f"{contract} is missing")
+    expected: dict[str, dict[str, int]] = {}
+    for message, body in re.findall(r"^- `(\w+)`: (.+)$", contract.read_text(), flags=re.M):
+        fields = [part.strip() for part in body.split(";")]
+        expected[message] = {re.match(r"(?:optional )?`(\w+)`", f).group(1): int(f.split()[-1]) for f in fields}
+    assert len(expected) == 13
+    assert pb.DESCRIPTOR.package == "v1"
+    for message, fields in expected.items():
+        descriptor = pb.DESCRIPTOR.message_types_by_name[message]
+        assert {f.name: f.number for f in descriptor.fields} == fields, message
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["PodResourcesLister"].methods}
+    assert methods == {"List", "GetAllocatableResources", "Get"}
