@@ -7,9 +7,10 @@ from socketserver import ThreadingMixIn
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, make_wsgi_app
 
 HealthCheck = Callable[[], tuple[bool, str]]
+Render = Callable[[CollectorRegistry], bytes]
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -22,11 +23,15 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def make_app(registry: CollectorRegistry, health: HealthCheck):
+def make_app(registry: CollectorRegistry, health: HealthCheck, render: Render | None = None):
+    """/metrics and /healthz; `render` replaces prometheus_client's text writer when given."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "")
+        if path == "/metrics" and render is not None:
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [render(registry)]
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
@@ -43,9 +48,12 @@ def make_app(registry: CollectorRegistry, health: HealthCheck):
 class MetricsServer:
     """Serves the registry and a health check on a daemon thread."""
 
-    def __init__(self, registry: CollectorRegistry, health: HealthCheck, address: str, port: int):
+    def __init__(
+        self, registry: CollectorRegistry, health: HealthCheck, address: str, port: int, render: Render | None = None
+    ):
         self._server = make_server(
-            address, port, make_app(registry, health), server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+            address, port, make_app(registry, health, render), server_class=_ThreadingWSGIServer,
+            handler_class=_QuietHandler,
         )
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)

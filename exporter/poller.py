@@ -1,0 +1,116 @@
+"""Collects in the background on a fixed period, so a scrape never waits on NVML.
+
+Each collection runs on a dedicated thread and is awaited for at most `timeout_s`. A
+collection that overruns (a hung NVML call) is counted as a timeout and the last snapshot is
+marked stale, which withholds its device series; while the hung call has not returned, later
+periods are skipped and counted, never stacked on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from .nvml import DeviceIdentity, Snapshot
+from .podresources import PodRef
+
+log = logging.getLogger("exporter.poller")
+
+
+class Reader(Protocol):
+    def collect(self) -> Snapshot: ...
+
+
+Attribution = Callable[[DeviceIdentity], tuple[PodRef, ...]]
+
+
+@dataclass(frozen=True)
+class PollState:
+    """What the collector serves: the latest snapshot, its owners, and the poller's counts."""
+
+    snapshot: Snapshot | None = None
+    owners: Mapping[str, tuple[PodRef, ...]] = field(default_factory=dict)  # by UUID
+    stale: bool = False
+    collections: int = 0
+    timeouts: int = 0
+    skipped: int = 0
+    failures: int = 0
+
+
+class Poller:
+    def __init__(
+        self,
+        reader: Reader,
+        interval_s: float = 1.0,
+        timeout_s: float | None = None,
+        attribution: Attribution | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be above 0, got {interval_s}")
+        self.reader = reader
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s if timeout_s is not None else max(0.5, interval_s * 0.8)
+        self.attribution = attribution
+        self.clock = clock
+        self.state = PollState()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        self._running: Future | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.timeout_s + 1)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        next_at = self.clock()
+        while not self._stop.is_set():
+            self.poll_once()
+            next_at += self.interval_s
+            now = self.clock()
+            if next_at < now:  # fell behind (a slow collection): keep the period, skip the backlog
+                next_at = now + self.interval_s
+            self._stop.wait(next_at - now)
+
+    def poll_once(self) -> PollState:
+        """One period: collect (bounded by the timeout), attribute, publish."""
+        state = self.state
+        if self._running is not None and not self._running.done():
+            self.state = replace(state, stale=True, skipped=state.skipped + 1)
+            return self.state
+        self._running = self._executor.submit(self._collect)
+        try:
+            snapshot, owners = self._running.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            log.error("collection overran its %.2f s timeout; serving no device values until one completes",
+                      self.timeout_s)
+            self.state = replace(state, stale=True, timeouts=state.timeouts + 1)
+            return self.state
+        except Exception:  # noqa: BLE001 - the loop must survive a bug in one collection
+            log.exception("collection failed")
+            self.state = replace(state, stale=True, failures=state.failures + 1)
+            return self.state
+        self.state = PollState(snapshot=snapshot, owners=owners, stale=False, collections=state.collections + 1,
+                               timeouts=state.timeouts, skipped=state.skipped, failures=state.failures)
+        return self.state
+
+    def _collect(self) -> tuple[Snapshot, dict[str, tuple[PodRef, ...]]]:
+        snapshot = self.reader.collect()
+        owners: dict[str, tuple[PodRef, ...]] = {}
+        if self.attribution is not None:
+            for reading in snapshot.devices:
+                owners[reading.identity.uuid] = self.attribution(reading.identity)
+        return snapshot, owners
