@@ -435,6 +435,15 @@ def _ecc(nvml, state):
     }
 
 
+def _remapped_rows(nvml, state):
+    correctable, uncorrectable, _pending, failure = nvml.nvmlDeviceGetRemappedRows(state.handle)
+    return {
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": correctable,
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": uncorrectable,
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE": failure,
+    }
+
+
 def _clock_events(nvml, state):
     return {"DCGM_FI_DEV_CLOCKS_EVENT_REASONS": nvml.nvmlDeviceGetCurrentClocksEventReasons(state.handle)}
 
@@ -490,6 +499,7 @@ _READS: tuple[tuple[str, Callable[[Any, _DeviceState], dict[str, float]]], ...] 
     ("decoder", _decoder),
     ("framebuffer", _framebuffer),
     ("ecc", _ecc),
+    ("remapped_rows", _remapped_rows),
     ("clock_events", _clock_events),
     ("xid", _xid),
     ("gpm", _gpm),

@@ -52,6 +52,7 @@ class FakeGpu:
     reserved_bytes: int = 512 * 1024**2
     ecc: dict[tuple[int, int], int] = field(default_factory=lambda: {(0, 0): 0, (1, 0): 0, (0, 1): 3, (1, 1): 0})
     clock_events: int = 0
+    remapped_rows: tuple[int, int, int, int] = (2, 0, 0, 0)  # correctable, uncorrectable, pending, failure
     xids: list[int] = field(default_factory=list)  # events waiting to be read
     gpm: dict[int, float] | None = field(default_factory=lambda: {2: 40.0, 5: 35.0, 10: 12.5})  # None: no GPM
     processes: list[tuple[int, int]] = field(default_factory=list)
@@ -220,6 +221,10 @@ class FakeNvml:
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
         self._call("nvmlDeviceGetCurrentClocksEventReasons", handle)
         return handle.clock_events
+
+    def nvmlDeviceGetRemappedRows(self, device):
+        self._call("nvmlDeviceGetRemappedRows", device)
+        return device.remapped_rows
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle):
         self._call("nvmlDeviceGetComputeRunningProcesses", handle)
