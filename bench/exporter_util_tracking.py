@@ -39,6 +39,11 @@ def load(batch: int, stop: threading.Event) -> None:
             torch.cuda.synchronize()
 
 
+def column_mean(readings: list[tuple], column: int) -> float | None:
+    values = [r[column] for r in readings if r[column] is not None]
+    return statistics.mean(values) if values else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase-s", type=float, default=15)
@@ -68,12 +73,9 @@ def main() -> None:
         if worker:
             worker.join()
 
-        def mean(column: int) -> float | None:
-            values = [r[column] for r in readings if r[column] is not None]
-            return statistics.mean(values) if values else None
-
-        row = {"phase": phase, "gpu_util_sampled": mean(0), "gpu_util_instant": mean(1), "sm_active": mean(2),
-               "tensor_active": mean(3), "dram_active": mean(4), "collections": len(readings)}
+        row = {"phase": phase, "gpu_util_sampled": column_mean(readings, 0), "gpu_util_instant": column_mean(readings, 1),
+               "sm_active": column_mean(readings, 2), "tensor_active": column_mean(readings, 3),
+               "dram_active": column_mean(readings, 4), "collections": len(readings)}
         results.append(row)
         print(row, flush=True)
     if args.out:

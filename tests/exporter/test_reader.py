@@ -134,7 +134,7 @@ def test_a_gpu_that_vanishes_from_the_bus_stays_reported_down():
 def test_missing_nvml_leaves_the_exporter_up_and_retries_with_backoff(caplog):
     reader, nvml, clock = reader_for(FakeGpu(H100), library_present=False)
     with caplog.at_level(logging.ERROR):
-        for step in range(12):
+        for _ in range(12):
             snapshot = reader.collect()
             clock.now += 0.5
     assert not snapshot.nvml_up and snapshot.devices == ()
