@@ -121,8 +121,7 @@ class Exporter:
 
     def _health(self) -> tuple[bool, str]:
         # Alive while the poller runs; NVML being down is a metric, not a reason to restart.
-        thread = self.poller._thread
-        alive = thread is not None and thread.is_alive()
+        alive = self.poller.alive
         return alive, "ok" if alive else "poller stopped"
 
     def start(self) -> None:

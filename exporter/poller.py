@@ -69,6 +69,10 @@ class Poller:
         self._thread = threading.Thread(target=self._loop, name="poller", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
