@@ -155,7 +155,7 @@ class HorizontalPodAutoscaler:
     def _stabilize(self, now: float, current: int, desired: int) -> int:
         behavior = self.spec.behavior
         if not self._recommendations:
-            # maybeInitScaleDownStabilizationWindow: a new (or restarted) controller starts its
+            # recordInitialRecommendation: a new (or restarted) controller starts its
             # history from the current count, so it does not scale down on its first sync.
             self._recommendations.append((now, current))
         up_cutoff = now - behavior.scale_up.stabilization_window_seconds
