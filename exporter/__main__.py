@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--visible-devices", default=_env("VISIBLE_DEVICES"),
         help="sidecar: GPUs to export, by index or UUID, comma-separated, or all; default "
         "NVIDIA_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES, else all (env EXPORTER_VISIBLE_DEVICES)")
+    add("--visible-devices-file", default=_env("VISIBLE_DEVICES_FILE"),
+        help="sidecar: read the GPUs to export from this file, written by the worker container from its own "
+        "NVIDIA_VISIBLE_DEVICES (a sidecar without a GPU request cannot see that variable); re-read at every NVML "
+        "init, waited for while absent (env EXPORTER_VISIBLE_DEVICES_FILE)")
     add("--kubelet-socket", default=_env("KUBELET_SOCKET", DEFAULT_SOCKET),
         help="daemonset: the PodResources socket (env EXPORTER_KUBELET_SOCKET)")
     add("--pod-resources-ttl", type=_positive, default=_env("POD_RESOURCES_TTL", "10"),
@@ -83,7 +87,13 @@ class Exporter:
     """Reader, poller and HTTP server wired together for one mode."""
 
     def __init__(self, args: argparse.Namespace, environ: Mapping[str, str] = os.environ, nvml=None) -> None:
-        visible = DeviceFilter(args.visible_devices) if args.visible_devices else DeviceFilter.from_environment(environ)
+        if args.visible_devices_file:
+            path = args.visible_devices_file
+            visible = lambda: DeviceFilter.from_file(path)  # noqa: E731 - read at each NVML init
+        elif args.visible_devices:
+            visible = DeviceFilter(args.visible_devices)
+        else:
+            visible = DeviceFilter.from_environment(environ)
         pod = None
         self.podresources: PodResourcesCache | None = None
         if args.mode == "daemonset":

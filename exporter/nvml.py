@@ -99,6 +99,12 @@ class DeviceFilter:
     def from_environment(cls, environ: Mapping[str, str]) -> DeviceFilter:
         return cls(environ.get("NVIDIA_VISIBLE_DEVICES") or environ.get("CUDA_VISIBLE_DEVICES"))
 
+    @classmethod
+    def from_file(cls, path: str) -> DeviceFilter:
+        """The filter a worker container wrote for its sidecar (its NVIDIA_VISIBLE_DEVICES); raises while absent."""
+        with open(path) as handle:
+            return cls(handle.read().strip() or "none")
+
     def admits(self, index: int, uuid: str) -> bool:
         if self.everything:
             return True
@@ -129,7 +135,7 @@ class NvmlReader:
     def __init__(
         self,
         nvml: Any = None,
-        visible: DeviceFilter | None = None,
+        visible: DeviceFilter | Callable[[], DeviceFilter] | None = None,
         per_process: bool = False,
         hostname: str | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -139,7 +145,9 @@ class NvmlReader:
         if nvml is None:
             import pynvml as nvml  # nvidia-ml-py
         self.nvml = nvml
-        self.visible = visible or DeviceFilter("all")
+        # A callable is asked at every NVML init: a sidecar learns its worker's GPUs from a file
+        # the worker writes, which may appear after the exporter starts.
+        self._visible = visible or DeviceFilter("all")
         self.per_process = per_process
         self.hostname = hostname or socket.gethostname()
         self.clock = clock
@@ -169,6 +177,9 @@ class NvmlReader:
                 self._initialize()
             except self.nvml.NVMLError as error:
                 self._note_failure(f"NVML unavailable: {error}")
+                return self._unavailable(taken_at, started)
+            except OSError as error:  # the visible-devices file is not there yet
+                self._note_failure(f"GPUs to export not known yet: {error}")
                 return self._unavailable(taken_at, started)
         readings = []
         lost = False
@@ -217,6 +228,7 @@ class NvmlReader:
 
     def _initialize(self) -> None:
         nvml = self.nvml
+        visible = self._visible() if callable(self._visible) else self._visible
         nvml.nvmlInit()
         self._initialized = True
         try:
@@ -226,7 +238,7 @@ class NvmlReader:
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
                     uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-                    if not self.visible.admits(index, uuid):
+                    if not visible.admits(index, uuid):
                         continue
                     identity = DeviceIdentity(
                         index=index,

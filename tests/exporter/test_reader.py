@@ -185,3 +185,14 @@ def test_xid_keeps_the_last_error_seen():
     reader, _, _ = reader_for(gpu)
     assert reader.collect().devices[0].values["DCGM_FI_DEV_XID_ERRORS"] == 31
     assert reader.collect().devices[0].values["DCGM_FI_DEV_XID_ERRORS"] == 31
+
+
+def test_a_sidecar_waits_for_the_workers_visible_devices_file_then_exports_only_those(tmp_path):
+    path = tmp_path / "visible"
+    gpus = [FakeGpu(H100), FakeGpu(SECOND, minor=1)]
+    reader, nvml, clock = reader_for(*gpus, visible=lambda: DeviceFilter.from_file(str(path)))
+    waiting = reader.collect()
+    assert not waiting.nvml_up and "not known yet" in waiting.error
+    path.write_text(SECOND + "\n")
+    clock.now += 2
+    assert [r.identity.uuid for r in reader.collect().devices] == [SECOND]
