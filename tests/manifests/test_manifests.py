@@ -1,0 +1,212 @@
+"""Every kustomization builds, every object validates, the rules pass promtool, generated files are fresh."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from adapter.config import parse_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = ROOT / "manifests"
+KUSTOMIZATIONS = ["base", "monitoring", "overlays/prometheus-operator", "overlays/exporter-daemonset"]
+KEDA_CRD = ROOT.parent / "shared" / "reference" / "keda" / "keda.sh_scaledobjects.yaml"
+KUBERNETES_VERSION = "1.34.0"
+RULES = MANIFESTS / "monitoring" / "rules"
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide {tool} (.ci/run installs it)")
+        pytest.skip(f"{tool} is not installed")
+    return path
+
+
+@cache
+def build(kustomization: str) -> tuple[dict, ...]:
+    kubectl = require("kubectl")
+    result = subprocess.run([kubectl, "kustomize", str(MANIFESTS / kustomization)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(kind: str, kustomization: str = "base") -> list[dict]:
+    return [o for o in build(kustomization) if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_kustomization_builds(kustomization):
+    assert build(kustomization)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_core_object_validates_against_the_kubernetes_schemas(kustomization):
+    checked = 0
+    for obj in build(kustomization):
+        if "." in obj["apiVersion"].split("/")[0] and not obj["apiVersion"].startswith("apps/"):
+            continue  # custom resources: checked against their own CRDs below
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/prometheus-operator", "overlays/exporter-daemonset"])
+def test_the_scaledobject_validates_against_kedas_crd_and_the_scalers_parser(kustomization):
+    if not KEDA_CRD.exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{KEDA_CRD} is missing")
+    crd = yaml.safe_load(KEDA_CRD.read_text())
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    [scaled_object] = objects("ScaledObject", kustomization)
+    jsonschema.validate(scaled_object, version["schema"]["openAPIV3Schema"])
+    [trigger] = scaled_object["spec"]["triggers"]
+    spec = parse_metadata(trigger["metadata"])
+    assert spec.unknown_keys == ()
+    # The HPA must not stack its own windows on the scaler's.
+    behavior = scaled_object["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 0
+    assert scaled_object["spec"]["fallback"]["replicas"] >= 1
+    assert int(trigger["metadata"]["maxReplicas"]) == scaled_object["spec"]["maxReplicaCount"]
+
+
+def container(deployment: dict, name: str) -> dict:
+    [found] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found
+
+
+def env(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+def test_the_worker_pod_drains_inside_its_grace_period_and_probes_real_paths():
+    [worker] = [d for d in objects("Deployment") if d["metadata"]["name"] == "sd-worker"]
+    pod = worker["spec"]["template"]["spec"]
+    main = container(worker, "worker")
+    assert pod["terminationGracePeriodSeconds"] > float(env(main)["WORKER_DRAIN_TIMEOUT"])
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    sidecar = container(worker, "exporter")
+    assert {"POD_NAME", "POD_NAMESPACE", "CONTAINER_NAME"} <= set(env(sidecar))
+    assert env(sidecar)["EXPORTER_VISIBLE_DEVICES_FILE"].startswith("/run/gpu/")
+    assert "/run/gpu/visible-devices" in " ".join(main["command"])
+
+
+def test_every_environment_variable_names_a_real_flag():
+    from adapter.__main__ import build_parser as scaler_parser
+    from exporter.__main__ import build_parser as exporter_parser
+    from worker.__main__ import build_parser as worker_parser
+
+    def flags(parser) -> set[str]:
+        found = set()
+        for action in parser._actions:
+            found.update(action.option_strings)
+            if isinstance(action.choices, dict):  # subcommands
+                for subparser in action.choices.values():
+                    found |= flags(subparser)
+        return found
+
+    known = {"WORKER_": flags(worker_parser()), "EXPORTER_": flags(exporter_parser()), "SCALER_": flags(scaler_parser())}
+    for kustomization in ("base", "overlays/exporter-daemonset"):
+        for workload in objects("Deployment", kustomization) + objects("DaemonSet", kustomization):
+            for c in workload["spec"]["template"]["spec"]["containers"]:
+                for name in env(c):
+                    for prefix, options in known.items():
+                        if name.startswith(prefix):
+                            flag = "--" + name.removeprefix(prefix).lower().replace("_", "-")
+                            assert flag in options, f"{name} in {c['name']} sets no flag ({flag})"
+
+
+def test_the_daemonset_overlay_replaces_the_sidecar_and_mounts_pod_resources_writable():
+    [worker] = [d for d in objects("Deployment", "overlays/exporter-daemonset") if d["metadata"]["name"] == "sd-worker"]
+    assert [c["name"] for c in worker["spec"]["template"]["spec"]["containers"]] == ["worker"]
+    [daemonset] = objects("DaemonSet", "overlays/exporter-daemonset")
+    exporter = daemonset["spec"]["template"]["spec"]["containers"][0]
+    assert env(exporter)["EXPORTER_MODE"] == "daemonset"
+    [mount] = exporter["volumeMounts"]
+    assert mount["mountPath"] == "/var/lib/kubelet/pod-resources" and not mount.get("readOnly")
+
+
+def test_the_scaler_has_no_kubernetes_api_access():
+    [account] = objects("ServiceAccount")
+    assert account["automountServiceAccountToken"] is False
+    assert not objects("RoleBinding") and not objects("ClusterRoleBinding")
+
+
+def test_rules_pass_promtool_check_and_every_alert_has_a_unit_test():
+    promtool = require("promtool")
+    check = subprocess.run([promtool, "check", "rules", str(RULES / "diffusion-autoscaler.rules.yaml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", "diffusion-autoscaler.rules.test.yaml"], cwd=RULES,
+                          capture_output=True, text=True)
+    assert test.returncode == 0, test.stdout + test.stderr
+    alerts = {r["alert"] for g in yaml.safe_load((RULES / "diffusion-autoscaler.rules.yaml").read_text())["groups"]
+              for r in g["rules"] if "alert" in r}
+    tested = {t["alertname"] for case in yaml.safe_load((RULES / "diffusion-autoscaler.rules.test.yaml").read_text())["tests"]
+              for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    assert alerts == tested
+
+
+def test_the_scrape_jobs_pass_promtool_with_static_targets_in_place_of_discovery(tmp_path):
+    # Debian's Prometheus is built without Kubernetes discovery; everything else is checked.
+    promtool = require("promtool")
+    config = yaml.safe_load((MANIFESTS / "monitoring" / "prometheus" / "scrape-configs.yaml").read_text())
+    for job in config["scrape_configs"]:
+        assert job.pop("kubernetes_sd_configs") == [{"role": "pod"}]
+        job["static_configs"] = [{"targets": ["127.0.0.1:9"]}]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump({"global": {"scrape_interval": "15s"}, **config}))
+    result = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_monitoring_files_are_up_to_date():
+    spec = importlib.util.spec_from_file_location("genmonitoring", ROOT / "tools" / "genmonitoring.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.OUT.read_text() == module.render(), "run python tools/genmonitoring.py"
+    assert module.PROMETHEUS_RULE.read_text() == module.render_prometheus_rule(), "run python tools/genmonitoring.py"
+
+
+def test_the_dashboard_is_well_formed_and_ships_as_a_sidecar_configmap():
+    dashboard = json.loads((MANIFESTS / "monitoring" / "dashboards" / "diffusion-autoscaler.json").read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 9
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(t["expr"] for t in panel["targets"])
+        assert panel["datasource"]["uid"] == "${datasource}"
+    [configmap] = objects("ConfigMap", "monitoring/dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["diffusion-autoscaler.json"]) == dashboard
+
+
+def test_every_promql_expression_names_only_metrics_that_exist():
+    """Until the local stack test runs them, every metric named must be one the code serves."""
+    from exporter.collector import DEVICE_METRICS
+
+    served = set(DEVICE_METRICS) | {"up"}
+    for doc in ("WORKER.md", "EXPORTER.md", "SCALER.md"):
+        served |= set(re.findall(r"`((?:diffusion|gpu_exporter|scaler)_[a-z_]+)", (ROOT / "docs" / doc).read_text()))
+    rules = yaml.safe_load((RULES / "diffusion-autoscaler.rules.yaml").read_text())
+    served |= {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    expressions = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads((MANIFESTS / "monitoring" / "dashboards" / "diffusion-autoscaler.json").read_text())
+    expressions += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for expr in expressions:
+        for name in re.findall(r"\b((?:deployment:)?[A-Za-z_][A-Za-z0-9_:]*)\s*(?:\{|\[)", expr):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in served or base in served, f"{name} in {expr!r} is not a metric we serve"
