@@ -56,12 +56,23 @@ def render_config(targets: list[str], scrape_interval_s: float, job: str = "flee
 class LocalPrometheus:
     """One Prometheus process scraping `targets` (host:port strings) every `scrape_interval_s`."""
 
-    def __init__(self, targets: list[str], scrape_interval_s: float = 1.0, port: int | None = None):
+    def __init__(
+        self,
+        targets: list[str],
+        scrape_interval_s: float = 1.0,
+        port: int | None = None,
+        config_text: str | None = None,
+        files: dict[str, str] | None = None,
+    ):
+        """`config_text` replaces the generated config; `files` (name -> text) are written
+        beside it, for rule files it names by relative path."""
         self.binary = find_binary()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._dir = Path(tempfile.mkdtemp(prefix="localprom-"))
-        (self._dir / "prometheus.yml").write_text(render_config(targets, scrape_interval_s))
+        for name, text in (files or {}).items():
+            (self._dir / name).write_text(text)
+        (self._dir / "prometheus.yml").write_text(config_text or render_config(targets, scrape_interval_s))
         self._process: subprocess.Popen | None = None
         self._log = None
 
