@@ -1,0 +1,167 @@
+"""The signals without Prometheus: scrape the pods' /metrics directly and compute them here.
+
+A second source for the built-in queries of `adapter/promql.py`, for a machine with no
+Prometheus (the local stack) and as a low-latency option. Each scrape is parsed with
+prometheus_client's parser and kept per series for the query window; the signals are the
+same expressions evaluated the way Prometheus evaluates them:
+
+| signal  | PromQL (adapter/promql.py)                                            | here |
+| ------- | --------------------------------------------------------------------- | ---- |
+| queue   | `sum(diffusion_requests_in_flight{sel})`                              | sum of each series' latest sample |
+| ready   | `sum(diffusion_ready{sel})`                                           | the same |
+| gpu     | `avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{sel}[w]))`                    | mean of each series' samples in the window, averaged over series |
+| latency | `histogram_quantile(0.95, sum by (le) (rate(..._bucket{sel}[w])))`    | each bucket's increase over the window (counter resets handled), summed by `le`, then Prometheus' interpolation |
+
+`rate` divides by the window and extrapolates to its edges; a quantile is unchanged by a
+common factor, so increases give the same p95 when the series are scraped together.
+Series not seen for `stale_after_s` drop out, as Prometheus' lookback does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+
+_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
+    """`namespace="ml",deployment=~"sd-.*"` -> ((label, op, value), ...); raises ValueError otherwise."""
+    matchers, position, text = [], 0, selector.strip().rstrip(",")
+    while position < len(text):
+        found = _MATCHER.match(text, position)
+        if not found:
+            raise ValueError(f"cannot read label matchers from {selector!r} at {text[position:]!r}")
+        matchers.append((found.group(1), found.group(2), found.group(3).encode().decode("unicode_escape")))
+        position = found.end()
+    return tuple(matchers)
+
+
+def matches(labels: Mapping[str, str], matchers: Iterable[tuple[str, str, str]]) -> bool:
+    for name, op, value in matchers:
+        actual = labels.get(name, "")
+        if op == "=" and actual != value or op == "!=" and actual == value:
+            return False
+        if op == "=~" and not re.fullmatch(value, actual) or op == "!~" and re.fullmatch(value, actual):
+            return False
+    return True
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float:
+    """Prometheus' histogram_quantile over (upper bound, cumulative count) pairs."""
+    ordered = sorted(buckets)
+    if not ordered or ordered[-1][0] != math.inf:
+        return math.nan
+    # Prometheus repairs non-monotonic cumulative counts (scrape races) by carrying the max.
+    fixed, highest = [], 0.0
+    for bound, count in ordered:
+        highest = max(highest, count)
+        fixed.append((bound, highest))
+    total = fixed[-1][1]
+    if total == 0 or math.isnan(q):
+        return math.nan
+    if q < 0:
+        return -math.inf
+    if q > 1:
+        return math.inf
+    rank = q * total
+    index = next(i for i, (_, count) in enumerate(fixed) if count >= rank)
+    if index == len(fixed) - 1:
+        return fixed[-2][0] if len(fixed) > 1 else math.nan  # beyond the last finite bucket
+    start, below = (0.0, 0.0) if index == 0 else fixed[index - 1]
+    end, count = fixed[index]
+    if index == 0 and end <= 0:
+        return end
+    return start + (end - start) * (rank - below) / (count - below)
+
+
+def increase(samples: Iterable[tuple[float, float]]) -> float | None:
+    """A counter's growth over its samples, across resets; None with fewer than two samples."""
+    values = [value for _, value in samples]
+    if len(values) < 2:
+        return None
+    grown = 0.0
+    for before, after in zip(values, values[1:]):
+        grown += after - before if after >= before else after  # a reset starts again from 0
+    return grown
+
+
+@dataclass(frozen=True)
+class DirectSignals:
+    """Raw values, as the Prometheus queries would answer them (None where they return nothing)."""
+
+    queue: float | None
+    ready: float | None
+    gpu: float | None
+    latency: float | None
+
+
+class ScrapeStore:
+    """Samples per series from scraped exposition text, kept for `retain_s`."""
+
+    def __init__(self, retain_s: float = 600.0, stale_after_s: float = 300.0) -> None:
+        self.retain_s = retain_s
+        self.stale_after_s = stale_after_s
+        self._series: dict[SeriesKey, deque[tuple[float, float]]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, now: float, text: str, extra_labels: Mapping[str, str] | None = None) -> int:
+        """Adds one scrape's samples taken at `now`; returns how many."""
+        added = 0
+        with self._lock:
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    labels = {**sample.labels, **(extra_labels or {})}
+                    key = (sample.name, tuple(sorted(labels.items())))
+                    self._series.setdefault(key, deque()).append((now, float(sample.value)))
+                    added += 1
+            self._forget(now)
+        return added
+
+    def _forget(self, now: float) -> None:
+        for key in list(self._series):
+            window = self._series[key]
+            while window and window[0][0] < now - self.retain_s:
+                window.popleft()
+            if not window:
+                del self._series[key]
+
+    def _select(self, name: str, matchers) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        with self._lock:
+            return [(dict(labels), list(samples)) for (series, labels), samples in self._series.items()
+                    if series == name and matches(dict(labels), matchers)]
+
+    def _latest_sum(self, name: str, matchers, now: float) -> float | None:
+        values = [samples[-1][1] for _, samples in self._select(name, matchers)
+                  if samples and samples[-1][0] >= now - self.stale_after_s and samples[-1][0] <= now]
+        return sum(values) if values else None
+
+    def signals(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> DirectSignals:
+        matchers = parse_selector(selector)
+        since = now - window_s
+        gpu_means = []
+        for _, samples in self._select("DCGM_FI_DEV_GPU_UTIL", matchers):
+            inside = [value for stamp, value in samples if since < stamp <= now]
+            if inside:
+                gpu_means.append(sum(inside) / len(inside))
+        buckets: dict[float, float] = {}
+        for labels, samples in self._select("diffusion_request_duration_seconds_bucket", matchers):
+            grown = increase((stamp, value) for stamp, value in samples if since < stamp <= now)
+            if grown is not None:
+                bound = float(labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + grown
+        latency = histogram_quantile(quantile, buckets.items()) if buckets else None
+        return DirectSignals(
+            queue=self._latest_sum("diffusion_requests_in_flight", matchers, now),
+            ready=self._latest_sum("diffusion_ready", matchers, now),
+            gpu=sum(gpu_means) / len(gpu_means) if gpu_means else None,
+            latency=latency,
+        )
