@@ -1,0 +1,346 @@
+"""`python -m adapter.stack`: the whole loop on one machine, scaling real workers.
+
+Real parts, all of them:
+- worker processes (`python -m worker serve`, the tiny model on the CPU), behind a balancer
+  that sends each request to the worker with the fewest in flight;
+- Prometheus (the packaged binary) scraping the workers (file discovery, rewritten as
+  workers come and go) and the scaler, every second;
+- the scaler, and a local KEDA + HPA (`adapter.kedaloop`, `adapter.hpa`) that calls it over
+  gRPC on KEDA's schedule and scales the worker processes: new workers start, surplus ones
+  get SIGTERM and drain.
+
+A load generator plays a scenario (idle, ramp, burst, cool-down) against the balancer; a line
+a second shows replicas desired and ready, queue, p95, busy fraction and each signal's
+proposal; at the end a PNG timeline is written. Everything started is stopped on exit,
+Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+import requests
+
+from adapter._proto import externalscaler_pb2 as pb
+from adapter._proto import externalscaler_pb2_grpc as pb_grpc
+from adapter.hpa import Behavior
+from adapter.kedaloop import LocalKeda, Tick
+from adapter.localfleet import Balancer, WorkerFleet
+from adapter.localprom import LocalPrometheus, PrometheusNotFound
+from adapter.server import ScalerServer, ServerConfig
+
+log = logging.getLogger("adapter.stack")
+
+# The ScaledObject's HPA behavior from manifests/base: the scaler's windows are the only ones.
+PASS_THROUGH = Behavior.from_spec({
+    "scaleUp": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 1000, "periodSeconds": 15}]},
+    "scaleDown": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
+})
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Offered load in requests per second over a run of `length_s`."""
+
+    length_s: float
+    idle_rps: float = 0.5
+    peak_rps: float = 6.0
+    burst_rps: float = 10.0
+
+    def rate(self, t: float) -> float:
+        phase = t / self.length_s
+        if phase < 0.15:
+            return self.idle_rps
+        if phase < 0.45:
+            return self.idle_rps + (phase - 0.15) / 0.30 * (self.peak_rps - self.idle_rps)
+        if phase < 0.65:
+            return self.burst_rps
+        return self.idle_rps
+
+
+@dataclass
+class Sample:
+    t: float
+    offered_rps: float
+    desired: int
+    ready: int
+    queue: float | None
+    p95_s: float | None
+    busy: float | None
+    proposals: dict[str, float] = field(default_factory=dict)
+    composite: float | None = None
+    served: float | None = None
+
+
+@dataclass
+class LoadStats:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+def prometheus_config(targets_file: str, scaler_address: str) -> str:
+    return json.dumps({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": "diffusion-worker", "scrape_timeout": "1s",
+             "file_sd_configs": [{"files": [targets_file], "refresh_interval": "1s"}]},
+            {"job_name": "diffusion-scaler", "honor_labels": True, "scrape_timeout": "1s",
+             "static_configs": [{"targets": [scaler_address]}]},
+        ],
+    })
+
+
+def write_targets(path: Path, fleet: WorkerFleet) -> None:
+    groups = [{"targets": [w.address], "labels": {"namespace": "local", "deployment": "sd-worker", "pod": w.name}}
+              for w in fleet.workers if w.alive()]
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps(groups))
+    scratch.replace(path)  # atomic: Prometheus never reads half a file
+
+
+async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadStats, stop: asyncio.Event,
+                        started: float) -> None:
+    """Open-loop Poisson arrivals at the scenario's rate; each request in its own task."""
+    rng = random.Random(7)
+    tasks: set[asyncio.Task] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def one() -> None:
+            began = time.monotonic()
+            try:
+                body = {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "seed": rng.randrange(1 << 30)}
+                async with session.post(url, json=body) as answer:
+                    await answer.read()
+                    ok = answer.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            stats.ok += ok
+            stats.failed += not ok
+            if ok:
+                stats.latencies.append(time.monotonic() - began)
+
+        while not stop.is_set():
+            rate = scenario.rate(time.monotonic() - started)
+            await asyncio.sleep(rng.expovariate(rate))
+            if stop.is_set():
+                break
+            stats.sent += 1
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks, timeout=60)
+
+
+def query(prometheus: LocalPrometheus, promql: str) -> float | None:
+    try:
+        result = requests.get(f"{prometheus.url}/api/v1/query", params={"query": promql}, timeout=2).json()["data"]["result"]
+    except (requests.RequestException, KeyError, ValueError):
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+def view_line(sample: Sample) -> str:
+    def number(value: float | None, width: int, digits: int = 1) -> str:
+        return f"{value:{width}.{digits}f}" if value is not None else "-".rjust(width)
+
+    proposals = "/".join(f"{sample.proposals[s]:.1f}" if s in sample.proposals else "-" for s in ("queue", "latency"))
+    composite = f"{number(sample.composite, 4)} -> {number(sample.served, 3, 0)}" if sample.composite is not None else "-"
+    return (f"{sample.t:5.0f} {sample.offered_rps:6.1f} {sample.desired:4d} {sample.ready:5d} {number(sample.queue, 6)} "
+            f"{number(sample.p95_s, 6, 2)} {number(sample.busy, 5, 2)}  {proposals:>11}  {composite}")
+
+
+def write_timeline(samples: list[Sample], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s.t for s in samples]
+    figure, (replicas, queue, latency) = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
+    replicas.step(t, [s.desired for s in samples], where="post", label="desired")
+    replicas.step(t, [s.ready for s in samples], where="post", label="ready")
+    replicas.plot(t, [s.offered_rps for s in samples], ":", label="offered req/s")
+    replicas.set_ylabel("replicas")
+    replicas.legend(loc="upper left")
+    queue.plot(t, [s.queue if s.queue is not None else float("nan") for s in samples], label="requests in flight")
+    for signal_name in ("queue", "latency"):
+        queue.plot(t, [s.proposals.get(signal_name, float("nan")) for s in samples], "--", label=f"{signal_name} proposal")
+    queue.set_ylabel("requests / replicas")
+    queue.legend(loc="upper left")
+    latency.plot(t, [s.p95_s if s.p95_s is not None else float("nan") for s in samples], label="p95 latency (s)")
+    latency.plot(t, [s.busy if s.busy is not None else float("nan") for s in samples], label="busy fraction")
+    latency.set_xlabel("seconds")
+    latency.legend(loc="upper left")
+    figure.suptitle("diffusion-autoscaler local stack")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+async def run(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="diffusion-stack-"))
+    model = args.model or workdir / "tiny"
+    if args.model is None:
+        from worker.modelbuild import make_model
+
+        print("stack: building the tiny model ...", flush=True)
+        await asyncio.to_thread(make_model, model, "tiny")
+    targets_file = workdir / "workers.json"
+    fleet = WorkerFleet(model, flags=("--max-batch-size", str(args.max_batch), "--max-wait-ms", "20", "--max-queue", "64",
+                                      "--drain-timeout", "30"), log_dir=workdir)
+    scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0))
+    balancer = Balancer(fleet)
+    prometheus: LocalPrometheus | None = None
+    channel = None
+    samples: list[Sample] = []
+    stats = LoadStats()
+    stop = asyncio.Event()
+    try:
+        await scaler.start()
+        fleet.scale_to(args.min_replicas)
+        write_targets(targets_file, fleet)
+        try:
+            prometheus = LocalPrometheus([], config_text=prometheus_config(str(targets_file),
+                                                                             f"127.0.0.1:{scaler.http_port}"))
+            await asyncio.to_thread(prometheus.start)
+        except PrometheusNotFound as error:
+            print(f"stack: {error}", file=sys.stderr)
+            return 2
+        await balancer.start()
+        ref = pb.ScaledObjectRef(name="sd-worker", namespace="local", scalerMetadata={
+            "prometheusAddress": prometheus.url,
+            "selector": 'namespace="local",deployment="sd-worker"',
+            "window": "10s",
+            "signals": "queue,latency",
+            "targetQueuePerReplica": str(args.max_batch),
+            "targetP95Seconds": str(args.target_p95),
+            "scaleDownWindowSeconds": str(args.scale_down_window),
+            "refreshSeconds": "1",
+            "minReplicas": str(args.min_replicas),
+            "maxReplicas": str(args.max_replicas),
+        })
+        channel = grpc.insecure_channel(f"127.0.0.1:{scaler.grpc_port}")
+        keda = LocalKeda(pb_grpc.ExternalScalerStub(channel), ref, args.min_replicas, args.max_replicas, PASS_THROUGH,
+                         polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
+
+        class Target:
+            desired = property(lambda self: fleet.desired)
+
+            def ready_count(self) -> int:
+                return len(fleet.ready)
+
+            def scale_to(self, replicas: int) -> None:
+                fleet.scale_to(replicas)
+                write_targets(targets_file, fleet)
+
+        target = Target()
+        print(f"stack: waiting for {args.min_replicas} worker(s) to load the model ...", flush=True)
+        while len(fleet.ready) < args.min_replicas:
+            await asyncio.to_thread(fleet.refresh)
+            await asyncio.sleep(0.5)
+        await asyncio.to_thread(keda.start, time.monotonic())
+        scenario = Scenario(args.seconds, peak_rps=args.peak_rps, burst_rps=args.burst_rps)
+        print(f"stack: {args.seconds:.0f} s scenario through http://127.0.0.1:{balancer.port}; Prometheus {prometheus.url}; "
+              f"scaler gRPC 127.0.0.1:{scaler.grpc_port}; logs in {workdir}")
+        print(f"{'t':>5} {'req/s':>6} {'want':>4} {'ready':>5} {'queue':>6} {'p95 s':>6} {'busy':>5}  {'q/l propose':>11}  composite -> served")
+        started = time.monotonic()
+        load = asyncio.create_task(generate_load(f"http://127.0.0.1:{balancer.port}/v1/images/generations", scenario,
+                                                 args.steps, stats, stop, started))
+        while (elapsed := time.monotonic() - started) < args.seconds:
+            await asyncio.to_thread(fleet.refresh)
+            tick: Tick | None = await asyncio.to_thread(keda.step, time.monotonic(), target)
+            del tick
+            write_targets(targets_file, fleet)
+            decision = None
+            for registered in scaler.registry.targets():
+                if registered.snapshot is not None:
+                    decision = registered.snapshot.decision
+            sample = Sample(
+                t=elapsed,
+                offered_rps=scenario.rate(elapsed),
+                desired=fleet.desired,
+                ready=len(fleet.ready),
+                queue=query(prometheus, 'sum(diffusion_requests_in_flight{deployment="sd-worker"})'),
+                p95_s=query(prometheus, 'histogram_quantile(0.95, sum by (le) (rate(diffusion_request_duration_seconds_bucket{deployment="sd-worker"}[10s])))'),
+                busy=query(prometheus, 'avg(rate(diffusion_busy_seconds_total{deployment="sd-worker"}[10s]))'),
+                proposals=dict(decision.proposals) if decision else {},
+                composite=decision.composite if decision else None,
+                served=decision.value if decision else None,
+            )
+            samples.append(sample)
+            print(view_line(sample), flush=True)
+            await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started - elapsed)))
+        stop.set()
+        await load
+        if args.timeline and samples:
+            write_timeline(samples, args.timeline)
+            print(f"stack: timeline written to {args.timeline}")
+        peak = max(s.desired for s in samples) if samples else 0
+        print(f"stack: {stats.sent} requests, {stats.ok} ok, {stats.failed} failed; replicas peaked at {peak}, "
+              f"ended at {fleet.desired}")
+        return 0
+    finally:
+        stop.set()
+        if channel is not None:
+            channel.close()
+        await balancer.close()
+        await asyncio.to_thread(fleet.close)
+        await scaler.stop()
+        if prometheus is not None:
+            prometheus.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapter.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=150.0, help="length of the scenario")
+    parser.add_argument("--model", type=Path, help="a pipeline directory; default: build the tiny model")
+    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--max-replicas", type=int, default=4)
+    parser.add_argument("--max-batch", type=int, default=4, help="each worker's --max-batch-size, and the queue target")
+    parser.add_argument("--steps", type=int, default=8, help="denoising steps per request")
+    parser.add_argument("--peak-rps", type=float, default=6.0, help="requests per second at the top of the ramp")
+    parser.add_argument("--burst-rps", type=float, default=10.0, help="requests per second during the burst")
+    parser.add_argument("--target-p95", type=float, default=2.0, help="the ScaledObject's targetP95Seconds")
+    parser.add_argument("--scale-down-window", type=float, default=20.0, help="scaleDownWindowSeconds, compressed")
+    parser.add_argument("--polling-interval", type=float, default=2.0, help="KEDA pollingInterval, compressed")
+    parser.add_argument("--sync-period", type=float, default=3.0, help="the HPA's sync period, compressed")
+    parser.add_argument("--timeline", type=Path, default=Path("stack-timeline.png"), help="PNG written at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # workers share the cores: one thread each
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(run(args))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("stack: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The local stack end to end: real workers scaled by the scaler through local KEDA + HPA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_prometheus
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"worker" in command and b"serve" in command and any(b"diffusion-stack-" in part for part in command):
+                found.add(int(entry.name))
+    return found
+
+
+def test_the_stack_scales_up_under_the_burst_back_down_after_and_leaves_nothing_behind(tmp_path):
+    require_prometheus()
+    before = worker_processes()
+    timeline = tmp_path / "timeline.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "adapter.stack", "--seconds", "100", "--scale-down-window", "10",
+         "--timeline", str(timeline)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    desired = [int(row[2]) for row in rows]
+    assert len(rows) >= 90
+    assert max(desired) > 1, "the burst never scaled the workers up"
+    assert desired[-1] < max(desired), "the cool-down never scaled them back down"
+    assert "0 failed" in result.stdout
+    assert timeline.stat().st_size > 10_000
+    assert worker_processes() <= before, "worker processes outlived the stack"
