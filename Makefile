@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo protos bench clean prometheus
+.PHONY: test demo demo-simulated protos bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) prometheus
+	$(BIN)/python -m adapter.stack
+
+demo-simulated: $(STAMP) prometheus
 	$(BIN)/python -m adapter.demo
 
 protos: $(STAMP)

@@ -289,7 +289,7 @@ async def run(args: argparse.Namespace) -> int:
         stop.set()
         await load
         if args.timeline and samples:
-            write_timeline(samples, args.timeline)
+            write_timeline(samples, Path(args.timeline))
             print(f"stack: timeline written to {args.timeline}")
         peak = max(s.desired for s in samples) if samples else 0
         print(f"stack: {stats.sent} requests, {stats.ok} ok, {stats.failed} failed; replicas peaked at {peak}, "
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-down-window", type=float, default=20.0, help="scaleDownWindowSeconds, compressed")
     parser.add_argument("--polling-interval", type=float, default=2.0, help="KEDA pollingInterval, compressed")
     parser.add_argument("--sync-period", type=float, default=3.0, help="the HPA's sync period, compressed")
-    parser.add_argument("--timeline", type=Path, default=Path("stack-timeline.png"), help="PNG written at the end")
+    parser.add_argument("--timeline", default="stack-timeline.png", help="PNG written at the end; empty for none")
     return parser
 
 

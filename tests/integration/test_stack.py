@@ -29,6 +29,7 @@ def worker_processes() -> set[int]:
     return found
 
 
+@pytest.mark.timeout(420)
 def test_the_stack_scales_up_under_the_burst_back_down_after_and_leaves_nothing_behind(tmp_path):
     require_prometheus()
     before = worker_processes()
@@ -47,3 +48,32 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_leaves_nothing_
     assert "0 failed" in result.stdout
     assert timeline.stat().st_size > 10_000
     assert worker_processes() <= before, "worker processes outlived the stack"
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_mid_run_stops_everything_it_started():
+    import signal
+    import time
+
+    require_prometheus()
+    before = worker_processes()
+    process = subprocess.Popen([sys.executable, "-m", "adapter.stack", "--seconds", "300", "--timeline", ""],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = []
+        for line in process.stdout:  # wait until the scenario runs: workers, Prometheus and scaler are up
+            lines.append(line)
+            if line[:5].strip() == "3":
+                break
+        assert worker_processes() - before, "no worker was running"
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 130
+        assert time.monotonic() - started < 60
+        assert worker_processes() <= before, "worker processes outlived the stack"
+        assert "everything it started is stopped" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
