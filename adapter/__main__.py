@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of URL prefixes prometheusAddress must start with; empty allows any. Set it when "
         "credentials are configured, so a ScaledObject cannot send them elsewhere (env SCALER_ALLOWED_PROMETHEUS_URLS)",
     )
+    prom.add_argument(
+        "--scrape-targets-dir",
+        default=_env("SCRAPE_TARGETS_DIR"),
+        help="allow the direct-scrape source: a ScaledObject's scrapeTargetsFile may name a Prometheus file_sd "
+        "JSON file inside this directory, and the scaler scrapes the pods it lists itself, without Prometheus; "
+        "unset, scrapeTargetsFile is refused (env SCALER_SCRAPE_TARGETS_DIR)",
+    )
     prom.add_argument("--max-concurrent-queries", type=int, default=_env("MAX_CONCURRENT_QUERIES", "32"), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
     add("--idle-forget-seconds", type=float, default=_env("IDLE_FORGET_SECONDS", "900"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
     add("--max-scaled-objects", type=int, default=_env("MAX_SCALED_OBJECTS", "2000"), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
@@ -120,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca_file=args.tls_client_ca_file,
         prometheus_auth=auth,
         allowed_prometheus_urls=tuple(u.strip() for u in args.allowed_prometheus_urls.split(",") if u.strip()),
+        scrape_targets_dir=args.scrape_targets_dir,
         max_concurrent_queries=args.max_concurrent_queries,
         idle_forget_s=args.idle_forget_seconds,
         max_scaled_objects=args.max_scaled_objects,

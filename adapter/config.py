@@ -11,6 +11,7 @@ import math
 import re
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from adapter import promql
@@ -30,7 +31,7 @@ KNOWN_KEYS = frozenset(
         "readyReplicasQuery", "window", "targetQueuePerReplica", "targetGpuUtilization",
         "targetP95Seconds", "signals", "combine", "weights", "scaleUpWindowSeconds",
         "scaleDownWindowSeconds", "burstFactor", "minReplicas", "maxReplicas", "activationQueue",
-        "refreshSeconds", "staleAfterSeconds", "queryTimeoutSeconds", "metricName",
+        "refreshSeconds", "staleAfterSeconds", "queryTimeoutSeconds", "metricName", "scrapeTargetsFile",
     }
 )  # fmt: skip
 
@@ -99,6 +100,8 @@ class ScalerSpec:
     query_timeout_s: float = 2.0
     metric_name: str = "composite"
     unknown_keys: tuple[str, ...] = ()
+    # Set instead of prometheus_address: scrape the pods in this file_sd file directly.
+    scrape_targets_file: str | None = None
 
 
 def parse_duration_seconds(text: str) -> float:
@@ -183,6 +186,28 @@ def _address(reader: _Reader, allowed_prefixes: tuple[str, ...]) -> str:
     return address
 
 
+def _targets_file(reader: _Reader, directory: str | None) -> str | None:
+    """The direct-scrape source's file_sd file, confined to the scaler's --scrape-targets-dir."""
+    key = "scrapeTargetsFile"
+    raw = reader.text(key)
+    if raw is None:
+        return None
+    if reader.text("prometheusAddress") is not None:
+        raise MetadataError(key, raw, "set prometheusAddress or scrapeTargetsFile, not both")
+    if directory is None:
+        raise MetadataError(key, raw, "this scaler does not scrape pods directly; start it with --scrape-targets-dir")
+    # A ScaledObject must not make the scaler read files or scrape hosts it was not given.
+    root = Path(directory).resolve()
+    path = (root / raw).resolve()
+    if not path.is_relative_to(root):
+        raise MetadataError(key, raw, f"it must name a file inside --scrape-targets-dir ({directory})")
+    for override in ("queueQuery", "gpuUtilizationQuery", "latencyQuery", "readyReplicasQuery"):
+        if reader.text(override) is not None:
+            raise MetadataError(override, reader.text(override),
+                                "query overrides need prometheusAddress; scrapeTargetsFile reads the built-in signals")
+    return str(path)
+
+
 def _signals(reader: _Reader, target_p95: float | None) -> tuple[str, ...]:
     raw = reader.text("signals")
     if raw is None:
@@ -225,10 +250,13 @@ def _is_known(key: str) -> bool:
     return key.endswith(FROM_ENV_SUFFIX) and key[: -len(FROM_ENV_SUFFIX)] in KNOWN_KEYS
 
 
-def parse_metadata(metadata: Mapping[str, str], allowed_prefixes: tuple[str, ...] = ()) -> ScalerSpec:
+def parse_metadata(
+    metadata: Mapping[str, str], allowed_prefixes: tuple[str, ...] = (), scrape_targets_dir: str | None = None
+) -> ScalerSpec:
     """Validates a trigger's metadata map; raises MetadataError on the first bad key."""
     reader = _Reader(metadata)
-    address = _address(reader, allowed_prefixes)
+    targets_file = _targets_file(reader, scrape_targets_dir)
+    address = "" if targets_file else _address(reader, allowed_prefixes)
 
     selector = reader.text("selector") or ""
     if not _SELECTOR.match(selector):
@@ -312,4 +340,5 @@ def parse_metadata(metadata: Mapping[str, str], allowed_prefixes: tuple[str, ...
         query_timeout_s=timeout,
         metric_name=metric_name,
         unknown_keys=unknown,
+        scrape_targets_file=targets_file,
     )

@@ -19,14 +19,21 @@ Series not seen for `stale_after_s` drop out, as Prometheus' lookback does.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import re
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from adapter.config import parse_duration_seconds
+from adapter.policy import Signals
+from adapter.signals import QueryOutcome, Reading, interpret, needed_queries
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -126,6 +133,17 @@ class ScrapeStore:
             self._forget(now)
         return added
 
+    def mark_stale(self, instance: str, now: float) -> None:
+        """Prometheus' staleness marker: the instance's series stop answering instant lookups."""
+        with self._lock:
+            for (_, labels), window in self._series.items():
+                if ("instance", instance) in labels and window and not math.isnan(window[-1][1]):
+                    window.append((now, math.nan))
+
+    def instances(self) -> set[str]:
+        with self._lock:
+            return {value for (_, labels) in self._series for name, value in labels if name == "instance"}
+
     def _forget(self, now: float) -> None:
         for key in list(self._series):
             window = self._series[key]
@@ -141,7 +159,7 @@ class ScrapeStore:
 
     def _latest_sum(self, name: str, matchers, now: float) -> float | None:
         values = [samples[-1][1] for _, samples in self._select(name, matchers)
-                  if samples and samples[-1][0] >= now - self.stale_after_s and samples[-1][0] <= now]
+                  if samples and now - self.stale_after_s <= samples[-1][0] <= now and not math.isnan(samples[-1][1])]
         return sum(values) if values else None
 
     def signals(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> DirectSignals:
@@ -149,12 +167,12 @@ class ScrapeStore:
         since = now - window_s
         gpu_means = []
         for _, samples in self._select("DCGM_FI_DEV_GPU_UTIL", matchers):
-            inside = [value for stamp, value in samples if since < stamp <= now]
+            inside = [value for stamp, value in samples if since < stamp <= now and not math.isnan(value)]
             if inside:
                 gpu_means.append(sum(inside) / len(inside))
         buckets: dict[float, float] = {}
         for labels, samples in self._select("diffusion_request_duration_seconds_bucket", matchers):
-            grown = increase((stamp, value) for stamp, value in samples if since < stamp <= now)
+            grown = increase((stamp, value) for stamp, value in samples if since < stamp <= now and not math.isnan(value))
             if grown is not None:
                 bound = float(labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + grown
@@ -165,3 +183,97 @@ class ScrapeStore:
             gpu=sum(gpu_means) / len(gpu_means) if gpu_means else None,
             latency=latency,
         )
+
+
+def read_targets_file(path: str) -> list[tuple[str, dict[str, str]]]:
+    """(address, labels) of every target in a Prometheus file_sd JSON file."""
+    with open(path) as handle:
+        groups = json.load(handle)
+    if not isinstance(groups, list):
+        raise ValueError("a file_sd file holds a JSON list of {targets, labels} groups")
+    return [(str(address), {str(k): str(v) for k, v in (group.get("labels") or {}).items()})
+            for group in groups for address in group.get("targets", [])]
+
+
+class DirectSignalReader:
+    """The `SignalReader` contract over direct scrapes: each read scrapes every target in the
+    spec's file once, records the samples, and evaluates the built-in signals at that instant."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._wall = wall
+        self._stores: dict[str, ScrapeStore] = {}
+        self._session = None
+
+    async def _fetch(self, address: str, timeout_s: float) -> str | None:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.get(f"http://{address}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)) as answer:
+                return await answer.text() if answer.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return None
+
+    async def read(self, spec) -> Reading:
+        names = needed_queries(spec)
+        started = self._clock()
+        try:
+            targets = read_targets_file(spec.scrape_targets_file)
+        except (OSError, ValueError) as error:
+            duration = self._clock() - started
+            message = f"cannot read {spec.scrape_targets_file}: {error}"
+            return Reading(None, tuple(QueryOutcome(n, duration, error=message) for n in names), (("scrape", duration),))
+        store = self._stores.setdefault(spec.scrape_targets_file, ScrapeStore())
+        texts = await asyncio.gather(*(self._fetch(address, spec.query_timeout_s) for address, _ in targets))
+        now = self._wall()
+        listed = set()
+        for (address, labels), text in zip(targets, texts, strict=True):
+            listed.add(address)
+            if text is None:
+                store.mark_stale(address, now)  # a failed scrape, as Prometheus marks it
+                continue
+            try:
+                store.record(now, text, {**labels, "instance": address})
+            except ValueError:
+                store.mark_stale(address, now)
+        for gone in store.instances() - listed:
+            store.mark_stale(gone, now)
+        signals = store.signals(spec.selector, parse_duration_seconds(spec.window), now)
+        duration = self._clock() - started
+        raw = {"queue": signals.queue, "ready": signals.ready, "gpu": signals.gpu, "latency": signals.latency}
+        outcomes = []
+        for name in names:
+            value = raw[name]
+            if name == "latency" and value is not None and math.isnan(value):
+                value = None  # no request finished in the window: abstain, as histogram_quantile's NaN does
+            try:
+                interpret(name, value)
+                outcomes.append(QueryOutcome(name, duration, value=value))
+            except ValueError as error:
+                outcomes.append(QueryOutcome(name, duration, value=value, error=str(error)))
+        reading = Reading(None, tuple(outcomes), (("scrape", duration),))
+        if any(o.error for o in outcomes):
+            return reading
+        values = {o.name: interpret(o.name, o.value) for o in outcomes}
+        return Reading(
+            Signals(queue=values["queue"], ready_replicas=values["ready"], gpu_util_percent=values.get("gpu"),
+                    p95_seconds=values.get("latency")),
+            reading.outcomes, reading.requests,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class SignalRouter:
+    """Sends each target's read to Prometheus or to direct scraping, by its spec."""
+
+    def __init__(self, prometheus, direct: DirectSignalReader) -> None:
+        self.prometheus = prometheus
+        self.direct = direct
+
+    async def read(self, spec) -> Reading:
+        return await (self.direct if spec.scrape_targets_file else self.prometheus).read(spec)

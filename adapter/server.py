@@ -20,6 +20,7 @@ from adapter.httpserver import MetricsServer
 from adapter.metrics import ScalerMetrics, TargetCollector
 from adapter.prometheus import PrometheusAuth, PrometheusClient
 from adapter.service import SERVICE_NAME, ExternalScalerService
+from adapter.directscrape import DirectSignalReader, SignalRouter
 from adapter.signals import SignalReader
 from adapter.targets import TargetRegistry
 
@@ -41,6 +42,7 @@ class ServerConfig:
     tls_client_ca_file: str | None = None  # set: clients must present a certificate it signed
     prometheus_auth: PrometheusAuth = field(default_factory=PrometheusAuth)
     allowed_prometheus_urls: tuple[str, ...] = ()
+    scrape_targets_dir: str | None = None  # set: ScaledObjects may name file_sd files in it (scrapeTargetsFile)
     max_concurrent_queries: int = 32
     idle_forget_s: float = 900.0
     max_scaled_objects: int = 2000
@@ -110,10 +112,12 @@ class ScalerServer:
     async def start(self) -> None:
         config = self.config
         metrics = ScalerMetrics(self.metrics_registry)
-        reader = SignalReader(self._client.query, config.max_concurrent_queries)
+        self._direct = DirectSignalReader()
+        reader = SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct)
         self.registry = TargetRegistry(
             reader,
             allowed_prefixes=config.allowed_prometheus_urls,
+            scrape_targets_dir=config.scrape_targets_dir,
             idle_forget_s=config.idle_forget_s,
             max_targets=config.max_scaled_objects,
             on_reading=metrics.observe_reading,
@@ -176,4 +180,5 @@ class ScalerServer:
         clean = await self.registry.close()
         self._http.stop()
         await self._client.close()
+        await self._direct.close()
         return clean

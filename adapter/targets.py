@@ -115,6 +115,7 @@ class TargetRegistry:
         *,
         clock: Callable[[], float] = time.monotonic,
         allowed_prefixes: tuple[str, ...] = (),
+        scrape_targets_dir: str | None = None,
         idle_forget_s: float = 900.0,
         max_targets: int = 2000,
         on_reading: Callable[[Reading], None] | None = None,
@@ -122,6 +123,7 @@ class TargetRegistry:
         self._reader = reader
         self._clock = clock
         self._allowed_prefixes = allowed_prefixes
+        self._scrape_targets_dir = scrape_targets_dir
         self._idle_forget_s = idle_forget_s
         self._max_targets = max_targets
         self._on_reading = on_reading
@@ -157,7 +159,7 @@ class TargetRegistry:
             pass
 
     def _register(self, key: TargetKey, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
-        spec = parse_metadata(metadata, self._allowed_prefixes)
+        spec = parse_metadata(metadata, self._allowed_prefixes, self._scrape_targets_dir)
         if len(self._targets) >= self._max_targets:
             raise TooManyTargets(
                 f"{len(self._targets)} triggers are registered, the limit (--max-scaled-objects); "

@@ -142,3 +142,18 @@ def test_arbitrary_metadata_either_parses_or_raises_metadata_error(metadata, wit
     assert policy.signals and set(policy.signals) <= {"queue", "gpu", "latency"}
     assert policy.target_queue_per_replica > 0 and 0 < policy.target_gpu_util_percent <= 100
     assert spec.stale_after_s >= spec.refresh_s > 0
+
+
+def test_scrape_targets_file_is_confined_to_the_scalers_directory(tmp_path):
+
+    base = {"selector": 'deployment="sd"', "scrapeTargetsFile": "workers.json"}
+    with pytest.raises(MetadataError, match="start it with --scrape-targets-dir"):
+        parse_metadata(base)
+    spec = parse_metadata(base, scrape_targets_dir=str(tmp_path))
+    assert spec.scrape_targets_file == str(tmp_path / "workers.json") and spec.prometheus_address == ""
+    with pytest.raises(MetadataError, match="inside --scrape-targets-dir"):
+        parse_metadata({**base, "scrapeTargetsFile": "../../etc/passwd"}, scrape_targets_dir=str(tmp_path))
+    with pytest.raises(MetadataError, match="not both"):
+        parse_metadata({**base, "prometheusAddress": "http://p:9090"}, scrape_targets_dir=str(tmp_path))
+    with pytest.raises(MetadataError, match="query overrides need prometheusAddress"):
+        parse_metadata({**base, "queueQuery": "sum(x)"}, scrape_targets_dir=str(tmp_path))
