@@ -4,7 +4,8 @@ Real parts, all of them:
 - worker processes (`python -m worker serve`, the tiny model on the CPU), behind a balancer
   that sends each request to the worker with the fewest in flight;
 - Prometheus (the packaged binary) scraping the workers (file discovery, rewritten as
-  workers come and go) and the scaler, every second;
+  workers come and go) and the scaler, every second; without Prometheus, the scaler scrapes
+  the same file's workers itself (`scrapeTargetsFile`, adapter/directscrape.py);
 - the scaler, and a local KEDA + HPA (`adapter.kedaloop`, `adapter.hpa`) that calls it over
   gRPC on KEDA's schedule and scales the worker processes: new workers start, surplus ones
   get SIGTERM and drain.
@@ -39,7 +40,7 @@ from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from adapter.hpa import Behavior
 from adapter.kedaloop import LocalKeda, Tick
 from adapter.localfleet import Balancer, WorkerFleet
-from adapter.localprom import LocalPrometheus, PrometheusNotFound
+from adapter.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
 
 log = logging.getLogger("adapter.stack")
@@ -165,6 +166,14 @@ def view_line(sample: Sample) -> str:
             f"{number(sample.p95_s, 6, 2)} {number(sample.busy, 5, 2)}  {proposals:>11}  {composite}")
 
 
+def prometheus_installed() -> bool:
+    try:
+        find_binary()
+    except PrometheusNotFound:
+        return False
+    return True
+
+
 def write_timeline(samples: list[Sample], path: Path) -> None:
     import matplotlib
 
@@ -204,7 +213,9 @@ async def run(args: argparse.Namespace) -> int:
     targets_file = workdir / "workers.json"
     fleet = WorkerFleet(model, flags=("--max-batch-size", str(args.max_batch), "--max-wait-ms", "20", "--max-queue", "64",
                                       "--drain-timeout", "30"), log_dir=workdir)
-    scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0))
+    direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
+    scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0,
+                                       scrape_targets_dir=str(workdir) if direct else None))
     balancer = Balancer(fleet)
     prometheus: LocalPrometheus | None = None
     channel = None
@@ -215,16 +226,20 @@ async def run(args: argparse.Namespace) -> int:
         await scaler.start()
         fleet.scale_to(args.min_replicas)
         write_targets(targets_file, fleet)
-        try:
-            prometheus = LocalPrometheus([], config_text=prometheus_config(str(targets_file),
-                                                                             f"127.0.0.1:{scaler.http_port}"))
-            await asyncio.to_thread(prometheus.start)
-        except PrometheusNotFound as error:
-            print(f"stack: {error}", file=sys.stderr)
-            return 2
+        if direct:
+            source = {"scrapeTargetsFile": targets_file.name}
+        else:
+            try:
+                prometheus = LocalPrometheus([], config_text=prometheus_config(str(targets_file),
+                                                                                 f"127.0.0.1:{scaler.http_port}"))
+                await asyncio.to_thread(prometheus.start)
+            except PrometheusNotFound as error:
+                print(f"stack: {error}", file=sys.stderr)
+                return 2
+            source = {"prometheusAddress": prometheus.url}
         await balancer.start()
         ref = pb.ScaledObjectRef(name="sd-worker", namespace="local", scalerMetadata={
-            "prometheusAddress": prometheus.url,
+            **source,
             "selector": 'namespace="local",deployment="sd-worker"',
             "window": "10s",
             "signals": "queue,latency",
@@ -256,7 +271,8 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.5)
         await asyncio.to_thread(keda.start, time.monotonic())
         scenario = Scenario(args.seconds, peak_rps=args.peak_rps, burst_rps=args.burst_rps)
-        print(f"stack: {args.seconds:.0f} s scenario through http://127.0.0.1:{balancer.port}; Prometheus {prometheus.url}; "
+        where = f"Prometheus {prometheus.url}" if prometheus else "no Prometheus: the scaler scrapes the workers itself"
+        print(f"stack: {args.seconds:.0f} s scenario through http://127.0.0.1:{balancer.port}; {where}; "
               f"scaler gRPC 127.0.0.1:{scaler.grpc_port}; logs in {workdir}")
         print(f"{'t':>5} {'req/s':>6} {'want':>4} {'ready':>5} {'queue':>6} {'p95 s':>6} {'busy':>5}  {'q/l propose':>11}  composite -> served")
         started = time.monotonic()
@@ -267,18 +283,27 @@ async def run(args: argparse.Namespace) -> int:
             tick: Tick | None = await asyncio.to_thread(keda.step, time.monotonic(), target)
             del tick
             write_targets(targets_file, fleet)
-            decision = None
+            decision = signals = None
             for registered in scaler.registry.targets():
                 if registered.snapshot is not None:
-                    decision = registered.snapshot.decision
+                    decision, signals = registered.snapshot.decision, registered.snapshot.signals
+            if prometheus is not None:
+                queue = query(prometheus, 'sum(diffusion_requests_in_flight{deployment="sd-worker"})')
+                p95 = query(prometheus, 'histogram_quantile(0.95, sum by (le) '
+                                        '(rate(diffusion_request_duration_seconds_bucket{deployment="sd-worker"}[10s])))')
+                busy = query(prometheus, 'avg(rate(diffusion_busy_seconds_total{deployment="sd-worker"}[10s]))')
+            else:  # what the scaler itself read from the workers
+                queue = signals.queue if signals else None
+                p95 = signals.p95_seconds if signals else None
+                busy = None
             sample = Sample(
                 t=elapsed,
                 offered_rps=scenario.rate(elapsed),
                 desired=fleet.desired,
                 ready=len(fleet.ready),
-                queue=query(prometheus, 'sum(diffusion_requests_in_flight{deployment="sd-worker"})'),
-                p95_s=query(prometheus, 'histogram_quantile(0.95, sum by (le) (rate(diffusion_request_duration_seconds_bucket{deployment="sd-worker"}[10s])))'),
-                busy=query(prometheus, 'avg(rate(diffusion_busy_seconds_total{deployment="sd-worker"}[10s]))'),
+                queue=queue,
+                p95_s=p95,
+                busy=busy,
                 proposals=dict(decision.proposals) if decision else {},
                 composite=decision.composite if decision else None,
                 served=decision.value if decision else None,
@@ -321,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale-down-window", type=float, default=20.0, help="scaleDownWindowSeconds, compressed")
     parser.add_argument("--polling-interval", type=float, default=2.0, help="KEDA pollingInterval, compressed")
     parser.add_argument("--sync-period", type=float, default=3.0, help="the HPA's sync period, compressed")
+    parser.add_argument("--metrics-source", choices=["auto", "prometheus", "direct"], default="auto",
+                        help="where the scaler reads the signals: Prometheus (when installed, for auto) or the "
+                        "workers' /metrics scraped by the scaler itself (adapter/directscrape.py)")
     parser.add_argument("--timeline", default="stack-timeline.png", help="PNG written at the end; empty for none")
     return parser
 

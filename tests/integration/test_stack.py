@@ -77,3 +77,16 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.timeout(300)
+def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scales():
+    result = subprocess.run(
+        [sys.executable, "-m", "adapter.stack", "--seconds", "70", "--metrics-source", "direct",
+         "--scale-down-window", "8", "--timeline", ""],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no Prometheus: the scaler scrapes the workers itself" in result.stdout
+    desired = [int(line.split()[2]) for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert max(desired) > 1 and desired[-1] < max(desired)

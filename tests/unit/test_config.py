@@ -145,7 +145,6 @@ def test_arbitrary_metadata_either_parses_or_raises_metadata_error(metadata, wit
 
 
 def test_scrape_targets_file_is_confined_to_the_scalers_directory(tmp_path):
-
     base = {"selector": 'deployment="sd"', "scrapeTargetsFile": "workers.json"}
     with pytest.raises(MetadataError, match="start it with --scrape-targets-dir"):
         parse_metadata(base)
