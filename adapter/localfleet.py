@@ -39,6 +39,9 @@ class WorkerProcess:
     ready: bool = False
     draining: bool = False
     in_flight: int = 0  # requests the balancer has sent and not yet seen answered
+    gpu: int | None = None  # the GPU this worker owns (CUDA_VISIBLE_DEVICES)
+    exporter: subprocess.Popen | None = None  # its exporter sidecar, when GPUs are exported
+    exporter_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -47,6 +50,10 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    @property
+    def exporter_address(self) -> str | None:
+        return f"127.0.0.1:{self.exporter_port}" if self.exporter_port else None
+
 
 @dataclass
 class WorkerFleet:
@@ -54,6 +61,8 @@ class WorkerFleet:
     flags: tuple[str, ...] = ()
     log_dir: Path | None = None
     device: str = "cpu"
+    gpus: tuple[int, ...] = ()  # with GPUs: one worker per GPU, each with an exporter beside it
+    exporters: bool = False
     workers: list[WorkerProcess] = field(default_factory=list)
     _serial: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -61,23 +70,52 @@ class WorkerFleet:
     # -- scaling ----------------------------------------------------------------------------
 
     def scale_to(self, replicas: int) -> None:
+        """Starts or drains workers to reach `replicas`; with GPUs, never more than one per GPU."""
         with self._lock:
             serving = [w for w in self.workers if not w.draining and w.alive()]
+            if self.gpus:
+                replicas = min(replicas, len(self.gpus))
             for _ in range(replicas - len(serving)):
-                self.workers.append(self._start())
+                gpu = self._free_gpu()
+                if self.gpus and gpu is None:
+                    break  # a draining worker still holds the GPU; the next sync retries
+                self.workers.append(self._start(gpu))
             for worker in sorted(serving, key=lambda w: w.started_at, reverse=True)[: max(0, len(serving) - replicas)]:
                 self._drain(worker)
 
-    def _start(self) -> WorkerProcess:
+    def _free_gpu(self) -> int | None:
+        if not self.gpus:
+            return None
+        taken = {w.gpu for w in self.workers if w.alive()}
+        return next((gpu for gpu in self.gpus if gpu not in taken), None)
+
+    def _start(self, gpu: int | None) -> WorkerProcess:
         self._serial += 1
         name = f"worker-{self._serial}"
         port = free_port()
-        output = open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         command = [sys.executable, "-m", "worker", "serve", "--model", str(self.model), "--host", "127.0.0.1",
                    "--port", str(port), "--device", self.device, *self.flags]
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("started %s on port %d", name, port)
-        return WorkerProcess(name, port, process, time.monotonic())
+        process = subprocess.Popen(command, stdout=self._log(name), stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        worker = WorkerProcess(name, port, process, time.monotonic(), gpu=gpu)
+        if self.exporters:
+            # The sidecar of this worker: its GPU only, labelled with the worker's name as the pod.
+            worker.exporter_port = free_port()
+            exporter_env = {**os.environ, "POD_NAME": name, "POD_NAMESPACE": "local", "CONTAINER_NAME": "worker"}
+            worker.exporter = subprocess.Popen(
+                [sys.executable, "-m", "exporter", "--listen-address", "127.0.0.1", "--port", str(worker.exporter_port),
+                 "--visible-devices", str(gpu) if gpu is not None else "all"],
+                stdout=self._log(f"{name}-exporter"), stderr=subprocess.STDOUT, env=exporter_env,
+                start_new_session=True,
+            )
+        log.info("started %s on port %d%s", name, port, f" (GPU {gpu})" if gpu is not None else "")
+        return worker
+
+    def _log(self, name: str):
+        return open(self.log_dir / f"{name}.log", "wb") if self.log_dir else subprocess.DEVNULL
 
     def _drain(self, worker: WorkerProcess) -> None:
         worker.draining = True
@@ -96,6 +134,7 @@ class WorkerFleet:
             if not worker.alive():
                 if not worker.draining:
                     log.warning("%s exited with %s", worker.name, worker.process.returncode)
+                _stop(worker.exporter)
                 with self._lock:
                     self.workers.remove(worker)
                 continue
@@ -118,6 +157,10 @@ class WorkerFleet:
         """Every live worker's metrics address, draining ones included (they still report)."""
         return [w.address for w in self.workers if w.alive()]
 
+    def exporter_addresses(self) -> list[tuple[str, str]]:
+        """(address, worker name) of every live worker's exporter."""
+        return [(w.exporter_address, w.name) for w in self.workers if w.alive() and w.exporter_address]
+
     # -- teardown ---------------------------------------------------------------------------
 
     def close(self, drain_s: float = 10.0) -> None:
@@ -134,6 +177,7 @@ class WorkerFleet:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.process.pid, signal.SIGKILL)
                 worker.process.wait()
+            _stop(worker.exporter)
         with self._lock:
             self.workers.clear()
 
@@ -186,3 +230,15 @@ class Balancer:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    """SIGTERM, a short wait, then SIGKILL: an exporter has nothing to drain."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,8 +1,9 @@
 """`python -m adapter.stack`: the whole loop on one machine, scaling real workers.
 
 Real parts, all of them:
-- worker processes (`python -m worker serve`, the tiny model on the CPU), behind a balancer
-  that sends each request to the worker with the fewest in flight;
+- worker processes (`python -m worker serve`: the tiny model on the CPU, or, where NVML sees
+  GPUs, the sd15 model with one worker per GPU and an exporter beside each), behind a
+  balancer that sends each request to the worker with the fewest in flight;
 - Prometheus (the packaged binary) scraping the workers (file discovery, rewritten as
   workers come and go) and the scaler, every second; without Prometheus, the scaler scrapes
   the same file's workers itself (`scrapeTargetsFile`, adapter/directscrape.py);
@@ -94,24 +95,33 @@ class LoadStats:
     latencies: list[float] = field(default_factory=list)
 
 
-def prometheus_config(targets_file: str, scaler_address: str) -> str:
+def prometheus_config(targets_file: str, exporters_file: str, scaler_address: str) -> str:
     return json.dumps({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
             {"job_name": "diffusion-worker", "scrape_timeout": "1s",
              "file_sd_configs": [{"files": [targets_file], "refresh_interval": "1s"}]},
+            # The exporters label their series with their worker as the pod: keep those labels.
+            {"job_name": "diffusion-gpu-exporter", "honor_labels": True, "scrape_timeout": "1s",
+             "file_sd_configs": [{"files": [exporters_file], "refresh_interval": "1s"}]},
             {"job_name": "diffusion-scaler", "honor_labels": True, "scrape_timeout": "1s",
              "static_configs": [{"targets": [scaler_address]}]},
         ],
     })
 
 
-def write_targets(path: Path, fleet: WorkerFleet) -> None:
-    groups = [{"targets": [w.address], "labels": {"namespace": "local", "deployment": "sd-worker", "pod": w.name}}
-              for w in fleet.workers if w.alive()]
-    scratch = path.with_suffix(".tmp")
-    scratch.write_text(json.dumps(groups))
-    scratch.replace(path)  # atomic: Prometheus never reads half a file
+def write_targets(path: Path, exporters_path: Path, fleet: WorkerFleet, direct: bool) -> None:
+    """The file discovery of the workers (and of their exporters: a file of their own for
+    Prometheus, the same file for the scaler's direct scrapes)."""
+    workers = [{"targets": [w.address], "labels": {"namespace": "local", "deployment": "sd-worker", "pod": w.name}}
+               for w in fleet.workers if w.alive()]
+    exporters = [{"targets": [address], "labels": {"namespace": "local", "deployment": "sd-worker"}}
+                 for address, _ in fleet.exporter_addresses()]
+    files = {path: workers + exporters} if direct else {path: workers, exporters_path: exporters}
+    for target, groups in files.items():
+        scratch = target.with_suffix(".tmp")
+        scratch.write_text(json.dumps(groups))
+        scratch.replace(target)  # atomic: a reader never sees half a file
 
 
 async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadStats, stop: asyncio.Event,
@@ -160,10 +170,11 @@ def view_line(sample: Sample) -> str:
     def number(value: float | None, width: int, digits: int = 1) -> str:
         return f"{value:{width}.{digits}f}" if value is not None else "-".rjust(width)
 
-    proposals = "/".join(f"{sample.proposals[s]:.1f}" if s in sample.proposals else "-" for s in ("queue", "latency"))
+    proposals = "/".join(f"{sample.proposals[s]:.1f}" if s in sample.proposals else "-"
+                         for s in ("queue", "gpu", "latency"))
     composite = f"{number(sample.composite, 4)} -> {number(sample.served, 3, 0)}" if sample.composite is not None else "-"
     return (f"{sample.t:5.0f} {sample.offered_rps:6.1f} {sample.desired:4d} {sample.ready:5d} {number(sample.queue, 6)} "
-            f"{number(sample.p95_s, 6, 2)} {number(sample.busy, 5, 2)}  {proposals:>11}  {composite}")
+            f"{number(sample.p95_s, 6, 2)} {number(sample.busy, 5, 2)}  {proposals:>13}  {composite}")
 
 
 def prometheus_installed() -> bool:
@@ -188,7 +199,7 @@ def write_timeline(samples: list[Sample], path: Path) -> None:
     replicas.set_ylabel("replicas")
     replicas.legend(loc="upper left")
     queue.plot(t, [s.queue if s.queue is not None else float("nan") for s in samples], label="requests in flight")
-    for signal_name in ("queue", "latency"):
+    for signal_name in ("queue", "gpu", "latency"):
         queue.plot(t, [s.proposals.get(signal_name, float("nan")) for s in samples], "--", label=f"{signal_name} proposal")
     queue.set_ylabel("requests / replicas")
     queue.legend(loc="upper left")
@@ -202,17 +213,61 @@ def write_timeline(samples: list[Sample], path: Path) -> None:
     plt.close(figure)
 
 
+def gpu_count() -> int:
+    """GPUs NVML sees here; 0 without a driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no library, no driver, no GPU: all mean CPU
+        return 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a run uses on this machine: CPU with the tiny model, or one worker per GPU with sd15."""
+
+    device: str
+    gpus: tuple[int, ...]
+    arch: str
+    max_batch: int
+    steps: int
+    peak_rps: float
+    burst_rps: float
+    target_p95_s: float
+
+
+def profile_for(args: argparse.Namespace, gpus: int) -> Profile:
+    use_gpu = args.device == "cuda" or (args.device == "auto" and gpus > 0)
+    if use_gpu:
+        if gpus == 0:
+            raise SystemExit("stack: --device cuda, but NVML sees no GPU here")
+        # sd15 at 512x512, 20 steps: about 6 images/s per H100 at batch 12 (DESIGN.md)
+        return Profile("cuda", tuple(range(gpus)), "sd15", args.max_batch or 12, args.steps or 20,
+                       args.peak_rps or 5.0 * gpus, args.burst_rps or 8.0 * gpus, args.target_p95 or 8.0)
+    return Profile("cpu", (), "tiny", args.max_batch or 4, args.steps or 8, args.peak_rps or 6.0,
+                   args.burst_rps or 10.0, args.target_p95 or 2.0)
+
+
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="diffusion-stack-"))
-    model = args.model or workdir / "tiny"
+    profile = profile_for(args, gpu_count() if args.device != "cpu" else 0)
+    max_replicas = min(args.max_replicas, len(profile.gpus)) if profile.gpus else args.max_replicas
+    model = args.model or workdir / profile.arch
     if args.model is None:
         from worker.modelbuild import make_model
 
-        print("stack: building the tiny model ...", flush=True)
-        await asyncio.to_thread(make_model, model, "tiny")
+        print(f"stack: building the {profile.arch} model (random weights) ...", flush=True)
+        await asyncio.to_thread(make_model, model, profile.arch, 0, profile.device == "cuda")
     targets_file = workdir / "workers.json"
-    fleet = WorkerFleet(model, flags=("--max-batch-size", str(args.max_batch), "--max-wait-ms", "20", "--max-queue", "64",
-                                      "--drain-timeout", "30"), log_dir=workdir)
+    exporters_file = workdir / "exporters.json"
+    fleet = WorkerFleet(model, flags=("--max-batch-size", str(profile.max_batch), "--max-wait-ms", "20",
+                                      "--max-queue", str(16 * profile.max_batch), "--drain-timeout", "30"),
+                        log_dir=workdir, device=profile.device, gpus=profile.gpus, exporters=bool(profile.gpus))
     direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
     scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0,
                                        scrape_targets_dir=str(workdir) if direct else None))
@@ -225,13 +280,13 @@ async def run(args: argparse.Namespace) -> int:
     try:
         await scaler.start()
         fleet.scale_to(args.min_replicas)
-        write_targets(targets_file, fleet)
+        write_targets(targets_file, exporters_file, fleet, direct)
         if direct:
             source = {"scrapeTargetsFile": targets_file.name}
         else:
             try:
-                prometheus = LocalPrometheus([], config_text=prometheus_config(str(targets_file),
-                                                                                 f"127.0.0.1:{scaler.http_port}"))
+                prometheus = LocalPrometheus([], config_text=prometheus_config(
+                    str(targets_file), str(exporters_file), f"127.0.0.1:{scaler.http_port}"))
                 await asyncio.to_thread(prometheus.start)
             except PrometheusNotFound as error:
                 print(f"stack: {error}", file=sys.stderr)
@@ -242,16 +297,16 @@ async def run(args: argparse.Namespace) -> int:
             **source,
             "selector": 'namespace="local",deployment="sd-worker"',
             "window": "10s",
-            "signals": "queue,latency",
-            "targetQueuePerReplica": str(args.max_batch),
-            "targetP95Seconds": str(args.target_p95),
+            "signals": "queue,gpu,latency" if profile.gpus else "queue,latency",
+            "targetQueuePerReplica": str(profile.max_batch),
+            "targetP95Seconds": str(profile.target_p95_s),
             "scaleDownWindowSeconds": str(args.scale_down_window),
             "refreshSeconds": "1",
             "minReplicas": str(args.min_replicas),
-            "maxReplicas": str(args.max_replicas),
+            "maxReplicas": str(max_replicas),
         })
         channel = grpc.insecure_channel(f"127.0.0.1:{scaler.grpc_port}")
-        keda = LocalKeda(pb_grpc.ExternalScalerStub(channel), ref, args.min_replicas, args.max_replicas, PASS_THROUGH,
+        keda = LocalKeda(pb_grpc.ExternalScalerStub(channel), ref, args.min_replicas, max_replicas, PASS_THROUGH,
                          polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
 
         class Target:
@@ -262,7 +317,7 @@ async def run(args: argparse.Namespace) -> int:
 
             def scale_to(self, replicas: int) -> None:
                 fleet.scale_to(replicas)
-                write_targets(targets_file, fleet)
+                write_targets(targets_file, exporters_file, fleet, direct)
 
         target = Target()
         print(f"stack: waiting for {args.min_replicas} worker(s) to load the model ...", flush=True)
@@ -270,19 +325,19 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.to_thread(fleet.refresh)
             await asyncio.sleep(0.5)
         await asyncio.to_thread(keda.start, time.monotonic())
-        scenario = Scenario(args.seconds, peak_rps=args.peak_rps, burst_rps=args.burst_rps)
+        scenario = Scenario(args.seconds, peak_rps=profile.peak_rps, burst_rps=profile.burst_rps)
         where = f"Prometheus {prometheus.url}" if prometheus else "no Prometheus: the scaler scrapes the workers itself"
         print(f"stack: {args.seconds:.0f} s scenario through http://127.0.0.1:{balancer.port}; {where}; "
               f"scaler gRPC 127.0.0.1:{scaler.grpc_port}; logs in {workdir}")
-        print(f"{'t':>5} {'req/s':>6} {'want':>4} {'ready':>5} {'queue':>6} {'p95 s':>6} {'busy':>5}  {'q/l propose':>11}  composite -> served")
+        print(f"{'t':>5} {'req/s':>6} {'want':>4} {'ready':>5} {'queue':>6} {'p95 s':>6} {'busy':>5}  {'q/g/l propose':>13}  composite -> served")
         started = time.monotonic()
         load = asyncio.create_task(generate_load(f"http://127.0.0.1:{balancer.port}/v1/images/generations", scenario,
-                                                 args.steps, stats, stop, started))
+                                                 profile.steps, stats, stop, started))
         while (elapsed := time.monotonic() - started) < args.seconds:
             await asyncio.to_thread(fleet.refresh)
             tick: Tick | None = await asyncio.to_thread(keda.step, time.monotonic(), target)
             del tick
-            write_targets(targets_file, fleet)
+            write_targets(targets_file, exporters_file, fleet, direct)
             decision = signals = None
             for registered in scaler.registry.targets():
                 if registered.snapshot is not None:
@@ -337,12 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=150.0, help="length of the scenario")
     parser.add_argument("--model", type=Path, help="a pipeline directory; default: build the tiny model")
     parser.add_argument("--min-replicas", type=int, default=1)
-    parser.add_argument("--max-replicas", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=4, help="each worker's --max-batch-size, and the queue target")
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps per request")
-    parser.add_argument("--peak-rps", type=float, default=6.0, help="requests per second at the top of the ramp")
-    parser.add_argument("--burst-rps", type=float, default=10.0, help="requests per second during the burst")
-    parser.add_argument("--target-p95", type=float, default=2.0, help="the ScaledObject's targetP95Seconds")
+    parser.add_argument("--max-replicas", type=int, default=4, help="at most one per GPU on GPUs")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: one worker per GPU with the sd15 model and an exporter each when NVML sees "
+                        "GPUs, else the tiny model on the CPU")
+    parser.add_argument("--max-batch", type=int, help="each worker's --max-batch-size, and the queue target "
+                        "(default 4 on CPU, 12 on GPU)")
+    parser.add_argument("--steps", type=int, help="denoising steps per request (default 8 on CPU, 20 on GPU)")
+    parser.add_argument("--peak-rps", type=float, help="requests per second at the top of the ramp "
+                        "(default 6 on CPU, 5 per GPU)")
+    parser.add_argument("--burst-rps", type=float, help="requests per second during the burst (default 10 on CPU, 8 per GPU)")
+    parser.add_argument("--target-p95", type=float, help="the ScaledObject's targetP95Seconds (default 2 on CPU, 8 on GPU)")
     parser.add_argument("--scale-down-window", type=float, default=20.0, help="scaleDownWindowSeconds, compressed")
     parser.add_argument("--polling-interval", type=float, default=2.0, help="KEDA pollingInterval, compressed")
     parser.add_argument("--sync-period", type=float, default=3.0, help="the HPA's sync period, compressed")

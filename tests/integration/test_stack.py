@@ -90,3 +90,35 @@ def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scal
     assert "no Prometheus: the scaler scrapes the workers itself" in result.stdout
     desired = [int(line.split()[2]) for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
     assert max(desired) > 1 and desired[-1] < max(desired)
+
+
+@pytest.mark.timeout(240)
+def test_with_gpus_each_worker_owns_one_and_has_its_exporter(tmp_path):
+    """GPU placement without a GPU: CUDA_VISIBLE_DEVICES per worker, at most one worker per GPU,
+    an exporter process beside each, and all of them gone after close()."""
+    import time
+
+    from adapter.localfleet import WorkerFleet
+    from worker.modelbuild import make_model
+
+    fleet = WorkerFleet(make_model(tmp_path / "tiny", "tiny"), log_dir=tmp_path, gpus=(0, 1), exporters=True)
+    try:
+        fleet.scale_to(3)
+        assert len(fleet.workers) == 2  # two GPUs, two workers
+        environments = [(Path(f"/proc/{w.process.pid}/environ").read_bytes(), w.gpu) for w in fleet.workers]
+        for environ, gpu in environments:
+            assert f"CUDA_VISIBLE_DEVICES={gpu}".encode() in environ.split(b"\0")
+        assert sorted(w.gpu for w in fleet.workers) == [0, 1]
+        assert all(w.exporter is not None and w.exporter.poll() is None for w in fleet.workers)
+        deadline = time.monotonic() + 120
+        while len(fleet.ready) < 2:
+            assert time.monotonic() < deadline, "workers never became ready"
+            fleet.refresh()
+            time.sleep(0.5)
+        newest = max(fleet.workers, key=lambda w: w.started_at)
+        fleet.scale_to(1)
+        assert newest.draining and fleet.desired == 1
+        processes = [p for w in fleet.workers for p in (w.process, w.exporter)]
+    finally:
+        fleet.close()
+    assert all(p.poll() is not None for p in processes)
