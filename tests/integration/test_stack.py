@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +17,28 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_processes() -> set[int]:
+def processes_of(workdir: str) -> set[int]:
+    """Processes whose command line names this stack's working directory (its workers, exporters)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                command = (entry / "cmdline").read_bytes().split(b"\0")
+                command = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"worker" in command and b"serve" in command and any(b"diffusion-stack-" in part for part in command):
+            if workdir.encode() in command:
                 found.add(int(entry.name))
     return found
+
+
+def workdir_of(output: str) -> str:
+    [workdir] = re.findall(r"logs in (\S+)", output)
+    return workdir
 
 
 @pytest.mark.timeout(420)
 def test_the_stack_scales_up_under_the_burst_back_down_after_and_leaves_nothing_behind(tmp_path):
     require_prometheus()
-    before = worker_processes()
     timeline = tmp_path / "timeline.png"
     result = subprocess.run(
         [sys.executable, "-m", "adapter.stack", "--seconds", "100", "--scale-down-window", "10",
@@ -47,7 +53,7 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_leaves_nothing_
     assert desired[-1] < max(desired), "the cool-down never scaled them back down"
     assert "0 failed" in result.stdout
     assert timeline.stat().st_size > 10_000
-    assert worker_processes() <= before, "worker processes outlived the stack"
+    assert not processes_of(workdir_of(result.stdout)), "worker processes outlived the stack"
 
 
 @pytest.mark.timeout(300)
@@ -56,7 +62,6 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
     import time
 
     require_prometheus()
-    before = worker_processes()
     process = subprocess.Popen([sys.executable, "-m", "adapter.stack", "--seconds", "300", "--timeline", ""],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -66,12 +71,13 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
             lines.append(line)
             if line[:5].strip() == "3":
                 break
-        assert worker_processes() - before, "no worker was running"
+        workdir = workdir_of("".join(lines))
+        assert processes_of(workdir), "no worker was running"
         started = time.monotonic()
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=90) == 130
         assert time.monotonic() - started < 60
-        assert worker_processes() <= before, "worker processes outlived the stack"
+        assert not processes_of(workdir), "worker processes outlived the stack"
         assert "everything it started is stopped" in process.stdout.read()
     finally:
         if process.poll() is None:
@@ -88,6 +94,7 @@ def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scal
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "no Prometheus: the scaler scrapes the workers itself" in result.stdout
+    assert not processes_of(workdir_of(result.stdout))
     desired = [int(line.split()[2]) for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
     assert max(desired) > 1 and desired[-1] < max(desired)
 
