@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections import deque
+from itertools import pairwise
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -96,7 +97,7 @@ def increase(samples: Iterable[tuple[float, float]]) -> float | None:
     if len(values) < 2:
         return None
     grown = 0.0
-    for before, after in zip(values, values[1:]):
+    for before, after in pairwise(values):
         grown += after - before if after >= before else after  # a reset starts again from 0
     return grown
 

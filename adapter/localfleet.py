@@ -197,9 +197,8 @@ class Balancer:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port or free_port())
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = port or free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         return self.port
 
     async def _forward(self, request: web.Request) -> web.Response:

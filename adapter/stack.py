@@ -213,6 +213,25 @@ def write_timeline(samples: list[Sample], path: Path) -> None:
     plt.close(figure)
 
 
+class FleetTarget:
+    """The worker fleet as the controller's scale target; `on_change` republishes discovery."""
+
+    def __init__(self, fleet: WorkerFleet, on_change) -> None:
+        self.fleet = fleet
+        self.on_change = on_change
+
+    @property
+    def desired(self) -> int:
+        return self.fleet.desired
+
+    def ready_count(self) -> int:
+        return len(self.fleet.ready)
+
+    def scale_to(self, replicas: int) -> None:
+        self.fleet.scale_to(replicas)
+        self.on_change()
+
+
 def gpu_count() -> int:
     """GPUs NVML sees here; 0 without a driver."""
     try:
@@ -309,17 +328,7 @@ async def run(args: argparse.Namespace) -> int:
         keda = LocalKeda(pb_grpc.ExternalScalerStub(channel), ref, args.min_replicas, max_replicas, PASS_THROUGH,
                          polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
 
-        class Target:
-            desired = property(lambda self: fleet.desired)
-
-            def ready_count(self) -> int:
-                return len(fleet.ready)
-
-            def scale_to(self, replicas: int) -> None:
-                fleet.scale_to(replicas)
-                write_targets(targets_file, exporters_file, fleet, direct)
-
-        target = Target()
+        target = FleetTarget(fleet, lambda: write_targets(targets_file, exporters_file, fleet, direct))
         print(f"stack: waiting for {args.min_replicas} worker(s) to load the model ...", flush=True)
         while len(fleet.ready) < args.min_replicas:
             await asyncio.to_thread(fleet.refresh)
