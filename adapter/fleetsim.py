@@ -1,0 +1,247 @@
+"""A fleet of batching GPU workers, simulated event by event, for replays and what-ifs.
+
+Each replica is what `worker/` is: a bounded queue (in images) in front of one dynamic
+batcher that closes a batch at `max_batch` images or `max_wait_s` after its oldest request,
+with a batch's service time from a profile (DESIGN.md's H100 table by default), scaled by
+the batch's steps. A new replica serves only after a start-up delay drawn from a
+distribution (node, image and model load). A router sends each request to the least-loaded
+ready replica; a full queue rejects it. A replica asked to go drains: it takes no new work
+and leaves when its queue is empty.
+
+The clock is the simulation's own; nothing here sleeps or reads the wall clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from adapter.traces import Arrival
+
+# DESIGN.md, H100 80GB, SD-1.5 shape, fp16, 512x512, 20 steps: batch -> (seconds per batch, NVML util %)
+H100_SD15 = {1: (1.07, 27.0), 4: (1.18, 56.0), 8: (1.42, 78.0), 12: (1.85, 92.0), 16: (2.36, 96.0), 32: (4.55, 94.0)}
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Seconds per batch and GPU utilization by batch size, at `reference_steps` steps."""
+
+    table: tuple[tuple[int, float, float], ...] = tuple((b, s, u) for b, (s, u) in sorted(H100_SD15.items()))
+    reference_steps: int = 20
+
+    def _interpolate(self, images: int, column: int) -> float:
+        sizes = [row[0] for row in self.table]
+        if images <= sizes[0]:
+            return self.table[0][column] * (images / sizes[0] if column == 1 and sizes[0] > 1 else 1.0)
+        if images >= sizes[-1]:
+            last = self.table[-1]
+            # beyond the table: the last batch's throughput holds
+            return last[column] * (images / last[0]) if column == 1 else last[column]
+        index = bisect.bisect_left(sizes, images)
+        low, high = self.table[index - 1], self.table[index]
+        share = (images - low[0]) / (high[0] - low[0])
+        return low[column] + share * (high[column] - low[column])
+
+    def seconds(self, images: int, steps: int) -> float:
+        """A batch's service time; denoising dominates, so it grows with steps."""
+        return self._interpolate(images, 1) * steps / self.reference_steps
+
+    def utilization_percent(self, images: int) -> float:
+        return self._interpolate(images, 2)
+
+
+@dataclass(frozen=True)
+class StartupDelay:
+    """Lognormal start-up delay (scheduling, image pull, model load), by median and p99."""
+
+    median_s: float = 23.0
+    p99_s: float = 52.0  # a large production SD fleet's reported load times
+
+    def draw(self, rng: random.Random) -> float:
+        if self.p99_s <= self.median_s:
+            return self.median_s
+        sigma = math.log(self.p99_s / self.median_s) / 2.326  # z of the 99th percentile
+        return rng.lognormvariate(math.log(self.median_s), sigma)
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    max_batch: int = 12
+    max_wait_s: float = 0.05
+    max_queue_images: int = 96
+    profile: BatchProfile = field(default_factory=BatchProfile)
+    startup: StartupDelay = field(default_factory=StartupDelay)
+
+
+@dataclass
+class Request:
+    arrival: Arrival
+    replica: int = -1
+    started_s: float | None = None
+    finished_s: float | None = None
+    rejected: bool = False
+
+    @property
+    def latency_s(self) -> float | None:
+        return None if self.finished_s is None else self.finished_s - self.arrival.t_s
+
+
+@dataclass
+class Replica:
+    id: int
+    created_s: float
+    ready_s: float
+    queue: deque = field(default_factory=deque)
+    waiting_images: int = 0
+    running: list = field(default_factory=list)
+    busy_until: float = 0.0
+    batch_images: int = 0
+    busy_s: float = 0.0  # seconds computing, for the duty cycle
+    util_integral: float = 0.0  # percent x seconds, what NVML's samples would average
+    draining: bool = False
+    gone_s: float | None = None
+    pending_deadline: float | None = None
+
+    def load(self) -> int:
+        return self.waiting_images + self.batch_images
+
+    def in_flight(self) -> int:
+        return len(self.queue) + len(self.running)
+
+
+class Fleet:
+    """Replicas, router and batchers; advance it with `run_until(t)`."""
+
+    def __init__(self, spec: FleetSpec, seed: int = 0) -> None:
+        self.spec = spec
+        self.rng = random.Random(seed)
+        self.now = 0.0
+        self.replicas: list[Replica] = []
+        self.requests: list[Request] = []
+        self._events: list[tuple[float, int, str, int]] = []  # (time, order, kind, replica id)
+        self._order = 0
+        self._next_id = 0
+
+    # -- scaling ----------------------------------------------------------------------------
+
+    def serving(self) -> list[Replica]:
+        return [r for r in self.replicas if not r.draining and r.gone_s is None]
+
+    def ready(self) -> list[Replica]:
+        return [r for r in self.serving() if r.ready_s <= self.now]
+
+    def scale_to(self, replicas: int, startup_s: float | None = None) -> None:
+        """Adds replicas (each ready after a drawn start-up delay) or drains the newest ones."""
+        serving = self.serving()
+        for _ in range(replicas - len(serving)):
+            delay = self.spec.startup.draw(self.rng) if startup_s is None else startup_s
+            replica = Replica(self._next_id, self.now, self.now + delay)
+            self._next_id += 1
+            self.replicas.append(replica)
+            self._push(replica.ready_s, "ready", replica.id)
+        for replica in sorted(serving, key=lambda r: (r.created_s, r.id), reverse=True)[: max(0, len(serving) - replicas)]:
+            replica.draining = True
+            self._maybe_leave(replica)
+
+    # -- traffic ----------------------------------------------------------------------------
+
+    def offer(self, arrivals: Iterable[Arrival]) -> None:
+        for arrival in arrivals:
+            self._push(arrival.t_s, "arrival", len(self.requests))
+            self.requests.append(Request(arrival))
+
+    def run_until(self, t: float) -> None:
+        while self._events and self._events[0][0] <= t:
+            when, _, kind, index = heapq.heappop(self._events)
+            self._advance(when)
+            if kind == "arrival":
+                self._route(self.requests[index])
+            elif kind in ("ready", "deadline"):
+                self._maybe_start(self.replicas[index])
+            elif kind == "done":
+                self._finish(self.replicas[index])
+        self._advance(t)
+
+    def _push(self, when: float, kind: str, index: int) -> None:
+        self._order += 1
+        heapq.heappush(self._events, (when, self._order, kind, index))
+
+    def _advance(self, t: float) -> None:
+        self.now = max(self.now, t)
+
+    def _route(self, request: Request) -> None:
+        ready = self.ready()
+        if not ready:  # nothing serves yet: the request waits on the least-loaded starting replica
+            ready = self.serving()
+        if not ready:
+            request.rejected = True
+            return
+        replica = min(ready, key=lambda r: (r.load(), r.id))
+        if replica.waiting_images + request.arrival.images > self.spec.max_queue_images:
+            request.rejected = True
+            return
+        request.replica = replica.id
+        replica.queue.append(request)
+        replica.waiting_images += request.arrival.images
+        self._maybe_start(replica)
+
+    def _maybe_start(self, replica: Replica) -> None:
+        if replica.running or not replica.queue or replica.ready_s > self.now or replica.gone_s is not None:
+            return
+        head = replica.queue[0]
+        steps = head.arrival.steps
+        compatible = sum(r.arrival.images for r in replica.queue if r.arrival.steps == steps)
+        due = head.arrival.t_s + self.spec.max_wait_s
+        if compatible < self.spec.max_batch and self.now < due and not replica.draining:
+            if replica.pending_deadline != due:
+                replica.pending_deadline = due
+                self._push(due, "deadline", replica.id)
+            return
+        replica.pending_deadline = None
+        # Oldest first, same steps; a request's images stay together (one larger than the
+        # max batch runs alone, where the worker would split it across batches).
+        batch, images = [], 0
+        for request in replica.queue:
+            if request.arrival.steps != steps:
+                continue
+            if batch and images + request.arrival.images > self.spec.max_batch:
+                break
+            batch.append(request)
+            images += request.arrival.images
+        for request in batch:
+            replica.queue.remove(request)
+            request.started_s = self.now
+        replica.waiting_images -= images
+        seconds = self.spec.profile.seconds(images, steps)
+        replica.running = batch
+        replica.batch_images = images
+        replica.busy_until = self.now + seconds
+        replica.busy_s += seconds
+        replica.util_integral += seconds * self.spec.profile.utilization_percent(images)
+        self._push(replica.busy_until, "done", replica.id)
+
+    def _finish(self, replica: Replica) -> None:
+        for request in replica.running:
+            request.finished_s = self.now
+        replica.running = []
+        replica.batch_images = 0
+        self._maybe_start(replica)
+        self._maybe_leave(replica)
+
+    def _maybe_leave(self, replica: Replica) -> None:
+        if replica.draining and not replica.queue and not replica.running and replica.gone_s is None:
+            replica.gone_s = self.now
+
+    # -- what the worker and exporter would report ------------------------------------------
+
+    def in_flight(self) -> int:
+        return sum(r.in_flight() for r in self.replicas if r.gone_s is None)
+
+    def gpu_hours(self, until: float) -> float:
+        """Time every replica held a GPU, start-up included, in hours."""
+        return sum(((r.gone_s if r.gone_s is not None else until) - r.created_s) for r in self.replicas) / 3600
