@@ -102,10 +102,17 @@ class Replica:
     busy_until: float = 0.0
     batch_images: int = 0
     busy_s: float = 0.0  # seconds computing, for the duty cycle
-    util_integral: float = 0.0  # percent x seconds, what NVML's samples would average
+    util_integral: float = 0.0  # percent x seconds, the running batch counted in full
+    batch_util_percent: float = 0.0  # the running batch's utilization
     draining: bool = False
     gone_s: float | None = None
     pending_deadline: float | None = None
+
+    def util_integral_at(self, now: float) -> float:
+        """Percent x seconds up to `now`, as NVML's samples would have accumulated them."""
+        if self.running and self.busy_until > now:
+            return self.util_integral - self.batch_util_percent * (self.busy_until - now)
+        return self.util_integral
 
     def load(self) -> int:
         return self.waiting_images + self.batch_images
@@ -123,6 +130,7 @@ class Fleet:
         self.now = 0.0
         self.replicas: list[Replica] = []
         self.requests: list[Request] = []
+        self.finished: list[Request] = []  # in finishing order, for window queries
         self._events: list[tuple[float, int, str, int]] = []  # (time, order, kind, replica id)
         self._order = 0
         self._next_id = 0
@@ -222,12 +230,14 @@ class Fleet:
         replica.batch_images = images
         replica.busy_until = self.now + seconds
         replica.busy_s += seconds
-        replica.util_integral += seconds * self.spec.profile.utilization_percent(images)
+        replica.batch_util_percent = self.spec.profile.utilization_percent(images)
+        replica.util_integral += seconds * replica.batch_util_percent
         self._push(replica.busy_until, "done", replica.id)
 
     def _finish(self, replica: Replica) -> None:
         for request in replica.running:
             request.finished_s = self.now
+            self.finished.append(request)
         replica.running = []
         replica.batch_images = 0
         self._maybe_start(replica)
