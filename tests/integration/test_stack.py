@@ -88,7 +88,7 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
 @pytest.mark.timeout(300)
 def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scales():
     result = subprocess.run(
-        [sys.executable, "-m", "adapter.stack", "--seconds", "90", "--metrics-source", "direct",
+        [sys.executable, "-m", "adapter.stack", "--seconds", "120", "--metrics-source", "direct", "--steps", "24",
          "--scale-down-window", "8", "--timeline", ""],
         cwd=ROOT, capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
