@@ -76,6 +76,14 @@ def _rules(spec: Mapping[str, Any] | None, default: ScalingRules) -> ScalingRule
     return ScalingRules(int(window), policies, select)
 
 
+# The behavior our ScaledObject sets (manifests/base/scaledobject.yaml): the HPA passes the
+# scaler's value through at once, so the scaler's stabilization windows are the only ones.
+PASS_THROUGH = Behavior(
+    scale_up=ScalingRules(0, (ScalingPolicy("Percent", 1000, 15),)),
+    scale_down=ScalingRules(0, (ScalingPolicy("Percent", 100, 15),)),
+)
+
+
 @dataclass(frozen=True)
 class MetricTarget:
     """An External metric's target: `AverageValue` (per replica) or `Value` (in total)."""

@@ -24,14 +24,9 @@ from dataclasses import dataclass, field
 
 from adapter.config import PolicySpec
 from adapter.fleetsim import Fleet, FleetSpec
-from adapter.hpa import Behavior, HorizontalPodAutoscaler, HpaSpec, MetricTarget
+from adapter.hpa import PASS_THROUGH, HorizontalPodAutoscaler, HpaSpec, MetricTarget
 from adapter.policy import PolicyState, Signals, decide
 from adapter.traces import Arrival
-
-PASS_THROUGH = Behavior.from_spec({
-    "scaleUp": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 1000, "periodSeconds": 15}]},
-    "scaleDown": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
-})
 
 
 @dataclass(frozen=True)

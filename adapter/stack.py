@@ -38,19 +38,13 @@ import requests
 
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.hpa import Behavior
+from adapter.hpa import PASS_THROUGH
 from adapter.kedaloop import LocalKeda, Tick
 from adapter.localfleet import Balancer, WorkerFleet
 from adapter.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
 
 log = logging.getLogger("adapter.stack")
-
-# The ScaledObject's HPA behavior from manifests/base: the scaler's windows are the only ones.
-PASS_THROUGH = Behavior.from_spec({
-    "scaleUp": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 1000, "periodSeconds": 15}]},
-    "scaleDown": {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
-})
 
 
 @dataclass(frozen=True)

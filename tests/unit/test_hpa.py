@@ -138,3 +138,15 @@ def test_the_readme_pass_through_behavior_leaves_all_smoothing_to_the_scaler():
     controller.sync(0, 2, [(PER_REPLICA_10, 20)])
     assert controller.sync(15, 2, [(PER_REPLICA_10, 160)]).desired_replicas == 16
     assert controller.sync(30, 16, [(PER_REPLICA_10, 10)]).desired_replicas == 1
+
+
+def test_pass_through_is_what_the_manifests_scaledobject_sets():
+    from pathlib import Path
+
+    import yaml
+
+    from adapter.hpa import PASS_THROUGH
+
+    path = Path(__file__).resolve().parents[2] / "manifests" / "base" / "scaledobject.yaml"
+    behavior = yaml.safe_load(path.read_text())["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert Behavior.from_spec(behavior) == PASS_THROUGH
