@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import json
 import math
 import random
 from collections import deque
@@ -46,6 +47,31 @@ class BatchProfile:
         low, high = self.table[index - 1], self.table[index]
         share = (images - low[0]) / (high[0] - low[0])
         return low[column] + share * (high[column] - low[column])
+
+    @classmethod
+    def from_file(cls, path) -> BatchProfile:
+        """A profile from JSON: {"reference_steps": 20, "batches": [{"batch": 1, "seconds": 1.07,
+        "gpu_util_percent": 27}, ...]} (what `bench/worker_throughput.py --profile-out` writes).
+        Raises ValueError naming what is wrong."""
+        with open(path) as handle:
+            try:
+                data = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not JSON: {error}") from None
+        try:
+            rows = tuple(sorted((int(b["batch"]), float(b["seconds"]), float(b.get("gpu_util_percent", 0.0)))
+                                for b in data["batches"]))
+            steps = int(data.get("reference_steps", 20))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: a profile needs batches of {{batch, seconds[, gpu_util_percent]}}: {error!r}") from None
+        if not rows or steps < 1 or any(b < 1 or s <= 0 or not 0 <= u <= 100 for b, s, u in rows) \
+                or len({b for b, _, _ in rows}) != len(rows):
+            raise ValueError(f"{path}: batches must be distinct sizes >= 1 with seconds > 0 and utilization in 0..100")
+        return cls(rows, steps)
+
+    def to_json(self) -> dict:
+        return {"reference_steps": self.reference_steps,
+                "batches": [{"batch": b, "seconds": s, "gpu_util_percent": u} for b, s, u in self.table]}
 
     def seconds(self, images: int, steps: int) -> float:
         """A batch's service time; denoising dominates, so it grows with steps."""

@@ -39,7 +39,7 @@ import requests
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from adapter.hpa import PASS_THROUGH
-from adapter.kedaloop import LocalKeda, Tick
+from adapter.kedaloop import GrpcScaler, KedaLoop, Tick
 from adapter.localfleet import Balancer, WorkerFleet
 from adapter.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
@@ -319,7 +319,7 @@ async def run(args: argparse.Namespace) -> int:
             "maxReplicas": str(max_replicas),
         })
         channel = grpc.insecure_channel(f"127.0.0.1:{scaler.grpc_port}")
-        keda = LocalKeda(pb_grpc.ExternalScalerStub(channel), ref, args.min_replicas, max_replicas, PASS_THROUGH,
+        keda = KedaLoop(GrpcScaler(pb_grpc.ExternalScalerStub(channel), ref), args.min_replicas, max_replicas, PASS_THROUGH,
                          polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
 
         target = FleetTarget(fleet, lambda: write_targets(targets_file, exporters_file, fleet, direct))
