@@ -14,8 +14,9 @@ ScaledObject. The baselines are what users run today:
   same KEDA loop, Kubernetes' default behavior;
 - `fixed-interval`: every 30 s, one replica more when the queue exceeds the replicas' batch
   capacity, one fewer when it is empty (the Lightning approach);
-- `knative`: Knative's KPA on concurrency (target = max batch per replica), 60 s stable
-  window, 6 s panic window, panic at twice the capacity.
+- `knative`: Knative's KPA with its defaults on concurrency, the container concurrency set
+  to the max batch (70 % of it is the target), 60 s stable window, 6 s panic window, panic
+  at twice the ready pods, at most halving per decision.
 """
 
 from __future__ import annotations
@@ -269,17 +270,22 @@ class FixedIntervalController(PeriodicController):
 
 
 class KnativeController(PeriodicController):
-    """Knative's KPA: stable and panic windows over observed concurrency."""
+    """Knative's KPA with its defaults: every 2 s, concurrency averaged over a 60 s stable window
+    and a 6 s panic window, aimed at 70 % of the container concurrency; panic when the panic
+    window asks for at least twice the ready pods, and while panicking never scale down; at most
+    halve the pods per decision (max-scale-down-rate 2)."""
 
     name = "knative"
     period_s = 2.0
 
-    def __init__(self, target_concurrency: float, min_replicas: int, max_replicas: int,
-                 stable_s: float = 60.0, panic_s: float = 6.0, panic_threshold: float = 2.0) -> None:
+    def __init__(self, container_concurrency: float, min_replicas: int, max_replicas: int,
+                 stable_s: float = 60.0, panic_s: float = 6.0, panic_threshold: float = 2.0,
+                 target_utilization: float = 0.7, max_scale_down_rate: float = 2.0) -> None:
         super().__init__()
-        self.target = target_concurrency
+        self.target = container_concurrency * target_utilization
         self.min_replicas, self.max_replicas = min_replicas, max_replicas
         self.stable_s, self.panic_s, self.panic_threshold = stable_s, panic_s, panic_threshold
+        self.max_scale_down_rate = max_scale_down_rate
         self.history: deque[tuple[float, float]] = deque()
         self.panicking_until = -math.inf
         self.panic_peak = 0
@@ -300,7 +306,7 @@ class KnativeController(PeriodicController):
             want = self.panic_peak
         else:
             self.panic_peak = 0
-            want = stable_want
+            want = max(stable_want, math.ceil(o.ready / self.max_scale_down_rate))
         return max(self.min_replicas, min(self.max_replicas, want))
 
 
