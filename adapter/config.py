@@ -32,6 +32,7 @@ KNOWN_KEYS = frozenset(
         "targetP95Seconds", "signals", "combine", "weights", "scaleUpWindowSeconds",
         "scaleDownWindowSeconds", "burstFactor", "minReplicas", "maxReplicas", "activationQueue",
         "refreshSeconds", "staleAfterSeconds", "queryTimeoutSeconds", "metricName", "scrapeTargetsFile",
+        "minBusyReplicas",
     }
 )  # fmt: skip
 
@@ -81,6 +82,7 @@ class PolicySpec:
     scale_up_window_s: float = 0.0
     scale_down_window_s: float = 300.0
     burst_factor: float = 2.0
+    min_busy_replicas: int = 2
     min_replicas: int | None = None
     max_replicas: int | None = None
     activation_queue: float = 0.0
@@ -288,6 +290,9 @@ def parse_metadata(
         "scaleDownWindowSeconds", 300.0, at_least=0, at_most=3600, accepted="accepted: seconds from 0 to 3600"
     )
     burst = reader.number("burstFactor", 2.0, above=0, accepted="accepted: a number above 0")
+    busy = reader.count("minBusyReplicas")
+    if busy == 0:
+        raise MetadataError("minBusyReplicas", "0", "accepted: a whole number of replicas >= 1 (1 turns it off)")
     min_replicas = reader.count("minReplicas")
     max_replicas = reader.count("maxReplicas")
     if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
@@ -325,6 +330,7 @@ def parse_metadata(
         scale_up_window_s=up_window,
         scale_down_window_s=down_window,
         burst_factor=burst,
+        min_busy_replicas=2 if busy is None else busy,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
         activation_queue=activation,

@@ -60,12 +60,21 @@ def proposals(spec: PolicySpec, signals: Signals) -> dict[str, float]:
     """Replicas each enabled signal asks for; a signal without data proposes nothing."""
     out: dict[str, float] = {}
     ready = signals.ready_replicas
+    queue_need = ceil_replicas(signals.queue / spec.target_queue_per_replica)
     if "queue" in spec.signals:
-        out["queue"] = ceil_replicas(signals.queue / spec.target_queue_per_replica)
+        # While requests are in flight, never rely on a lone replica: new ones take tens of
+        # seconds to start, and one replica cannot absorb a step in load meanwhile.
+        out["queue"] = max(queue_need, spec.min_busy_replicas) if signals.queue > 0 else queue_need
     if "gpu" in spec.signals and signals.gpu_util_percent is not None:
         out["gpu"] = ceil_replicas(ready * signals.gpu_util_percent / spec.target_gpu_util_percent)
     if "latency" in spec.signals and signals.p95_seconds is not None and spec.target_p95_seconds:
-        out["latency"] = ceil_replicas(ready * signals.p95_seconds / spec.target_p95_seconds)
+        # p95 over the window lags: after a backlog it still reports waits the fleet has
+        # already cleared, and ready x p95 / target would grow with every replica added. So
+        # latency may add one replica beyond the larger of ready and the queue's need, and only
+        # while the queue fills the ready replicas; with less in flight it can only hold.
+        held = max(ceil_replicas(ready), queue_need)
+        out["latency"] = min(ceil_replicas(ready * signals.p95_seconds / spec.target_p95_seconds),
+                             held + 1 if queue_need >= ready else held)
     return out
 
 

@@ -37,9 +37,10 @@ from adapter.traces import Arrival
 # addresses and selector); a test keeps the two equal. The simulator's composite starts here.
 SHIPPED_METADATA: dict[str, str] = {
     "targetQueuePerReplica": "16",
-    "targetGpuUtilization": "75",
-    "targetP95Seconds": "8",
-    "scaleDownWindowSeconds": "300",
+    "targetGpuUtilization": "90",
+    "targetP95Seconds": "5",
+    "scaleDownWindowSeconds": "180",
+    "minBusyReplicas": "2",
 }
 # The worker Deployment's batching (manifests/base/worker.yaml) and the ScaledObject's bounds.
 SHIPPED_MAX_BATCH = 12
@@ -435,11 +436,13 @@ def pareto_front(results: Sequence[PolicyResult]) -> list[PolicyResult]:
 
 
 def sweep_grid(assignments: Sequence[str]) -> list[dict[str, str]]:
-    """`KEY=V1,V2` assignments to every combination, as metadata overrides; raises ValueError."""
+    """`KEY=V1,V2` (or `KEY=V1|V2` where values hold commas) assignments to every combination,
+    as metadata overrides; raises ValueError."""
     axes: list[tuple[str, list[str]]] = []
     for assignment in assignments:
         key, sep, values = assignment.partition("=")
-        choices = [v.strip() for v in values.split(",") if v.strip()]
+        # values that hold commas themselves (signals, weights) are separated by "|" instead
+        choices = [v.strip() for v in values.split("|" if "|" in values else ",") if v.strip()]
         if not sep or not key.strip() or not choices:
             raise ValueError(f"--sweep wants KEY=V1,V2,..., got {assignment!r}")
         if any(key.strip() == k for k, _ in axes):
@@ -596,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--composite", action="append", default=[], metavar="KEY=VALUE",
                         help="composite trigger metadata over the shipped ScaledObject's (repeatable)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="run the composite over every combination of these metadata values (repeatable) "
+                        help="run the composite over every combination of these metadata values (repeatable; "
+                        "separate values with | where they hold commas, e.g. signals=queue,gpu|queue) "
                         "and print the Pareto front of SLO attainment against GPU-hours")
     parser.add_argument("--policies", default="composite," + ",".join(BASELINE_NAMES),
                         help="which policies to run, comma-separated (default: all five)")

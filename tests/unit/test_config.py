@@ -24,6 +24,7 @@ def test_defaults_match_the_documented_table():
     assert policy.signals == ("queue", "gpu")  # latency is off without targetP95Seconds
     assert (policy.target_queue_per_replica, policy.target_gpu_util_percent) == (8, 75)
     assert (policy.scale_up_window_s, policy.scale_down_window_s, policy.burst_factor) == (0, 300, 2)
+    assert policy.min_busy_replicas == 2
     assert (policy.combine, policy.min_replicas, policy.max_replicas, policy.activation_queue) == ("max", None, None, 0)
 
 
@@ -90,6 +91,8 @@ def test_allowed_prefixes_restrict_the_prometheus_address():
         ({**BASE, "combine": "weighted", "weights": "queue=x"}, "weights", "queue=2"),
         ({**BASE, "combine": "weighted", "weights": "queue=0,gpu=0"}, "weights", "above 0"),
         ({**BASE, "minReplicas": "1.5"}, "minReplicas", "whole number"),
+        ({**BASE, "minBusyReplicas": "0"}, "minBusyReplicas", "1 turns it off"),
+        ({**BASE, "minBusyReplicas": "two"}, "minBusyReplicas", "whole number"),
         ({**BASE, "minReplicas": "5", "maxReplicas": "2"}, "minReplicas", "maxReplicas"),
         ({**BASE, "scaleDownWindowSeconds": "-1"}, "scaleDownWindowSeconds", "0 to 3600"),
         ({**BASE, "refreshSeconds": "10", "staleAfterSeconds": "5"}, "staleAfterSeconds", "refreshSeconds"),

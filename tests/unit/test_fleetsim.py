@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 
@@ -92,3 +93,18 @@ def test_startup_delays_follow_the_median_and_p99():
     draws = sorted(StartupDelay(23, 52).draw(rng) for _ in range(20_000))
     assert statistics.median(draws) == pytest.approx(23, rel=0.03)
     assert draws[int(0.99 * len(draws))] == pytest.approx(52, rel=0.06)
+
+
+def test_a_profile_file_round_trips_and_bad_ones_are_named(tmp_path):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(BatchProfile().to_json()))
+    assert BatchProfile.from_file(path) == BatchProfile()
+    path.write_text(json.dumps({"reference_steps": 8, "batches": [{"batch": 4, "seconds": 0.5}, {"batch": 1, "seconds": 0.2}]}))
+    loaded = BatchProfile.from_file(path)
+    assert loaded.seconds(4, 8) == 0.5 and loaded.seconds(1, 16) == pytest.approx(0.4)
+    for bad in ("not json", json.dumps({"batches": []}), json.dumps({"batches": [{"batch": 1}]}),
+                json.dumps({"batches": [{"batch": 1, "seconds": -1}]}),
+                json.dumps({"batches": [{"batch": 1, "seconds": 1}, {"batch": 1, "seconds": 2}]})):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match=str(path)):
+            BatchProfile.from_file(path)

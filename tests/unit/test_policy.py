@@ -30,6 +30,7 @@ def spec(**kwargs) -> PolicySpec:
     kwargs.setdefault("signals", ("queue", "gpu", "latency"))
     kwargs.setdefault("target_p95_seconds", 10.0)
     kwargs.setdefault("scale_down_window_s", 0.0)
+    kwargs.setdefault("min_busy_replicas", 1)  # off, so each test sees the mechanism it names; see below
     return PolicySpec(**kwargs)
 
 
@@ -51,8 +52,26 @@ def test_exact_multiples_do_not_round_up_through_float_error():
 
 
 def test_latency_scales_ready_replicas_by_p95_over_the_objective():
-    got = proposals(spec(target_p95_seconds=4), Signals(queue=0, ready_replicas=2, p95_seconds=9))
+    got = proposals(spec(target_p95_seconds=4), Signals(queue=40, ready_replicas=2, p95_seconds=9))
     assert got["latency"] == 5  # 2 x 9 / 4 = 4.5
+
+
+def test_latency_cannot_grow_the_fleet_on_a_lagging_window():
+    slow = spec(target_p95_seconds=5)  # targetQueuePerReplica 8
+    # a backlog just cleared: p95 over the window still reads 30 s, little is in flight
+    assert proposals(slow, Signals(queue=3, ready_replicas=8, p95_seconds=30))["latency"] == 8  # holds, not 48
+    # the queue fills the ready replicas exactly (slow requests): one more replica per decision
+    assert proposals(slow, Signals(queue=64, ready_replicas=8, p95_seconds=30))["latency"] == 9
+    # a real backlog: one beyond what the queue needs
+    assert proposals(slow, Signals(queue=80, ready_replicas=8, p95_seconds=30))["latency"] == 11
+
+
+def test_while_requests_are_in_flight_the_queue_asks_for_at_least_min_busy_replicas():
+    busy = spec(min_busy_replicas=2)
+    assert proposals(busy, Signals(queue=1, ready_replicas=1))["queue"] == 2
+    assert proposals(busy, Signals(queue=0, ready_replicas=2))["queue"] == 0  # idle: down to minReplicas
+    assert proposals(busy, Signals(queue=40, ready_replicas=2))["queue"] == 5  # above it, the target rules
+    assert PolicySpec().min_busy_replicas == 2  # the default
 
 
 def test_signals_without_data_abstain_and_disabled_signals_are_ignored():

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from adapter.config import PolicySpec
+import pytest
+import yaml
+
+from adapter import simulate
+from adapter.config import MetadataError
 from adapter.fleetsim import Fleet, FleetSpec
 from adapter.simulate import (
-    CompositeController, FixedIntervalController, HpaController, KnativeController, Observation, Observer, replay,
+    SHIPPED_METADATA, CompositeController, FleetTarget, KnativeController, Observation, Observer, PolicyResult,
+    default_controllers, pareto_front, replay, sweep_grid,
 )
 from adapter.traces import Arrival, synthetic
 
-
-def controllers():
-    spec = PolicySpec(signals=("queue", "gpu", "latency"), target_queue_per_replica=12, target_p95_seconds=8,
-                      min_replicas=1, max_replicas=12)
-    return [
-        CompositeController(spec, 1, 12),
-        HpaController("hpa-gpu", lambda o: None if o.gpu_util_percent is None else o.gpu_util_percent * o.ready, 75, 1, 12),
-        HpaController("keda-queue", lambda o: o.queue, 5, 1, 12),
-        FixedIntervalController(12, 1, 12),
-        KnativeController(12, 1, 12),
-    ]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_saturated_replica_reads_its_batch_utilization_over_the_window():
@@ -39,24 +35,131 @@ def test_a_saturated_replica_reads_its_batch_utilization_over_the_window():
 
 def test_every_policy_replays_deterministically_and_accounts_for_every_request():
     arrivals = synthetic("step", 600, 1, 20, seed=4)
-    for controller, again in zip(controllers(), controllers(), strict=True):
+    for controller, again in zip(default_controllers(12, 1, 12), default_controllers(12, 1, 12), strict=True):
         first = replay(arrivals, controller, FleetSpec(), slo_s=10, tail_s=120)
         second = replay(arrivals, again, FleetSpec(), slo_s=10, tail_s=120)
-        assert first == second, controller.name
+        assert first.summary() == second.summary(), controller.name
         assert first.requests == len(arrivals)
         assert 0 <= first.slo_attainment <= 1 and first.gpu_hours > 0
-        assert max(serving for _, serving, _, _, _ in first.timeline) > 1, f"{controller.name} never scaled up"
+        assert max(p.serving for p in first.timeline) > 1, f"{controller.name} never scaled up"
 
 
-def test_the_composite_runs_the_scalers_own_decision_code():
-    import adapter.simulate as simulate
+def test_the_composite_runs_the_scalers_own_parser_decision_code_and_keda_loop():
+    import adapter.config
+    import adapter.kedaloop
+    import adapter.policy
 
-    assert simulate.decide is __import__("adapter.policy", fromlist=["decide"]).decide
+    assert simulate.decide is adapter.policy.decide
+    assert simulate.parse_metadata is adapter.config.parse_metadata
+    assert simulate.KedaLoop is adapter.kedaloop.KedaLoop
+    with pytest.raises(MetadataError, match="targetQueuePerReplica"):
+        CompositeController({"targetQueuePerReplica": "-1"}, 1, 4)
 
 
-def test_knative_does_not_scale_down_while_panicking():
-    knative = KnativeController(target_concurrency=10, min_replicas=1, max_replicas=20)
-    assert knative.desired(Observation(0, queue=100, ready=1, serving=1, gpu_util_percent=None, p95_s=None)) == 10
+def test_the_composite_answers_from_the_refresh_cache_between_refreshes():
+    composite = CompositeController({**SHIPPED_METADATA, "refreshSeconds": "10", "targetQueuePerReplica": "10"}, 1, 20,
+                                    polling_interval_s=15, sync_period_s=1)
+    fleet = Fleet(FleetSpec())
+    fleet.scale_to(1, startup_s=0)
+    target = FleetTarget(fleet)
+
+    def observe(t: float, queue: float) -> None:
+        composite.step(Observation(t, queue, 1, target.desired, None, None), target)
+
+    observe(0, 0)
+    observe(1, 100)  # the cache (t = 0) still says 1
+    assert target.desired == 1
+    observe(10, 100)  # refreshed: 100 / 10 = 10, a burst, passed through by the HPA
+    assert target.desired == 10
+
+
+def test_knative_does_not_scale_down_while_panicking_and_at_most_halves_after():
+    knative = KnativeController(container_concurrency=10, min_replicas=1, max_replicas=20)  # target 7 in flight
+    assert knative.desired(Observation(0, queue=70, ready=1, serving=1, gpu_util_percent=None, p95_s=None)) == 10
     # the burst ends, but the panic window (60 s) holds the peak
     assert knative.desired(Observation(10, queue=0, ready=10, serving=10, gpu_util_percent=None, p95_s=None)) == 10
-    assert knative.desired(Observation(80, queue=0, ready=10, serving=10, gpu_util_percent=None, p95_s=None)) == 1
+    # out of panic: the stable window would ask for 1, max-scale-down-rate 2 allows 5
+    assert knative.desired(Observation(80, queue=0, ready=10, serving=10, gpu_util_percent=None, p95_s=None)) == 5
+
+
+def test_sweep_grid_is_every_combination_and_rejects_malformed_axes():
+    grid = sweep_grid(["targetQueuePerReplica=8,16", "signals=queue,gpu|queue"])
+    assert grid == [
+        {"targetQueuePerReplica": "8", "signals": "queue,gpu"}, {"targetQueuePerReplica": "8", "signals": "queue"},
+        {"targetQueuePerReplica": "16", "signals": "queue,gpu"}, {"targetQueuePerReplica": "16", "signals": "queue"},
+    ]
+    for bad in (["targetQueuePerReplica"], ["=1,2"], ["a=1", "a=2"], ["a="]):
+        with pytest.raises(ValueError, match="--sweep"):
+            sweep_grid(bad)
+
+
+def result(name: str, slo: float, hours: float) -> PolicyResult:
+    return PolicyResult(name, 100, slo, None, None, None, 0, hours, 0, 0)
+
+
+def test_the_pareto_front_keeps_only_undominated_points_cheapest_first():
+    points = [result("a", 0.99, 2.0), result("b", 0.95, 1.0), result("c", 0.97, 2.5), result("d", 0.99, 3.0),
+              result("e", 1.0, 4.0), result("f", 0.95, 1.0)]
+    assert [r.policy for r in pareto_front(points)] == ["b", "f", "a", "e"]
+
+
+def test_the_simulators_defaults_are_what_the_manifests_ship():
+    [scaled] = [d for d in yaml.safe_load_all((ROOT / "manifests/base/scaledobject.yaml").read_text()) if d]
+    metadata = scaled["spec"]["triggers"][0]["metadata"]
+    assert {k: metadata[k] for k in SHIPPED_METADATA} == SHIPPED_METADATA
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"], scaled["spec"]["pollingInterval"]) == (
+        simulate.SHIPPED_MIN_REPLICAS, simulate.SHIPPED_MAX_REPLICAS, simulate.SHIPPED_POLLING_INTERVAL_S)
+    [worker] = [d for d in yaml.safe_load_all((ROOT / "manifests/base/worker.yaml").read_text())
+                if d and d["kind"] == "Deployment"]
+    [container] = [c for c in worker["spec"]["template"]["spec"]["containers"] if c["name"] == "worker"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(env["WORKER_MAX_BATCH_SIZE"]) == simulate.SHIPPED_MAX_BATCH
+    assert float(env["WORKER_MAX_WAIT_MS"]) / 1000 == simulate.SHIPPED_MAX_WAIT_S
+    assert int(env["WORKER_MAX_QUEUE"]) == simulate.SHIPPED_MAX_QUEUE
+
+
+SHORT = ["--scenario", "spike", "--duration", "600", "--tail", "60", "--jobs", "2"]
+
+
+def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
+    assert simulate.main([*SHORT, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["policy"] for r in rows] == ["composite", "hpa-gpu", "keda-queue", "fixed-interval", "knative"]
+    for row in rows:
+        assert set(row) == {"policy", "requests", "slo_attainment", "p50_s", "p95_s", "p99_s", "rejected",
+                            "gpu_hours", "scale_events", "peak_queue"}
+
+
+def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tmp_path):
+    assert simulate.main([*SHORT, "--sweep", "targetQueuePerReplica=8,16", "--policies", "knative",
+                          "--plots", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "composite targetQueuePerReplica=8" in out and "composite targetQueuePerReplica=16" in out
+    assert "Pareto front" in out
+    pngs = sorted(p.name for p in tmp_path.iterdir())
+    assert pngs == ["composite_targetQueuePerReplica-16.png", "composite_targetQueuePerReplica-8.png", "knative.png"]
+    assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--composite", "burstFactor=zero"], "burstFactor"),
+        (["--composite", "novalue"], "KEY=VALUE"),
+        (["--sweep", "scaleDownWindowSeconds=60,-5"], "scaleDownWindowSeconds"),
+        (["--policies", "composite,hpa"], "unknown hpa"),
+        (["--min-replicas", "0"], "nowhere to wait"),
+        (["--max-queue", "4"], "--max-queue"),
+        (["--profile", "/nonexistent/profile.json"], "No such file"),
+    ],
+)
+def test_cli_rejects_bad_input_with_exit_2_and_a_message(argv, message, capsys):
+    assert simulate.main([*SHORT, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_names_the_trace_problem(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("when\n2023-11-16 18:17:03.97\n")
+    assert simulate.main(["--trace", str(trace)]) == 2
+    assert "no column 'TIMESTAMP'" in capsys.readouterr().err
