@@ -37,6 +37,7 @@ class WorkerProcess:
     process: subprocess.Popen
     started_at: float
     ready: bool = False
+    ready_at: float | None = None  # when /readyz first answered 200
     draining: bool = False
     in_flight: int = 0  # requests the balancer has sent and not yet seen answered
     gpu: int | None = None  # the GPU this worker owns (CUDA_VISIBLE_DEVICES)
@@ -64,6 +65,7 @@ class WorkerFleet:
     gpus: tuple[int, ...] = ()  # with GPUs: one worker per GPU, each with an exporter beside it
     exporters: bool = False
     workers: list[WorkerProcess] = field(default_factory=list)
+    startup_delays: list[float] = field(default_factory=list)  # seconds from start to first ready, per worker
     _serial: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -144,6 +146,9 @@ class WorkerFleet:
                 worker.ready = requests.get(f"http://{worker.address}/readyz", timeout=1).status_code == 200
             except requests.RequestException:
                 worker.ready = False
+            if worker.ready and worker.ready_at is None:
+                worker.ready_at = time.monotonic()
+                self.startup_delays.append(worker.ready_at - worker.started_at)
 
     @property
     def desired(self) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
-from adapter.fleetsim import Fleet, FleetSpec
+from adapter.fleetsim import BatchProfile, Fleet, FleetSpec, StartupDelay
 from adapter.hpa import PASS_THROUGH, HorizontalPodAutoscaler, HpaSpec, MetricTarget
 from adapter.kedaloop import KedaLoop
 from adapter.policy import Decision, PolicyState, Signals, decide
@@ -495,6 +495,30 @@ def write_timelines(results: Sequence[PolicyResult], directory, slo_s: float) ->
         plt.close(figure)
         written.append(path)
     return written
+
+
+# -- replaying a local-stack run ---------------------------------------------------------
+
+def replay_record(record: Mapping, profile: BatchProfile) -> PolicyResult:
+    """Replays a local-stack run (`python -m adapter.stack --record`) through the simulator: the
+    same arrivals, batching, metadata, KEDA polling and HPA sync, its workers' start-up delays,
+    and `profile`'s shape scaled so that a batch of the run's mean size takes the seconds per
+    batch its workers reported (CPU workers share cores, so a batch is slower than alone)."""
+    settings = record["settings"]
+    batches = record.get("batches")
+    if batches and batches["batches"] > 0:
+        mean_images = batches["images"] / batches["batches"]
+        scale = (batches["busy_seconds"] / batches["batches"]) / profile.seconds(round(mean_images), profile.reference_steps)
+        profile = BatchProfile(tuple((b, s * scale, u) for b, s, u in profile.table), profile.reference_steps)
+    delays = sorted(record["startup_delays_s"]) or [0.0]
+    startup = StartupDelay(delays[len(delays) // 2], max(delays[-1], delays[len(delays) // 2]))
+    spec = FleetSpec(settings["max_batch"], settings["max_wait_ms"] / 1000, settings["max_queue"], profile, startup)
+    arrivals = [Arrival(t, 1, settings["steps"]) for t in record["arrivals"]]
+    controller = CompositeController(record["metadata"], settings["min_replicas"], settings["max_replicas"],
+                                     settings["polling_interval_s"], settings["sync_period_s"])
+    return replay(arrivals, controller, spec, slo_s=float(record["metadata"].get("targetP95Seconds", 10)),
+                  initial_replicas=settings["min_replicas"], tail_s=settings["seconds"] - (arrivals[-1].t_s if arrivals else 0),
+                  timeline_every_s=1.0)
 
 
 # -- running many replays ------------------------------------------------------------------

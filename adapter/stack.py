@@ -87,6 +87,7 @@ class LoadStats:
     ok: int = 0
     failed: int = 0
     latencies: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # seconds from the scenario's start, as sent
 
 
 def prometheus_config(targets_file: str, exporters_file: str, scaler_address: str) -> str:
@@ -145,6 +146,7 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
             if stop.is_set():
                 break
             stats.sent += 1
+            stats.arrivals.append(time.monotonic() - started)
             task = asyncio.create_task(one())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -306,9 +308,7 @@ async def run(args: argparse.Namespace) -> int:
                 return 2
             source = {"prometheusAddress": prometheus.url}
         await balancer.start()
-        ref = pb.ScaledObjectRef(name="sd-worker", namespace="local", scalerMetadata={
-            **source,
-            "selector": 'namespace="local",deployment="sd-worker"',
+        policy_metadata = {
             "window": "10s",
             "signals": "queue,gpu,latency" if profile.gpus else "queue,latency",
             "targetQueuePerReplica": str(profile.max_batch),
@@ -317,7 +317,10 @@ async def run(args: argparse.Namespace) -> int:
             "refreshSeconds": "1",
             "minReplicas": str(args.min_replicas),
             "maxReplicas": str(max_replicas),
-        })
+            **dict(metadata_override(item) for item in args.metadata),
+        }
+        ref = pb.ScaledObjectRef(name="sd-worker", namespace="local", scalerMetadata={
+            **source, "selector": 'namespace="local",deployment="sd-worker"', **policy_metadata})
         channel = grpc.insecure_channel(f"127.0.0.1:{scaler.grpc_port}")
         keda = KedaLoop(GrpcScaler(pb_grpc.ExternalScalerStub(channel), ref), args.min_replicas, max_replicas, PASS_THROUGH,
                          polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
@@ -374,6 +377,10 @@ async def run(args: argparse.Namespace) -> int:
         if args.timeline and samples:
             write_timeline(samples, Path(args.timeline))
             print(f"stack: timeline written to {args.timeline}")
+        if args.record:
+            write_record(Path(args.record), args, profile, policy_metadata, max_replicas, samples, stats, fleet,
+                         prometheus)
+            print(f"stack: record written to {args.record}")
         peak = max(s.desired for s in samples) if samples else 0
         print(f"stack: {stats.sent} requests, {stats.ok} ok, {stats.failed} failed; replicas peaked at {peak}, "
               f"ended at {fleet.desired}")
@@ -387,6 +394,38 @@ async def run(args: argparse.Namespace) -> int:
         await scaler.stop()
         if prometheus is not None:
             prometheus.close()
+
+
+def metadata_override(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SystemExit(f"stack: --metadata wants KEY=VALUE, got {item!r}")
+    return key.strip(), value.strip()
+
+
+def write_record(path: Path, args: argparse.Namespace, profile: Profile, metadata: dict[str, str], max_replicas: int,
+                 samples: list[Sample], stats: LoadStats, fleet: WorkerFleet, prometheus: LocalPrometheus | None) -> None:
+    """What a replay of this run needs (adapter/simulate.py): the settings, the arrivals as sent,
+    the replicas over time, the workers' start-up delays, and their batches as Prometheus saw them."""
+    batches = None
+    if prometheus is not None:
+        span = f"{int(args.seconds) + 120}s"
+        sums = {name: query(prometheus, f'sum(increase({metric}{{deployment="sd-worker"}}[{span}]))')
+                for name, metric in (("busy_seconds", "diffusion_busy_seconds_total"),
+                                     ("batches", "diffusion_batch_size_count"), ("images", "diffusion_batch_size_sum"))}
+        batches = sums if all(v is not None for v in sums.values()) else None
+    path.write_text(json.dumps({
+        "settings": {"max_batch": profile.max_batch, "max_wait_ms": 20, "max_queue": 16 * profile.max_batch,
+                     "steps": profile.steps, "min_replicas": args.min_replicas, "max_replicas": max_replicas,
+                     "polling_interval_s": args.polling_interval, "sync_period_s": args.sync_period,
+                     "seconds": args.seconds, "device": profile.device},
+        "metadata": metadata,
+        "arrivals": stats.arrivals,
+        "timeline": [{"t": s.t, "desired": s.desired, "ready": s.ready} for s in samples],
+        "startup_delays_s": fleet.startup_delays,
+        "batches": batches,
+        "requests": {"sent": stats.sent, "ok": stats.ok, "failed": stats.failed},
+    }, indent=1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the scaler reads the signals: Prometheus (when installed, for auto) or the "
                         "workers' /metrics scraped by the scaler itself (adapter/directscrape.py)")
     parser.add_argument("--timeline", default="stack-timeline.png", help="PNG written at the end; empty for none")
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                        help="trigger metadata over the stack's own (repeatable), e.g. minBusyReplicas=1")
+    parser.add_argument("--record", help="write what a replay of this run needs (settings, arrivals, replicas over "
+                        "time, start-up delays, batches) as JSON here; tests/integration/test_replay_faithful.py uses it")
     return parser
 
 

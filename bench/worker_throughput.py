@@ -212,7 +212,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--profile-out", type=Path, help="write the raw pipeline's seconds per batch as a batch "
+                        "profile for the replay simulator (python -m adapter.simulate --profile); needs raw")
     args = parser.parse_args()
+    if args.profile_out and "raw" not in args.systems.split(","):
+        parser.error("--profile-out needs the raw system")
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     systems = args.systems.split(",")
@@ -239,6 +243,12 @@ def main() -> None:
                                  args.warmup_s, args.duration_s, args.logs)
     print()
     print(table(results))
+    if args.profile_out:
+        # GPU utilization is not sampled here; the simulator's hpa-gpu baseline needs it (the
+        # DESIGN.md table has it for the H100).
+        profile = {"reference_steps": args.steps, "size": args.size, "batches": [
+            {"batch": r.max_batch, "seconds": r.p50_s} for r in results if r.system == "raw"]}
+        args.profile_out.write_text(json.dumps(profile, indent=1))
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
                 "argv": sys.argv, "settings": {k: str(v) for k, v in vars(args).items()}}
