@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
             "composite metric in replica units with stabilization windows, and answers KEDA's "
             "ExternalScaler RPCs from that cache. Per-ScaledObject settings come from the trigger "
             "metadata (see README); the flags below are process-wide. Every flag can also be set "
-            "through the environment variable shown with it."
+            "through the environment variable shown with it. `python -m adapter simulate --help` "
+            "is the replay simulator (docs/EVALUATION.md)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -157,6 +158,11 @@ async def serve(config: ServerConfig) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:  # `python -m adapter simulate ...` is the replay simulator
+        from adapter.simulate import main as simulate
+
+        return simulate(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)

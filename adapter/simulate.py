@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapter.fleetsim import BatchProfile, StartupDelay
     from adapter.traces import SCENARIOS, TraceError, load_trace, synthetic
 
-    parser = argparse.ArgumentParser(prog="python -m adapter.simulate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m adapter simulate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, help="CSV trace, one request per row")
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def fail(message: str) -> int:
-        print(f"python -m adapter.simulate: {message}", file=sys.stderr)
+        print(f"python -m adapter simulate: {message}", file=sys.stderr)
         return 2
 
     if args.min_replicas < 1 or args.max_replicas < args.min_replicas:
