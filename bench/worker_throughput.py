@@ -63,6 +63,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+class UtilizationSampler:
+    """Mean NVML utilization of GPU 0 (every 20 ms) while the block runs; None without a GPU."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> UtilizationSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML, no GPU: nothing to sample
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.02):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+utilization: dict[int, float | None] = {}  # raw batch size -> mean NVML utilization, for --profile-out
+
+
 def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, steps: int,
                  repeats: int, sink: Path | None) -> list[Result]:
     from worker.batching import BatchKey
@@ -75,10 +112,12 @@ def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, s
         prompts, negatives, seeds = ["a photo of a lighthouse"] * size, [None] * size, list(range(size))
         runner.generate(key, prompts, negatives, seeds)  # warm-up at this shape
         times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            runner.generate(key, prompts, negatives, seeds)
-            times.append(time.perf_counter() - started)
+        with UtilizationSampler() as sampler:
+            for _ in range(repeats):
+                started = time.perf_counter()
+                runner.generate(key, prompts, negatives, seeds)
+                times.append(time.perf_counter() - started)
+        utilization[size] = sampler.mean()
         median = statistics.median(times)
         results.append(record(Result("raw", size, size, size / median, size / median, statistics.mean(times), median,
                               max(times), repeats, 0, sum(times)), sink))
@@ -244,10 +283,12 @@ def main() -> None:
     print()
     print(table(results))
     if args.profile_out:
-        # GPU utilization is not sampled here; the simulator's hpa-gpu baseline needs it (the
-        # DESIGN.md table has it for the H100).
+        # NVML utilization is sampled during the timed batches where a GPU is present; without
+        # one it is left out (the simulator then reads 0 %, which only the hpa-gpu baseline uses).
         profile = {"reference_steps": args.steps, "size": args.size, "batches": [
-            {"batch": r.max_batch, "seconds": r.p50_s} for r in results if r.system == "raw"]}
+            {"batch": r.max_batch, "seconds": r.p50_s,
+             **({"gpu_util_percent": round(utilization[r.max_batch], 1)} if utilization.get(r.max_batch) is not None else {})}
+            for r in results if r.system == "raw"]}
         args.profile_out.write_text(json.dumps(profile, indent=1))
     if args.out:
         meta = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "python": platform.python_version(),
