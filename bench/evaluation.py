@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--plots", type=Path, help="write PNG timelines under DIR/<scenario>/")
     parser.add_argument("--plot-scenarios", default="", help="which scenarios get PNGs (default: none)")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
+    parser.add_argument("--simulate-args", default="", help="more arguments for every simulate run, e.g. "
+                        "'--profile docs/results/h100-sd15-profile.json'")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
@@ -82,6 +84,7 @@ def main() -> int:
     everything, met = {}, 0
     for name in names:
         extra = ["--plots", str(args.plots / name)] if args.plots and name in plotted else []
+        extra += args.simulate_args.split()
         rows = run(name, extra)
         everything[name] = rows
         outcome = verdict(rows)

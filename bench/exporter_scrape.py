@@ -29,7 +29,8 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference" / "nvidia" / "dcgm-exporter_default-counters.csv"
+REFERENCE = Path(os.environ.get("DCGM_COUNTERS_CSV", REPO.parent / "shared" / "reference" / "nvidia"
+                                 / "dcgm-exporter_default-counters.csv"))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # dcgm default counter -> nvitop-exporter's metric carrying the same quantity
