@@ -58,9 +58,9 @@ def test_prometheus_stopped_serves_the_last_good_value_then_unavailable_then_rec
 
 
 def test_a_hung_prometheus_times_out_without_slowing_rpcs(own_prometheus, fleet, scaler, deployment):
-    fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=8))
+    fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=8))  # 1 by the queue; minBusyReplicas makes it 2
     so = ref(deployment, own_prometheus.url, staleAfterSeconds="5", queryTimeoutSeconds="0.3")
-    eventually(lambda: assert_value(scaler, so, 1.0))
+    eventually(lambda: assert_value(scaler, so, 2.0))
 
     own_prometheus.pause()
     try:
@@ -71,14 +71,14 @@ def test_a_hung_prometheus_times_out_without_slowing_rpcs(own_prometheus, fleet,
 
         eventually(timed_out, timeout_s=5)
         started = time.perf_counter()
-        assert value_of(scaler, so) == 1.0
+        assert value_of(scaler, so) == 2.0
         assert time.perf_counter() - started < 0.5
         error = eventually_fails(lambda: value_of(scaler, so), timeout_s=10)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         assert "no answer within 0.3s" in error.details()
     finally:
         own_prometheus.resume()
-    eventually(lambda: assert_value(scaler, so, 1.0), timeout_s=20)
+    eventually(lambda: assert_value(scaler, so, 2.0), timeout_s=20)
 
 
 def test_a_first_call_to_a_hung_prometheus_fails_within_the_query_timeout(own_prometheus, scaler, deployment):
