@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-simulated protos bench clean prometheus
+.PHONY: test demo demo-simulated evaluate protos bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(STAMP) prometheus
 
 demo-simulated: $(STAMP) prometheus
 	$(BIN)/python -m adapter.demo
+
+evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 15 s
+	$(BIN)/python bench/evaluation.py
 
 protos: $(STAMP)
 	$(BIN)/python tools/genprotos.py

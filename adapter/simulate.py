@@ -21,24 +21,27 @@ ScaledObject. The baselines are what users run today:
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
+from adapter.directscrape import histogram_quantile
 from adapter.fleetsim import BatchProfile, Fleet, FleetSpec, StartupDelay
 from adapter.hpa import PASS_THROUGH, HorizontalPodAutoscaler, HpaSpec, MetricTarget
 from adapter.kedaloop import KedaLoop
 from adapter.policy import Decision, PolicyState, Signals, decide
 from adapter.traces import Arrival
+from worker.metrics import LATENCY_BUCKETS_S  # the worker's buckets, so the p95 interpolates as Prometheus' does
 
 # The trigger metadata our ScaledObject ships (manifests/base/scaledobject.yaml, less its
 # addresses and selector); a test keeps the two equal. The simulator's composite starts here.
 SHIPPED_METADATA: dict[str, str] = {
     "targetQueuePerReplica": "16",
     "targetGpuUtilization": "90",
-    "targetP95Seconds": "5",
+    "targetP95Seconds": "6",
     "scaleDownWindowSeconds": "180",
     "minBusyReplicas": "2",
 }
@@ -60,7 +63,7 @@ class Observation:
     ready: int
     serving: int  # replicas asked for and not draining
     gpu_util_percent: float | None  # mean over ready replicas of their utilization over the window
-    p95_s: float | None  # p95 of requests finished inside the window
+    p95_s: float | None  # histogram_quantile(0.95) over the worker's buckets, requests finished inside the window
 
 
 class Observer:
@@ -88,9 +91,21 @@ class Observer:
         self._seen = len(fleet.finished)
         while self._recent and self._recent[0][0] <= now - self.window_s:
             self._recent.popleft()
-        finished = sorted(latency for _, latency in self._recent)
         return Observation(now, float(fleet.in_flight()), len(ready), len(fleet.serving()),
-                           sum(utils) / len(utils) if utils else None, percentile(finished, 0.95))
+                           sum(utils) / len(utils) if utils else None, self._p95())
+
+    def _p95(self) -> float | None:
+        """histogram_quantile(0.95, ...) over the worker's latency buckets, as the scaler reads it."""
+        if not self._recent:
+            return None
+        counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        for _, latency in self._recent:
+            counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency)] += 1
+        cumulative, total = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), counts, strict=True):
+            total += count
+            cumulative.append((bound, float(total)))
+        return histogram_quantile(0.95, cumulative)
 
 
 class FleetTarget:

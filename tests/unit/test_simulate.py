@@ -163,3 +163,14 @@ def test_cli_names_the_trace_problem(tmp_path, capsys):
     trace.write_text("when\n2023-11-16 18:17:03.97\n")
     assert simulate.main(["--trace", str(trace)]) == 2
     assert "no column 'TIMESTAMP'" in capsys.readouterr().err
+
+
+def test_p95_is_read_through_the_workers_buckets_as_histogram_quantile_would():
+    fleet = Fleet(FleetSpec())
+    observer = Observer(fleet, window_s=60)
+    assert observer.observe(0).p95_s is None  # nothing finished: the signal abstains
+    observer._recent.extend((1.0, 6.0) for _ in range(100))  # all in the (5, 7.5] bucket
+    assert observer._p95() == pytest.approx(5 + 2.5 * 0.95)
+    observer._recent.append((1.0, 1000.0))  # beyond the last finite bucket
+    observer._recent.extend((1.0, 1000.0) for _ in range(10))
+    assert observer._p95() == 300  # Prometheus answers the last finite bound
