@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 TRACES = REPO.parent / "shared" / "traces"
 
 # name -> the arguments of `python -m adapter.simulate` (everything else is the default)
@@ -56,15 +57,9 @@ def verdict(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict], slo: float = 10.0) -> str:
-    def s(v):
-        return "-" if v is None else f"{v:.1f}"
+    from adapter.simulate import PolicyResult, markdown
 
-    lines = [f"| policy | SLO attainment (<= {slo:g} s) | p50 s | p95 s | p99 s | rejected | GPU-hours | scale events | peak queue |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {100 * r['slo_attainment']:.1f} % | {s(r['p50_s'])} | {s(r['p95_s'])} | "
-                     f"{s(r['p99_s'])} | {r['rejected']} | {r['gpu_hours']:.2f} | {r['scale_events']} | {r['peak_queue']:.0f} |")
-    return "\n".join(lines)
+    return markdown([PolicyResult(**row) for row in rows], slo)
 
 
 def main() -> int:
