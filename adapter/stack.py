@@ -46,6 +46,9 @@ from adapter.server import ScalerServer, ServerConfig
 
 log = logging.getLogger("adapter.stack")
 
+MAX_WAIT_MS = 20  # each worker's --max-wait-ms
+QUEUE_BATCHES = 16  # each worker's --max-queue, in max batches
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -280,8 +283,8 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.to_thread(make_model, model, profile.arch, 0, profile.device == "cuda")
     targets_file = workdir / "workers.json"
     exporters_file = workdir / "exporters.json"
-    fleet = WorkerFleet(model, flags=("--max-batch-size", str(profile.max_batch), "--max-wait-ms", "20",
-                                      "--max-queue", str(16 * profile.max_batch), "--drain-timeout", "30"),
+    fleet = WorkerFleet(model, flags=("--max-batch-size", str(profile.max_batch), "--max-wait-ms", str(MAX_WAIT_MS),
+                                      "--max-queue", str(QUEUE_BATCHES * profile.max_batch), "--drain-timeout", "30"),
                         log_dir=workdir, device=profile.device, gpus=profile.gpus, exporters=bool(profile.gpus))
     direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
     scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0,
@@ -415,7 +418,8 @@ def write_record(path: Path, args: argparse.Namespace, profile: Profile, metadat
                                      ("batches", "diffusion_batch_size_count"), ("images", "diffusion_batch_size_sum"))}
         batches = sums if all(v is not None for v in sums.values()) else None
     path.write_text(json.dumps({
-        "settings": {"max_batch": profile.max_batch, "max_wait_ms": 20, "max_queue": 16 * profile.max_batch,
+        "settings": {"max_batch": profile.max_batch, "max_wait_ms": MAX_WAIT_MS,
+                     "max_queue": QUEUE_BATCHES * profile.max_batch,
                      "steps": profile.steps, "min_replicas": args.min_replicas, "max_replicas": max_replicas,
                      "polling_interval_s": args.polling_interval, "sync_period_s": args.sync_period,
                      "seconds": args.seconds, "device": profile.device},
@@ -455,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                         help="trigger metadata over the stack's own (repeatable), e.g. minBusyReplicas=1")
     parser.add_argument("--record", help="write what a replay of this run needs (settings, arrivals, replicas over "
-                        "time, start-up delays, batches) as JSON here; tests/integration/test_replay_faithful.py uses it")
+                        "time, start-up delays, batches) as JSON here, for adapter.simulate.replay_record (tests/integration/test_stack.py)")
     return parser
 
 
