@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from adapter import promql
+from adapter.promql import Queries
 
 SIGNALS = ("queue", "gpu", "latency")
 COMBINE_MODES = ("max", "weighted")
@@ -57,16 +58,6 @@ class MetadataError(ValueError):
         self.accepted = accepted
         shown = "missing" if value is None else repr(value)
         super().__init__(f"trigger metadata {key}: {shown} is not valid; {accepted}")
-
-
-@dataclass(frozen=True)
-class Queries:
-    """The four PromQL expressions one refresh evaluates (instant queries)."""
-
-    queue: str
-    gpu: str
-    latency: str
-    ready: str
 
 
 @dataclass(frozen=True)

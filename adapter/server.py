@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.httpserver import MetricsServer
+from contract.httpserver import MetricsServer
 from adapter.metrics import ScalerMetrics, TargetCollector
 from adapter.prometheus import PrometheusAuth, PrometheusClient
 from adapter.service import SERVICE_NAME, ExternalScalerService

@@ -22,8 +22,8 @@ import aiohttp  # noqa: E402
 import requests  # noqa: E402
 import urllib3  # noqa: E402
 
-from adapter.localprom import LocalPrometheus  # noqa: E402
-from adapter.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.localprom import LocalPrometheus  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
 
 QUERY = " or ".join(
     f'label_replace({q}, "scaler_signal", "{n}", "", "")'

@@ -19,8 +19,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from adapter.localprom import LocalPrometheus, free_port  # noqa: E402
-from adapter.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.localprom import LocalPrometheus, free_port  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
 from bench.scaler_rpc import make_refs, process_cpu_s, register, start_scaler  # noqa: E402
 
 SEPARATE = [

@@ -39,8 +39,8 @@ import requests  # noqa: E402
 
 from adapter._proto import externalscaler_pb2 as pb  # noqa: E402
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
-from adapter.localprom import LocalPrometheus, free_port  # noqa: E402
-from adapter.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.localprom import LocalPrometheus, free_port  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
 
 
 def make_refs(count: int, prometheus_url: str, refresh_s: float = 5.0) -> list[pb.ScaledObjectRef]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from adapter.httpserver import MetricsServer
+from contract.httpserver import MetricsServer
 
 from .collector import GpuCollector, render
 from .nvml import DeviceFilter, DeviceIdentity, NvmlReader

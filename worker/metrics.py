@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 # Request latencies of a diffusion worker run from a fraction of a second (tiny model, small
 # batch) to minutes (deep queue); these bounds resolve the p95 the scaler reads across that
-# span. The synthetic fleet in adapter/synthetic.py uses the same bounds.
+# span. The synthetic fleet in lab/synthetic.py uses the same bounds.
 LATENCY_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 OUTCOMES = ("ok", "rejected", "timeout", "error", "cancelled")

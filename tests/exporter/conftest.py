@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter.localprom import free_port
+from lab.localprom import free_port
 from exporter.__main__ import Exporter, build_parser
 
 from .fakenvml import FakeGpu, FakeNvml

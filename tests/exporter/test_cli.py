@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from adapter.localprom import free_port
+from lab.localprom import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

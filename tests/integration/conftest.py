@@ -15,9 +15,9 @@ import pytest
 
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.localprom import LocalPrometheus, PrometheusNotFound, find_binary
+from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
-from adapter.synthetic import SyntheticFleet
+from lab.synthetic import SyntheticFleet
 
 T = TypeVar("T")
 

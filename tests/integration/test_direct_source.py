@@ -7,8 +7,8 @@ import json
 import pytest
 
 from adapter._proto import externalscaler_pb2 as pb
-from adapter.localprom import free_port
-from adapter.synthetic import PodLoad
+from lab.localprom import free_port
+from lab.synthetic import PodLoad
 
 from .conftest import eventually, metrics_request
 

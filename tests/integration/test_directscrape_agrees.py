@@ -10,7 +10,7 @@ import requests
 
 from adapter.directscrape import ScrapeStore
 from adapter.promql import builtin_queries
-from adapter.synthetic import PodLoad
+from lab.synthetic import PodLoad
 
 from .conftest import eventually, wait_until_scraped
 

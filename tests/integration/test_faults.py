@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapter.config import KNOWN_KEYS
-from adapter.localprom import free_port
-from adapter.synthetic import PodLoad
+from lab.localprom import free_port
+from lab.synthetic import PodLoad
 
 from .conftest import eventually, eventually_fails, metrics_request, ref
 from .test_scaler_with_prometheus import sample

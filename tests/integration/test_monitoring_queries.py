@@ -22,7 +22,7 @@ import uvicorn
 import yaml
 from prometheus_client import CollectorRegistry
 
-from adapter.localprom import LocalPrometheus, free_port
+from lab.localprom import LocalPrometheus, free_port
 from exporter.__main__ import Exporter, build_parser
 from tests.exporter.fakenvml import FakeGpu, FakeNvml
 from tests.worker.conftest import BoundaryRunner

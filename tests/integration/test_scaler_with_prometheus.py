@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter.synthetic import PodLoad
+from lab.synthetic import PodLoad
 
 from .conftest import eventually, eventually_fails, metrics_request, ref, wait_until_scraped
 

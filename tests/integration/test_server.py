@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.localprom import free_port
+from lab.localprom import free_port
 
 from .certs import CertificateAuthority
 from .conftest import eventually, metrics_request, ref

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.fleetsim import BatchProfile
+from lab.sim.fleet import BatchProfile
 from adapter.simulate import replay_record
 
 from .conftest import require_prometheus
@@ -141,7 +141,7 @@ def test_with_gpus_each_worker_owns_one_and_has_its_exporter(tmp_path):
     an exporter process beside each, and all of them gone after close()."""
     import time
 
-    from adapter.localfleet import WorkerFleet
+    from lab.stack.workers import WorkerFleet
     from worker.modelbuild import make_model
 
     fleet = WorkerFleet(make_model(tmp_path / "tiny", "tiny"), log_dir=tmp_path, gpus=(0, 1), exporters=True)

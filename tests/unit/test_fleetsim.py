@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from adapter.fleetsim import BatchProfile, Fleet, FleetSpec, StartupDelay
-from adapter.traces import Arrival
+from lab.sim.fleet import BatchProfile, Fleet, FleetSpec, StartupDelay
+from lab.sim.traces import Arrival
 
 
 def fleet(replicas: int = 1, **spec) -> Fleet:

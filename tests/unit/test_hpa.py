@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.hpa import (
+from lab.hpa import (
     Behavior, HorizontalPodAutoscaler, HpaSpec, MetricTarget, ScalingPolicy, ScalingRules, metric_replicas,
 )
 
@@ -145,7 +145,7 @@ def test_pass_through_is_what_the_manifests_scaledobject_sets():
 
     import yaml
 
-    from adapter.hpa import PASS_THROUGH
+    from lab.hpa import PASS_THROUGH
 
     path = Path(__file__).resolve().parents[2] / "manifests" / "base" / "scaledobject.yaml"
     behavior = yaml.safe_load(path.read_text())["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]

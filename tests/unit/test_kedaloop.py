@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adapter.hpa import PASS_THROUGH
-from adapter.kedaloop import KedaLoop
+from lab.hpa import PASS_THROUGH
+from lab.keda import KedaLoop
 
 
 class FakeScaler:

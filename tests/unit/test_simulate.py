@@ -10,12 +10,12 @@ import yaml
 
 from adapter import simulate
 from adapter.config import MetadataError
-from adapter.fleetsim import Fleet, FleetSpec
+from lab.sim.fleet import Fleet, FleetSpec
 from adapter.simulate import (
     SHIPPED_METADATA, CompositeController, FleetTarget, KnativeController, Observation, Observer, PolicyResult,
     default_controllers, pareto_front, replay, sweep_grid,
 )
-from adapter.traces import Arrival, synthetic
+from lab.sim.traces import Arrival, synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,12 +46,12 @@ def test_every_policy_replays_deterministically_and_accounts_for_every_request()
 
 def test_the_composite_runs_the_scalers_own_parser_decision_code_and_keda_loop():
     import adapter.config
-    import adapter.kedaloop
+    import lab.keda
     import adapter.policy
 
     assert simulate.decide is adapter.policy.decide
     assert simulate.parse_metadata is adapter.config.parse_metadata
-    assert simulate.KedaLoop is adapter.kedaloop.KedaLoop
+    assert simulate.KedaLoop is lab.keda.KedaLoop
     with pytest.raises(MetadataError, match="targetQueuePerReplica"):
         CompositeController({"targetQueuePerReplica": "-1"}, 1, 4)
 

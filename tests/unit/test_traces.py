@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter.traces import SCENARIOS, TraceError, load_trace, parse_timestamp, synthetic
+from lab.sim.traces import SCENARIOS, TraceError, load_trace, parse_timestamp, synthetic
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "traces"
 

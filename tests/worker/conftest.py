@@ -20,7 +20,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter.localprom import free_port
+from lab.localprom import free_port
 from worker.api import build_app
 from worker.batching import BatchKey
 from worker.metrics import WorkerMetrics

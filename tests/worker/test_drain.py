@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from adapter.localprom import free_port
+from lab.localprom import free_port
 
 from .conftest import REPO
 

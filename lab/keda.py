@@ -9,7 +9,7 @@ replay simulator (in process) share it:
   scaling from and to zero, so activation acts only when `min_replicas` is 0: active at 0
   replicas scales to 1; inactive for `cooldown_s` scales to 0.
 - At every HPA sync (`sync_period_s`) the metric is fetched (or taken from the cache) and goes
-  through `adapter.hpa` (AverageValue target, tolerance, behavior) to a replica count that is
+  through `lab.hpa` (AverageValue target, tolerance, behavior) to a replica count that is
   applied to the target. A failed fetch keeps the count, as the HPA does.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from adapter._proto import externalscaler_pb2 as pb
-from adapter.hpa import Behavior, HorizontalPodAutoscaler, HpaSpec, MetricTarget
+from lab.hpa import Behavior, HorizontalPodAutoscaler, HpaSpec, MetricTarget
 
 
 class ScaleTarget(Protocol):

@@ -25,9 +25,9 @@ import aiohttp
 import requests
 from aiohttp import web
 
-from adapter.localprom import free_port
+from lab.localprom import free_port
 
-log = logging.getLogger("adapter.localfleet")
+log = logging.getLogger("lab.stack.workers")
 
 
 @dataclass

@@ -4,8 +4,8 @@ Every policy sees the fleet only as Prometheus would: signals sampled every `scr
 and quantiles over a window. The composite policy is the scaler's own code: its trigger
 metadata goes through the real parser (`adapter.config.parse_metadata`), a simulated
 refresher runs the real decision core (`adapter.policy.decide`) every `refreshSeconds` and
-caches the value, and KEDA's loop (`adapter.kedaloop.KedaLoop`, the one the local stack runs)
-polls it and feeds the HPA algorithm (`adapter.hpa`) with the pass-through behavior of our
+caches the value, and KEDA's loop (`lab.keda.KedaLoop`, the one the local stack runs)
+polls it and feeds the HPA algorithm (`lab.hpa`) with the pass-through behavior of our
 ScaledObject. The baselines are what users run today:
 
 - `hpa-gpu`: HPA on GPU utilization, 75 % per replica (dcgm-exporter + prometheus-adapter,
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
 from adapter.directscrape import histogram_quantile
-from adapter.fleetsim import BatchProfile, Fleet, FleetSpec, StartupDelay
-from adapter.hpa import PASS_THROUGH, HorizontalPodAutoscaler, HpaSpec, MetricTarget
-from adapter.kedaloop import KedaLoop
+from lab.sim.fleet import BatchProfile, Fleet, FleetSpec, StartupDelay
+from lab.hpa import PASS_THROUGH, HorizontalPodAutoscaler, HpaSpec, MetricTarget
+from lab.keda import KedaLoop
 from adapter.policy import Decision, PolicyState, Signals, decide
-from adapter.traces import Arrival
+from lab.sim.traces import Arrival
 from worker.metrics import LATENCY_BUCKETS_S  # the worker's buckets, so the p95 interpolates as Prometheus' does
 
 # The trigger metadata our ScaledObject ships (manifests/base/scaledobject.yaml, less its
@@ -606,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from adapter.config import MetadataError
-    from adapter.fleetsim import BatchProfile, StartupDelay
-    from adapter.traces import SCENARIOS, TraceError, load_trace, synthetic
+    from lab.sim.fleet import BatchProfile, StartupDelay
+    from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
 
     parser = argparse.ArgumentParser(prog="python -m adapter simulate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from adapter.httpserver import MetricsServer
+from contract.httpserver import MetricsServer
 from worker.metrics import LATENCY_BUCKETS_S  # the real worker's buckets, so quantiles match
 
 

@@ -7,7 +7,7 @@ Real parts, all of them:
 - Prometheus (the packaged binary) scraping the workers (file discovery, rewritten as
   workers come and go) and the scaler, every second; without Prometheus, the scaler scrapes
   the same file's workers itself (`scrapeTargetsFile`, adapter/directscrape.py);
-- the scaler, and a local KEDA + HPA (`adapter.kedaloop`, `adapter.hpa`) that calls it over
+- the scaler, and a local KEDA + HPA (`lab.keda`, `lab.hpa`) that calls it over
   gRPC on KEDA's schedule and scales the worker processes: new workers start, surplus ones
   get SIGTERM and drain.
 
@@ -38,10 +38,10 @@ import requests
 
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.hpa import PASS_THROUGH
-from adapter.kedaloop import GrpcScaler, KedaLoop, Tick
-from adapter.localfleet import Balancer, WorkerFleet
-from adapter.localprom import LocalPrometheus, PrometheusNotFound, find_binary
+from lab.hpa import PASS_THROUGH
+from lab.keda import GrpcScaler, KedaLoop, Tick
+from lab.stack.workers import Balancer, WorkerFleet
+from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
 
 log = logging.getLogger("adapter.stack")

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from adapter.traces import Arrival
+from lab.sim.traces import Arrival
 
 # DESIGN.md, H100 80GB, SD-1.5 shape, fp16, 512x512, 20 steps: batch -> (seconds per batch, NVML util %)
 H100_SD15 = {1: (1.07, 27.0), 4: (1.18, 56.0), 8: (1.42, 78.0), 12: (1.85, 92.0), 16: (2.36, 96.0), 32: (4.55, 94.0)}

@@ -1,0 +1,160 @@
+"""Every metric and label name the worker and the exporter expose and the scaler, the rules and
+the dashboards read; the signal names; the histogram buckets.
+
+One name, one place: the worker and the exporter register their families under these names,
+the scaler's built-in PromQL and its direct scrapes read them, `tools/genmonitoring.py` builds
+the dashboard from them, and a test checks every name in the rules and dashboards is one of
+them. Names follow Prometheus' conventions (base units, `_total` on counters, which
+prometheus_client adds); the GPU names are dcgm-exporter's, so existing GPU dashboards work.
+"""
+
+from __future__ import annotations
+
+# -- the worker (worker/metrics.py): its load signals --------------------------------------------
+
+QUEUE_DEPTH = "diffusion_queue_depth"  # gauge, images waiting for the pipeline
+REQUESTS_IN_FLIGHT = "diffusion_requests_in_flight"  # gauge, requests accepted and not yet answered
+REQUEST_DURATION = "diffusion_request_duration_seconds"  # histogram, arrival to response
+QUEUE_WAIT = "diffusion_queue_wait_seconds"  # histogram, arrival to the first image's start
+BATCH_SIZE = "diffusion_batch_size"  # histogram, images per pipeline call
+BUSY_SECONDS = "diffusion_busy_seconds"  # counter (exposed with _total), seconds computing
+REQUESTS = "diffusion_requests"  # counter (exposed with _total), by OUTCOME_LABEL
+IMAGES = "diffusion_images"  # counter (exposed with _total), images generated
+MAX_BATCH_SIZE = "diffusion_max_batch_size"  # gauge, the batch limit in force now
+READY = "diffusion_ready"  # gauge, 1 when the model is loaded and the worker is not draining
+MODEL_LOAD = "diffusion_model_load_seconds"  # gauge, seconds the model took to load
+
+WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, BUSY_SECONDS,
+                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD)
+
+OUTCOME_LABEL = "outcome"
+OUTCOMES = ("ok", "rejected", "timeout", "error", "cancelled")
+
+# Request latencies of a diffusion worker run from a fraction of a second (tiny model, small
+# batch) to minutes (deep queue); these bounds resolve the p95 the scaler reads across that
+# span. Everything that builds or reads the latency histogram (the worker, the synthetic pods,
+# the simulator's observer) uses them, so their quantiles interpolate alike.
+LATENCY_BUCKETS_S = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+# -- the exporter (exporter/): dcgm-exporter's names and labels ----------------------------------
+
+GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"  # the GPU signal the scaler reads
+SM_CLOCK = "DCGM_FI_DEV_SM_CLOCK"
+MEM_CLOCK = "DCGM_FI_DEV_MEM_CLOCK"
+MEMORY_TEMP = "DCGM_FI_DEV_MEMORY_TEMP"
+GPU_TEMP = "DCGM_FI_DEV_GPU_TEMP"
+POWER_USAGE = "DCGM_FI_DEV_POWER_USAGE"
+POWER_MGMT_LIMIT = "DCGM_FI_DEV_POWER_MGMT_LIMIT"
+TOTAL_ENERGY_CONSUMPTION = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+PCIE_REPLAY_COUNTER = "DCGM_FI_DEV_PCIE_REPLAY_COUNTER"
+MEM_COPY_UTIL = "DCGM_FI_DEV_MEM_COPY_UTIL"
+ENC_UTIL = "DCGM_FI_DEV_ENC_UTIL"
+DEC_UTIL = "DCGM_FI_DEV_DEC_UTIL"
+XID_ERRORS = "DCGM_FI_DEV_XID_ERRORS"
+FB_FREE = "DCGM_FI_DEV_FB_FREE"
+FB_USED = "DCGM_FI_DEV_FB_USED"
+FB_RESERVED = "DCGM_FI_DEV_FB_RESERVED"
+ECC_SBE_VOL_TOTAL = "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL"
+ECC_DBE_VOL_TOTAL = "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"
+ECC_SBE_AGG_TOTAL = "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL"
+ECC_DBE_AGG_TOTAL = "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL"
+UNCORRECTABLE_REMAPPED_ROWS = "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS"
+CORRECTABLE_REMAPPED_ROWS = "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS"
+ROW_REMAP_FAILURE = "DCGM_FI_DEV_ROW_REMAP_FAILURE"
+CLOCKS_EVENT_REASONS = "DCGM_FI_DEV_CLOCKS_EVENT_REASONS"
+PROF_SM_ACTIVE = "DCGM_FI_PROF_SM_ACTIVE"
+PROF_PIPE_TENSOR_ACTIVE = "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"
+PROF_DRAM_ACTIVE = "DCGM_FI_PROF_DRAM_ACTIVE"
+
+# name -> (type, help), in dcgm-exporter's words where it has the field.
+DCGM_METRICS: dict[str, tuple[str, str]] = {
+    SM_CLOCK: ("gauge", "SM clock frequency (in MHz)."),
+    MEM_CLOCK: ("gauge", "Memory clock frequency (in MHz)."),
+    MEMORY_TEMP: ("gauge", "Memory temperature (in C)."),
+    GPU_TEMP: ("gauge", "GPU temperature (in C)."),
+    POWER_USAGE: ("gauge", "Power draw (in W)."),
+    POWER_MGMT_LIMIT: ("gauge", "Enforced power limit (in W)."),
+    TOTAL_ENERGY_CONSUMPTION: ("counter", "Total energy consumption since boot (in mJ)."),
+    PCIE_REPLAY_COUNTER: ("counter", "Total number of PCIe retries."),
+    GPU_UTIL: ("gauge", "GPU utilization (in %), mean of NVML's samples since the last collection."),
+    MEM_COPY_UTIL: ("gauge", "Memory utilization (in %), mean of NVML's samples since the last collection."),
+    ENC_UTIL: ("gauge", "Encoder utilization (in %)."),
+    DEC_UTIL: ("gauge", "Decoder utilization (in %)."),
+    XID_ERRORS: ("gauge", "Value of the last XID error encountered."),
+    FB_FREE: ("gauge", "Framebuffer memory free (in MiB)."),
+    FB_USED: ("gauge", "Framebuffer memory used (in MiB)."),
+    FB_RESERVED: ("gauge", "Framebuffer memory reserved (in MiB)."),
+    ECC_SBE_VOL_TOTAL: ("counter", "Total number of single-bit volatile ECC errors."),
+    ECC_DBE_VOL_TOTAL: ("counter", "Total number of double-bit volatile ECC errors."),
+    ECC_SBE_AGG_TOTAL: ("counter", "Total number of single-bit persistent ECC errors."),
+    ECC_DBE_AGG_TOTAL: ("counter", "Total number of double-bit persistent ECC errors."),
+    UNCORRECTABLE_REMAPPED_ROWS: ("counter", "Number of remapped rows for uncorrectable errors"),
+    CORRECTABLE_REMAPPED_ROWS: ("counter", "Number of remapped rows for correctable errors"),
+    ROW_REMAP_FAILURE: ("gauge", "Whether remapping of rows has failed"),
+    CLOCKS_EVENT_REASONS: ("gauge", "Current clock event (throttle) reasons, NVML's bitmask."),
+    PROF_SM_ACTIVE: ("gauge", "Ratio of SMs busy over the collection period (NVML GPM)."),
+    PROF_PIPE_TENSOR_ACTIVE: ("gauge", "Ratio of time the tensor pipes were active (NVML GPM)."),
+    PROF_DRAM_ACTIVE: ("gauge", "Ratio of DRAM bandwidth used to its peak (NVML GPM)."),
+}
+
+# dcgm-exporter's device labels, in its order, and the pod labels of the GPU's holder.
+DEVICE_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
+POD_LABELS = ("container", "namespace", "pod")
+
+# The exporter's own health (gpu_exporter_*).
+EXPORTER_NVML_UP = "gpu_exporter_nvml_up"
+EXPORTER_SNAPSHOT_STALE = "gpu_exporter_snapshot_stale"
+EXPORTER_GPU_UP = "gpu_exporter_gpu_up"
+EXPORTER_COLLECTION_DURATION = "gpu_exporter_collection_duration_seconds"
+EXPORTER_LAST_COLLECTION = "gpu_exporter_last_collection_timestamp_seconds"
+EXPORTER_COLLECTIONS = "gpu_exporter_collections"
+EXPORTER_COLLECTION_TIMEOUTS = "gpu_exporter_collection_timeouts"
+EXPORTER_COLLECTIONS_SKIPPED = "gpu_exporter_collections_skipped"
+EXPORTER_NVML_ERRORS = "gpu_exporter_nvml_errors"
+EXPORTER_PROCESS_MEMORY = "gpu_exporter_process_memory_used_bytes"
+EXPORTER_PODRESOURCES_ERRORS = "gpu_exporter_podresources_errors"
+EXPORTER_PODRESOURCES_REFRESHES = "gpu_exporter_podresources_refreshes"
+
+EXPORTER_METRICS = (EXPORTER_NVML_UP, EXPORTER_SNAPSHOT_STALE, EXPORTER_GPU_UP, EXPORTER_COLLECTION_DURATION,
+                    EXPORTER_LAST_COLLECTION, EXPORTER_COLLECTIONS, EXPORTER_COLLECTION_TIMEOUTS,
+                    EXPORTER_COLLECTIONS_SKIPPED, EXPORTER_NVML_ERRORS, EXPORTER_PROCESS_MEMORY,
+                    EXPORTER_PODRESOURCES_ERRORS, EXPORTER_PODRESOURCES_REFRESHES)
+
+# -- the scaler's signals -------------------------------------------------------------------------
+
+QUEUE, GPU, LATENCY, READY_REPLICAS = "queue", "gpu", "latency", "ready"
+SIGNALS = (QUEUE, GPU, LATENCY)  # the signals that propose replicas, in tie-break order
+QUERIES = (QUEUE, READY_REPLICAS, GPU, LATENCY)  # what one refresh reads
+SIGNAL_LABEL = "scaler_signal"  # tags each part of the joined PromQL query
+
+# -- the scaler's own metrics (adapter/metrics.py), read by the dashboards and rules --------------
+
+SCALER_LABELS = ("namespace", "scaledobject", "metric")
+SCALER_SCALEDOBJECTS = "scaler_scaledobjects"
+SCALER_QUEUE = "scaler_queue_requests"
+SCALER_READY = "scaler_ready_replicas"
+SCALER_GPU = "scaler_gpu_utilization_percent"
+SCALER_P95 = "scaler_latency_p95_seconds"
+SCALER_PROPOSAL = "scaler_proposal_replicas"
+SCALER_COMPOSITE = "scaler_composite_replicas"
+SCALER_DESIRED = "scaler_desired_replicas"
+SCALER_ACTIVE = "scaler_active"
+SCALER_BURST = "scaler_burst"
+SCALER_LIMITING = "scaler_limiting_signal"
+SCALER_HOLD = "scaler_stabilization_hold"
+SCALER_VALUE_AGE = "scaler_value_age_seconds"
+SCALER_STALE = "scaler_stale"
+SCALER_QUERY_LAST_DURATION = "scaler_query_last_duration_seconds"
+SCALER_REFRESHES = "scaler_refreshes"
+SCALER_QUERY_FAILURES = "scaler_query_failures"
+SCALER_GRPC_REQUESTS = "scaler_grpc_requests"
+SCALER_GRPC_DURATION = "scaler_grpc_request_duration_seconds"
+SCALER_QUERY_DURATION = "scaler_prometheus_query_duration_seconds"
+
+SCALER_METRICS = (SCALER_SCALEDOBJECTS, SCALER_QUEUE, SCALER_READY, SCALER_GPU, SCALER_P95, SCALER_PROPOSAL,
+                  SCALER_COMPOSITE, SCALER_DESIRED, SCALER_ACTIVE, SCALER_BURST, SCALER_LIMITING, SCALER_HOLD,
+                  SCALER_VALUE_AGE, SCALER_STALE, SCALER_QUERY_LAST_DURATION, SCALER_REFRESHES,
+                  SCALER_QUERY_FAILURES, SCALER_GRPC_REQUESTS, SCALER_GRPC_DURATION, SCALER_QUERY_DURATION)
+
+ALL_METRICS = frozenset(WORKER_METRICS + tuple(DCGM_METRICS) + EXPORTER_METRICS + SCALER_METRICS)
