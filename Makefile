@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo demo-simulated evaluate protos bench clean prometheus
+.PHONY: test demo evaluate protos bench clean prometheus
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,7 @@ test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP) prometheus
-	$(BIN)/python -m adapter.stack
-
-demo-simulated: $(STAMP) prometheus
-	$(BIN)/python -m adapter.demo
+	$(BIN)/python -m lab.stack
 
 evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 15 s
 	$(BIN)/python bench/evaluation.py

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
 
 from adapter.prometheus import PrometheusAuth
+from contract.cli import LOG_LEVELS, Environment, configure_logging
 from adapter.server import ScalerServer, ServerConfig
 
-ENV_PREFIX = "SCALER_"
-
-
-def _env(name: str, default=None):
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def _flag(value: str | None) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
+ENV = Environment("SCALER_")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,78 +25,56 @@ def build_parser() -> argparse.ArgumentParser:
             "composite metric in replica units with stabilization windows, and answers KEDA's "
             "ExternalScaler RPCs from that cache. Per-ScaledObject settings come from the trigger "
             "metadata (see README); the flags below are process-wide. Every flag can also be set "
-            "through the environment variable shown with it. `python -m adapter simulate --help` "
+            "through the environment variable shown with it. `python -m lab.sim --help` "
             "is the replay simulator (docs/EVALUATION.md)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--listen-address", default=_env("LISTEN_ADDRESS", "0.0.0.0"), help="address both servers bind (env SCALER_LISTEN_ADDRESS)")
-    add("--grpc-port", type=int, default=_env("GRPC_PORT", "6000"), help="gRPC port (ExternalScaler, health, reflection) (env SCALER_GRPC_PORT)")
-    add("--http-port", type=int, default=_env("HTTP_PORT", "9102"), help="HTTP port for /metrics and /healthz (env SCALER_HTTP_PORT)")
+    add("--listen-address", default=ENV.get("LISTEN_ADDRESS", "0.0.0.0"), help="address both servers bind (env SCALER_LISTEN_ADDRESS)")
+    add("--grpc-port", type=int, default=ENV.get("GRPC_PORT", "6000"), help="gRPC port (ExternalScaler, health, reflection) (env SCALER_GRPC_PORT)")
+    add("--http-port", type=int, default=ENV.get("HTTP_PORT", "9102"), help="HTTP port for /metrics and /healthz (env SCALER_HTTP_PORT)")
     tls = parser.add_argument_group("TLS for the gRPC port (KEDA: enableTLS, caCert, tlsClientCert)")
-    tls.add_argument("--tls-cert-file", default=_env("TLS_CERT_FILE"), help="server certificate, PEM; enables TLS (env SCALER_TLS_CERT_FILE)")
-    tls.add_argument("--tls-key-file", default=_env("TLS_KEY_FILE"), help="server private key, PEM (env SCALER_TLS_KEY_FILE)")
+    tls.add_argument("--tls-cert-file", default=ENV.get("TLS_CERT_FILE"), help="server certificate, PEM; enables TLS (env SCALER_TLS_CERT_FILE)")
+    tls.add_argument("--tls-key-file", default=ENV.get("TLS_KEY_FILE"), help="server private key, PEM (env SCALER_TLS_KEY_FILE)")
     tls.add_argument(
         "--tls-client-ca-file",
-        default=_env("TLS_CLIENT_CA_FILE"),
+        default=ENV.get("TLS_CLIENT_CA_FILE"),
         help="CA bundle, PEM; when set, clients must present a certificate it signed (mTLS) (env SCALER_TLS_CLIENT_CA_FILE)",
     )
     prom = parser.add_argument_group(
         "Prometheus access (scaler-side: KEDA does not forward TriggerAuthentication to external scalers)"
     )
-    prom.add_argument("--prometheus-bearer-token-file", default=_env("PROMETHEUS_BEARER_TOKEN_FILE"), help="send this file's token as a Bearer token; re-read on every query (env SCALER_PROMETHEUS_BEARER_TOKEN_FILE)")
-    prom.add_argument("--prometheus-username", default=_env("PROMETHEUS_USERNAME"), help="basic auth user (env SCALER_PROMETHEUS_USERNAME)")
-    prom.add_argument("--prometheus-password-file", default=_env("PROMETHEUS_PASSWORD_FILE"), help="basic auth password, read from this file (env SCALER_PROMETHEUS_PASSWORD_FILE)")
-    prom.add_argument("--prometheus-ca-file", default=_env("PROMETHEUS_CA_FILE"), help="CA bundle to verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_CA_FILE)")
+    prom.add_argument("--prometheus-bearer-token-file", default=ENV.get("PROMETHEUS_BEARER_TOKEN_FILE"), help="send this file's token as a Bearer token; re-read on every query (env SCALER_PROMETHEUS_BEARER_TOKEN_FILE)")
+    prom.add_argument("--prometheus-username", default=ENV.get("PROMETHEUS_USERNAME"), help="basic auth user (env SCALER_PROMETHEUS_USERNAME)")
+    prom.add_argument("--prometheus-password-file", default=ENV.get("PROMETHEUS_PASSWORD_FILE"), help="basic auth password, read from this file (env SCALER_PROMETHEUS_PASSWORD_FILE)")
+    prom.add_argument("--prometheus-ca-file", default=ENV.get("PROMETHEUS_CA_FILE"), help="CA bundle to verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_CA_FILE)")
     prom.add_argument(
         "--prometheus-insecure-skip-verify",
         action="store_true",
-        default=_flag(_env("PROMETHEUS_INSECURE_SKIP_VERIFY", "false")),
+        default=ENV.flag("PROMETHEUS_INSECURE_SKIP_VERIFY"),
         help="do not verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_INSECURE_SKIP_VERIFY)",
     )
     prom.add_argument(
         "--allowed-prometheus-urls",
-        default=_env("ALLOWED_PROMETHEUS_URLS", ""),
+        default=ENV.get("ALLOWED_PROMETHEUS_URLS", ""),
         help="comma list of URL prefixes prometheusAddress must start with; empty allows any. Set it when "
         "credentials are configured, so a ScaledObject cannot send them elsewhere (env SCALER_ALLOWED_PROMETHEUS_URLS)",
     )
     prom.add_argument(
         "--scrape-targets-dir",
-        default=_env("SCRAPE_TARGETS_DIR"),
+        default=ENV.get("SCRAPE_TARGETS_DIR"),
         help="allow the direct-scrape source: a ScaledObject's scrapeTargetsFile may name a Prometheus file_sd "
         "JSON file inside this directory, and the scaler scrapes the pods it lists itself, without Prometheus; "
         "unset, scrapeTargetsFile is refused (env SCALER_SCRAPE_TARGETS_DIR)",
     )
-    prom.add_argument("--max-concurrent-queries", type=int, default=_env("MAX_CONCURRENT_QUERIES", "32"), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
-    add("--idle-forget-seconds", type=float, default=_env("IDLE_FORGET_SECONDS", "900"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
-    add("--max-scaled-objects", type=int, default=_env("MAX_SCALED_OBJECTS", "2000"), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
-    add("--shutdown-grace-seconds", type=float, default=_env("SHUTDOWN_GRACE_SECONDS", "5"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
-    add("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"], help="(env SCALER_LOG_LEVEL)")
-    add("--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"], help="(env SCALER_LOG_FORMAT)")
+    prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", "32"), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
+    add("--idle-forget-seconds", type=float, default=ENV.get("IDLE_FORGET_SECONDS", "900"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
+    add("--max-scaled-objects", type=int, default=ENV.get("MAX_SCALED_OBJECTS", "2000"), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
+    add("--shutdown-grace-seconds", type=float, default=ENV.get("SHUTDOWN_GRACE_SECONDS", "5"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
+    add("--log-level", default=ENV.get("LOG_LEVEL", "info"), choices=LOG_LEVELS, help="(env SCALER_LOG_LEVEL)")
+    add("--log-format", default=ENV.get("LOG_FORMAT", "text"), choices=["text", "json"], help="(env SCALER_LOG_FORMAT)")
     return parser
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -158,11 +128,6 @@ async def serve(config: ServerConfig) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["simulate"]:  # `python -m adapter simulate ...` is the replay simulator
-        from adapter.simulate import main as simulate
-
-        return simulate(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)

@@ -1,6 +1,6 @@
 """The signals without Prometheus: scrape the pods' /metrics directly and compute them here.
 
-A second source for the built-in queries of `adapter/promql.py`, for a machine with no
+A second source for the built-in queries of `adapter/promql.py` (metric names from `contract.names`), for a machine with no
 Prometheus (the local stack) and as a low-latency option. Each scrape is parsed with
 prometheus_client's parser and kept per series for the query window; the signals are the
 same expressions evaluated the way Prometheus evaluates them:
@@ -28,13 +28,12 @@ import time
 from collections import deque
 from itertools import pairwise
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.config import parse_duration_seconds
-from adapter.policy import Signals
-from adapter.signals import QueryOutcome, Reading, interpret, needed_queries
+from adapter.signals import QueryOutcome, Reading, needed_queries, outcome, to_reading
+from contract import names
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -102,16 +101,6 @@ def increase(samples: Iterable[tuple[float, float]]) -> float | None:
     return grown
 
 
-@dataclass(frozen=True)
-class DirectSignals:
-    """Raw values, as the Prometheus queries would answer them (None where they return nothing)."""
-
-    queue: float | None
-    ready: float | None
-    gpu: float | None
-    latency: float | None
-
-
 class ScrapeStore:
     """Samples per series from scraped exposition text, kept for `retain_s`."""
 
@@ -163,27 +152,28 @@ class ScrapeStore:
                   if samples and now - self.stale_after_s <= samples[-1][0] <= now and not math.isnan(samples[-1][1])]
         return sum(values) if values else None
 
-    def signals(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> DirectSignals:
+    def answers(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> dict[str, float | None]:
+        """Each built-in query's raw answer at `now`, by query name, as Prometheus would give it
+        (None where the query returns nothing)."""
         matchers = parse_selector(selector)
         since = now - window_s
         gpu_means = []
-        for _, samples in self._select("DCGM_FI_DEV_GPU_UTIL", matchers):
+        for _, samples in self._select(names.GPU_UTIL, matchers):
             inside = [value for stamp, value in samples if since < stamp <= now and not math.isnan(value)]
             if inside:
                 gpu_means.append(sum(inside) / len(inside))
         buckets: dict[float, float] = {}
-        for labels, samples in self._select("diffusion_request_duration_seconds_bucket", matchers):
+        for labels, samples in self._select(names.REQUEST_DURATION + "_bucket", matchers):
             grown = increase((stamp, value) for stamp, value in samples if since < stamp <= now and not math.isnan(value))
             if grown is not None:
                 bound = float(labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + grown
-        latency = histogram_quantile(quantile, buckets.items()) if buckets else None
-        return DirectSignals(
-            queue=self._latest_sum("diffusion_requests_in_flight", matchers, now),
-            ready=self._latest_sum("diffusion_ready", matchers, now),
-            gpu=sum(gpu_means) / len(gpu_means) if gpu_means else None,
-            latency=latency,
-        )
+        return {
+            names.QUEUE: self._latest_sum(names.REQUESTS_IN_FLIGHT, matchers, now),
+            names.READY_REPLICAS: self._latest_sum(names.READY, matchers, now),
+            names.GPU: sum(gpu_means) / len(gpu_means) if gpu_means else None,
+            names.LATENCY: histogram_quantile(quantile, buckets.items()) if buckets else None,
+        }
 
 
 def read_targets_file(path: str) -> list[tuple[str, dict[str, str]]]:
@@ -218,14 +208,14 @@ class DirectSignalReader:
             return None
 
     async def read(self, spec) -> Reading:
-        names = needed_queries(spec)
+        wanted = needed_queries(spec)
         started = self._clock()
         try:
             targets = read_targets_file(spec.scrape_targets_file)
         except (OSError, ValueError) as error:
             duration = self._clock() - started
             message = f"cannot read {spec.scrape_targets_file}: {error}"
-            return Reading(None, tuple(QueryOutcome(n, duration, error=message) for n in names), (("scrape", duration),))
+            return Reading(None, tuple(QueryOutcome(n, duration, error=message) for n in wanted), (("scrape", duration),))
         store = self._stores.setdefault(spec.scrape_targets_file, ScrapeStore())
         texts = await asyncio.gather(*(self._fetch(address, spec.query_timeout_s) for address, _ in targets))
         now = self._wall()
@@ -241,28 +231,15 @@ class DirectSignalReader:
                 store.mark_stale(address, now)
         for gone in store.instances() - listed:
             store.mark_stale(gone, now)
-        signals = store.signals(spec.selector, parse_duration_seconds(spec.window), now)
+        answers = store.answers(spec.selector, parse_duration_seconds(spec.window), now)
         duration = self._clock() - started
-        raw = {"queue": signals.queue, "ready": signals.ready, "gpu": signals.gpu, "latency": signals.latency}
         outcomes = []
-        for name in names:
-            value = raw[name]
-            if name == "latency" and value is not None and math.isnan(value):
+        for name in wanted:
+            value = answers[name]
+            if name == names.LATENCY and value is not None and math.isnan(value):
                 value = None  # no request finished in the window: abstain, as histogram_quantile's NaN does
-            try:
-                interpret(name, value)
-                outcomes.append(QueryOutcome(name, duration, value=value))
-            except ValueError as error:
-                outcomes.append(QueryOutcome(name, duration, value=value, error=str(error)))
-        reading = Reading(None, tuple(outcomes), (("scrape", duration),))
-        if any(o.error for o in outcomes):
-            return reading
-        values = {o.name: interpret(o.name, o.value) for o in outcomes}
-        return Reading(
-            Signals(queue=values["queue"], ready_replicas=values["ready"], gpu_util_percent=values.get("gpu"),
-                    p95_seconds=values.get("latency")),
-            reading.outcomes, reading.requests,
-        )
+            outcomes.append(outcome(name, value, duration))
+        return to_reading(tuple(outcomes), (("scrape", duration),))
 
     async def close(self) -> None:
         if self._session is not None:

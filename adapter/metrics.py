@@ -13,11 +13,12 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from adapter.config import SIGNALS
 from adapter.signals import Reading
 from adapter.targets import Target
+from contract import names
+from contract.names import QUERIES, SIGNALS
 
-LABELS = ("namespace", "scaledobject", "metric")
+LABELS = names.SCALER_LABELS
 HELD_BY = ("scale_up_window", "scale_down_window", "restart_hold", "min_replicas", "max_replicas")
 
 # RPCs answer from memory in well under a millisecond; Prometheus queries take milliseconds.
@@ -30,17 +31,17 @@ class ScalerMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.grpc_requests = Counter(
-            "scaler_grpc_requests", "gRPC calls answered, by method and status code", ["method", "code"], registry=registry
+            names.SCALER_GRPC_REQUESTS, "gRPC calls answered, by method and status code", ["method", "code"], registry=registry
         )
         self.grpc_duration = Histogram(
-            "scaler_grpc_request_duration_seconds",
+            names.SCALER_GRPC_DURATION,
             "Time to answer a unary gRPC call",
             ["method"],
             buckets=_RPC_BUCKETS,
             registry=registry,
         )
         self.query_duration = Histogram(
-            "scaler_prometheus_query_duration_seconds",
+            names.SCALER_QUERY_DURATION,
             "Prometheus request round trips, by query ('combined' when one request carries all of a target's queries)",
             ["query"],
             buckets=_QUERY_BUCKETS,
@@ -87,7 +88,7 @@ class TargetCollector:
         g.refreshes.add_metric(labels + ["error"], target.refreshes["error"])
         for outcome in target.last_outcomes:
             g.query_duration.add_metric(labels + [outcome.name], outcome.duration_s)
-        for query in ("queue", "ready", "gpu", "latency"):
+        for query in QUERIES:
             if query in target.query_failures or any(o.name == query for o in target.last_outcomes):
                 g.query_failures.add_metric(labels + [query], target.query_failures[query])
         snapshot = target.snapshot
@@ -120,28 +121,28 @@ class _Families:
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=LABELS + extra)
 
-        self.scaledobjects = GaugeMetricFamily("scaler_scaledobjects", "Triggers registered and refreshing")
-        self.queue = gauge("scaler_queue_requests", "Queue signal: requests waiting + running over the target's pods")
-        self.ready = gauge("scaler_ready_replicas", "Replicas reporting ready (diffusion_ready)")
-        self.gpu = gauge("scaler_gpu_utilization_percent", "GPU signal: mean utilization over the target's GPUs")
-        self.p95 = gauge("scaler_latency_p95_seconds", "Latency signal: p95 request latency over the window")
-        self.proposal = gauge("scaler_proposal_replicas", "Replicas each signal proposes", ("signal",))
-        self.composite = gauge("scaler_composite_replicas", "Composite of the proposals, before stabilization")
-        self.desired = gauge("scaler_desired_replicas", "Composite after stabilization: the value KEDA receives")
-        self.active = gauge("scaler_active", "1 when IsActive answers true (queue above activationQueue)")
-        self.burst = gauge("scaler_burst", "1 when the queue proposal skipped the scale-up window")
-        self.limiting = gauge("scaler_limiting_signal", "1 for the signal whose proposal is the composite", ("signal",))
-        self.held = gauge("scaler_stabilization_hold", "1 for what holds the value away from the composite", ("reason",))
-        self.age = gauge("scaler_value_age_seconds", "Age of the value being served")
-        self.stale = gauge("scaler_stale", "1 when no value can be served (none yet, or older than staleAfterSeconds)")
+        self.scaledobjects = GaugeMetricFamily(names.SCALER_SCALEDOBJECTS, "Triggers registered and refreshing")
+        self.queue = gauge(names.SCALER_QUEUE, "Queue signal: requests waiting + running over the target's pods")
+        self.ready = gauge(names.SCALER_READY, "Replicas reporting ready (diffusion_ready)")
+        self.gpu = gauge(names.SCALER_GPU, "GPU signal: mean utilization over the target's GPUs")
+        self.p95 = gauge(names.SCALER_P95, "Latency signal: p95 request latency over the window")
+        self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", ("signal",))
+        self.composite = gauge(names.SCALER_COMPOSITE, "Composite of the proposals, before stabilization")
+        self.desired = gauge(names.SCALER_DESIRED, "Composite after stabilization: the value KEDA receives")
+        self.active = gauge(names.SCALER_ACTIVE, "1 when IsActive answers true (queue above activationQueue)")
+        self.burst = gauge(names.SCALER_BURST, "1 when the queue proposal skipped the scale-up window")
+        self.limiting = gauge(names.SCALER_LIMITING, "1 for the signal whose proposal is the composite", ("signal",))
+        self.held = gauge(names.SCALER_HOLD, "1 for what holds the value away from the composite", ("reason",))
+        self.age = gauge(names.SCALER_VALUE_AGE, "Age of the value being served")
+        self.stale = gauge(names.SCALER_STALE, "1 when no value can be served (none yet, or older than staleAfterSeconds)")
         self.query_duration = gauge(
-            "scaler_query_last_duration_seconds", "Duration of each query in the last refresh", ("query",)
+            names.SCALER_QUERY_LAST_DURATION, "Duration of each query in the last refresh", ("query",)
         )
         self.refreshes = CounterMetricFamily(
-            "scaler_refreshes", "Background refreshes by result", labels=LABELS + ("result",)
+            names.SCALER_REFRESHES, "Background refreshes by result", labels=LABELS + ("result",)
         )
         self.query_failures = CounterMetricFamily(
-            "scaler_query_failures", "Failed Prometheus queries by query", labels=LABELS + ("query",)
+            names.SCALER_QUERY_FAILURES, "Failed Prometheus queries by query", labels=LABELS + ("query",)
         )
 
     def all(self) -> list[Metric]:

@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from adapter.config import ScalerSpec
+from contract.names import GPU, LATENCY, QUEUE, READY_REPLICAS, SIGNAL_LABEL
 from adapter.policy import Signals
 from adapter.prometheus import QueryError, Sample
 
 log = logging.getLogger(__name__)
 
-SIGNAL_LABEL = "scaler_signal"
+_COUNTS = (QUEUE, READY_REPLICAS)  # an empty answer is 0 of these, never a missing signal
 
 
 class QueryFunction(Protocol):
@@ -76,7 +77,7 @@ class Reading:
 
 def needed_queries(spec: ScalerSpec) -> tuple[str, ...]:
     """Queue (activity) and ready replicas always; GPU and latency when enabled."""
-    return ("queue", "ready") + tuple(s for s in ("gpu", "latency") if s in spec.policy.signals)
+    return (QUEUE, READY_REPLICAS) + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals)
 
 
 def combined_query(spec: ScalerSpec, names: tuple[str, ...]) -> str:
@@ -88,9 +89,9 @@ def combined_query(spec: ScalerSpec, names: tuple[str, ...]) -> str:
 def interpret(name: str, value: float | None) -> float | None:
     """The signal's value from a query's raw answer; raises ValueError when unusable."""
     if value is None:
-        return 0.0 if name in ("queue", "ready") else None
+        return 0.0 if name in _COUNTS else None
     if not math.isfinite(value):
-        if name in ("queue", "ready"):
+        if name in _COUNTS:
             raise ValueError(f"answered {value}; a count must be a finite number")
         return None
     if value < 0:
@@ -98,15 +99,34 @@ def interpret(name: str, value: float | None) -> float | None:
     return value
 
 
+def outcome(name: str, value: float | None, duration_s: float) -> QueryOutcome:
+    """A query's outcome from its raw answer (None when empty): an error when `interpret` refuses it."""
+    try:
+        interpret(name, value)
+    except ValueError as e:
+        return QueryOutcome(name, duration_s, value=value, error=str(e))
+    return QueryOutcome(name, duration_s, value=value)
+
+
+def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, float], ...]) -> Reading:
+    """One refresh's Reading from its query outcomes, the one conversion every source uses:
+    the signals when every query answered usably, None when any failed."""
+    if any(o.error for o in outcomes):
+        return Reading(None, outcomes, requests)
+    values = {o.name: interpret(o.name, o.value) for o in outcomes}
+    signals = Signals(
+        queue=values[QUEUE],
+        ready_replicas=values[READY_REPLICAS],
+        gpu_util_percent=values.get(GPU),
+        p95_seconds=values.get(LATENCY),
+    )
+    return Reading(signals, outcomes, requests)
+
+
 def _outcome(name: str, samples: list[Sample], duration_s: float) -> QueryOutcome:
     if len(samples) > 1:
         return QueryOutcome(name, duration_s, error=f"returned {len(samples)} series; aggregate it to one, e.g. with sum()")
-    raw = samples[0].value if samples else None
-    try:
-        interpret(name, raw)
-    except ValueError as e:
-        return QueryOutcome(name, duration_s, value=raw, error=str(e))
-    return QueryOutcome(name, duration_s, value=raw)
+    return outcome(name, samples[0].value if samples else None, duration_s)
 
 
 class SignalReader:
@@ -172,13 +192,4 @@ class SignalReader:
                 log.info("Prometheus rejected the joined query of %s; querying one signal at a time", spec.selector or key)
         if reading is None:
             reading = await self._read_separately(spec, names)
-        if any(o.error for o in reading.outcomes):
-            return reading
-        values = {o.name: interpret(o.name, o.value) for o in reading.outcomes}
-        signals = Signals(
-            queue=values["queue"],
-            ready_replicas=values["ready"],
-            gpu_util_percent=values.get("gpu"),
-            p95_seconds=values.get("latency"),
-        )
-        return Reading(signals, reading.outcomes, reading.requests)
+        return to_reading(reading.outcomes, reading.requests)

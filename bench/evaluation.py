@@ -1,4 +1,4 @@
-"""The evaluation in docs/EVALUATION.md: every scenario through `python -m adapter.simulate`,
+"""The evaluation in docs/EVALUATION.md: every scenario through `python -m lab.sim`,
 the goal checked per scenario, the tables printed as markdown.
 
     python bench/evaluation.py                       # all scenarios, tables to stdout
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TRACES = REPO.parent / "shared" / "traces"
 
-# name -> the arguments of `python -m adapter.simulate` (everything else is the default)
+# name -> the arguments of `python -m lab.sim` (everything else is the default)
 SCENARIOS: dict[str, list[str]] = {
     "code": ["--trace", str(TRACES / "AzureLLMInferenceTrace_code.csv")],
     "conv": ["--trace", str(TRACES / "AzureLLMInferenceTrace_conv.csv")],
@@ -35,7 +35,7 @@ SCENARIOS: dict[str, list[str]] = {
 
 
 def run(name: str, extra: list[str]) -> list[dict]:
-    command = [sys.executable, "-m", "adapter.simulate", *SCENARIOS[name], "--json", *extra]
+    command = [sys.executable, "-m", "lab.sim", *SCENARIOS[name], "--json", *extra]
     out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -57,7 +57,7 @@ def verdict(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict], slo: float = 10.0) -> str:
-    from adapter.simulate import PolicyResult, markdown
+    from lab.sim.report import PolicyResult, markdown
 
     return markdown([PolicyResult(**row) for row in rows], slo)
 
@@ -84,7 +84,7 @@ def main() -> int:
         everything[name] = rows
         outcome = verdict(rows)
         met += outcome == "met"
-        print(f"### {name}\n\n`python -m adapter.simulate {' '.join(a.replace(str(REPO.parent), '..') for a in SCENARIOS[name])}`\n")
+        print(f"### {name}\n\n`python -m lab.sim {' '.join(a.replace(str(REPO.parent), '..') for a in SCENARIOS[name])}`\n")
         print(table(rows))
         print(f"\nGoal: {outcome}.\n", flush=True)
     print(f"Goal met on {met} of {len(names)} scenarios.")

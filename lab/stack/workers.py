@@ -158,6 +158,9 @@ class WorkerFleet:
     def ready(self) -> list[WorkerProcess]:
         return [w for w in self.workers if w.ready and not w.draining]
 
+    def ready_count(self) -> int:
+        return len(self.ready)
+
     def addresses(self) -> list[str]:
         """Every live worker's metrics address, draining ones included (they still report)."""
         return [w.address for w in self.workers if w.alive()]

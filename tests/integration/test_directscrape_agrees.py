@@ -45,14 +45,14 @@ def test_direct_signals_match_prometheus_on_the_same_data(fleet, prometheus, dep
 
         def agree():
             now = time.time()
-            direct = store.signals(selector, window_s=10, now=now)
-            assert direct.queue == prometheus_value(queries.queue, now) == 8
-            assert direct.ready == prometheus_value(queries.ready, now) == 2
-            assert direct.gpu == pytest.approx(prometheus_value(queries.gpu, now)) == 60
+            direct = store.answers(selector, window_s=10, now=now)
+            assert direct["queue"] == prometheus_value(queries.queue, now) == 8
+            assert direct["ready"] == prometheus_value(queries.ready, now) == 2
+            assert direct["gpu"] == pytest.approx(prometheus_value(queries.gpu, now)) == 60
             # p95 of 10 rps at 1.5 s and 5 rps at 4 s lies in the (3, 5] bucket
             expected = prometheus_value(queries.latency, now)
             assert 3 < expected <= 5
-            assert direct.latency == pytest.approx(expected, rel=0.05)
+            assert direct["latency"] == pytest.approx(expected, rel=0.05)
 
         eventually(agree, timeout_s=15, interval_s=1.0)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.sim.fleet import BatchProfile
-from adapter.simulate import replay_record
+from lab.sim.replay import replay_record
 
 from .conftest import require_prometheus
 
@@ -46,7 +46,7 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
 
     Heavier requests (24 steps) and `minBusyReplicas=1` make the queue and latency drive the
     replica count. The run is recorded (arrivals as sent, replicas per second, start-up delays,
-    batches) and replayed through `adapter.simulate` with the raw pipeline's batch profile from
+    batches) and replayed through `lab.sim` with the raw pipeline's batch profile from
     the worker benchmark. The stated bound: the two replica counts differ by at most one in at
     least 90 % of the seconds, their peaks by at most one, their means by at most 25 %, and
     their first scale-ups by at most 15 s.
@@ -62,7 +62,7 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
                    cwd=ROOT, check=True, capture_output=True, timeout=180)
     timeline, record = tmp_path / "timeline.png", tmp_path / "record.json"
     result = subprocess.run(
-        [sys.executable, "-m", "adapter.stack", "--seconds", "100", "--scale-down-window", "10", "--model", str(model),
+        [sys.executable, "-m", "lab.stack", "--seconds", "100", "--scale-down-window", "10", "--model", str(model),
          "--steps", "24", "--max-replicas", "3", "--metadata", "minBusyReplicas=1",
          "--timeline", str(timeline), "--record", str(record)],
         cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -81,7 +81,7 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
     assert len(recorded["arrivals"]) == recorded["requests"]["sent"] and recorded["batches"] is not None
     replayed = replay_record(recorded, BatchProfile.from_file(profile))
     real = [point["desired"] for point in recorded["timeline"]]
-    simulated = [point.serving for point in replayed.timeline][: len(real)]
+    simulated = [point.desired for point in replayed.timeline][: len(real)]
     real = real[: len(simulated)]
     shown = f"\nstack     {''.join(map(str, real))}\nsimulator {''.join(map(str, simulated))}"
     close = sum(abs(a - b) <= 1 for a, b in zip(real, simulated, strict=True)) / len(real)
@@ -98,7 +98,7 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
     import time
 
     require_prometheus()
-    process = subprocess.Popen([sys.executable, "-m", "adapter.stack", "--seconds", "300", "--timeline", ""],
+    process = subprocess.Popen([sys.executable, "-m", "lab.stack", "--seconds", "300", "--timeline", ""],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -124,7 +124,7 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
 @pytest.mark.timeout(300)
 def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scales():
     result = subprocess.run(
-        [sys.executable, "-m", "adapter.stack", "--seconds", "120", "--metrics-source", "direct", "--steps", "24",
+        [sys.executable, "-m", "lab.stack", "--seconds", "120", "--metrics-source", "direct", "--steps", "24",
          "--scale-down-window", "8", "--timeline", ""],
         cwd=ROOT, capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

@@ -63,16 +63,16 @@ def test_signals_from_scrapes_over_the_window():
     for t in range(0, 61, 10):
         store.record(t, scrape(3, 1, 40 + t, (t, 2 * t, 2 * t), pod="a"))
         store.record(t, scrape(5, 1, 80, (0, 0, 0), pod="b"))
-    signals = store.signals('deployment="sd"', window_s=30, now=60)
-    assert signals.queue == 8 and signals.ready == 2
-    assert signals.gpu == pytest.approx(((90 + 100 + 80) / 3 + 80) / 2)  # samples at 40, 50, 60 for pod a
+    answers = store.answers('deployment="sd"', window_s=30, now=60)
+    assert answers["queue"] == 8 and answers["ready"] == 2
+    assert answers["gpu"] == pytest.approx(((90 + 100 + 80) / 3 + 80) / 2)  # samples at 40, 50, 60 for pod a
     # increases in (30, 60]: le=1 +20, le=2 +40, +Inf +40; rank 38 lies in (1, 2]: 1 + (38 - 20) / 20
-    assert signals.latency == pytest.approx(1.9)
-    assert store.signals('deployment="other"', window_s=30, now=60).queue is None
+    assert answers["latency"] == pytest.approx(1.9)
+    assert store.answers('deployment="other"', window_s=30, now=60)["queue"] is None
 
 
 def test_a_target_not_scraped_for_the_lookback_drops_out():
     store = ScrapeStore(stale_after_s=30)
     store.record(0, scrape(7, 1, 50, (1, 1, 1), pod="gone"))
     store.record(50, scrape(2, 1, 50, (1, 1, 1), pod="here"))
-    assert store.signals('deployment="sd"', window_s=30, now=50).queue == 2
+    assert store.answers('deployment="sd"', window_s=30, now=50)["queue"] == 2

@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapter import simulate
 from adapter.config import MetadataError
+from adapter.policy import Signals
+from lab.keda import FleetTarget
+from lab.sim import cli, composite
+from lab.sim.baselines import KnativeController, baselines
+from lab.sim.cli import sweep_grid
+from lab.sim.composite import SHIPPED_METADATA, CompositeController
 from lab.sim.fleet import Fleet, FleetSpec
-from adapter.simulate import (
-    SHIPPED_METADATA, CompositeController, FleetTarget, KnativeController, Observation, Observer, PolicyResult,
-    default_controllers, pareto_front, replay, sweep_grid,
-)
+from lab.sim.observe import Observation, Observer
+from lab.sim.replay import replay
+from lab.sim.report import PolicyResult, pareto_front
 from lab.sim.traces import Arrival, synthetic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,43 +32,51 @@ def test_a_saturated_replica_reads_its_batch_utilization_over_the_window():
     for t in range(0, 61):
         fleet.run_until(t)
         observation = observer.observe(t)
-    assert observation.gpu_util_percent == pytest.approx(92, abs=1)  # batch 12 on the H100 table
-    assert observation.queue > 1000 and observation.ready == 1
-    assert observation.p95_s is not None and observation.p95_s > 30
+    signals = observation.signals
+    assert signals.gpu_util_percent == pytest.approx(92, abs=1)  # batch 12 on the H100 table
+    assert signals.queue > 1000 and signals.ready_replicas == 1
+    assert signals.p95_seconds is not None and signals.p95_seconds > 30
 
 
 def test_every_policy_replays_deterministically_and_accounts_for_every_request():
     arrivals = synthetic("step", 600, 1, 20, seed=4)
-    for controller, again in zip(default_controllers(12, 1, 12), default_controllers(12, 1, 12), strict=True):
+    def controllers():
+        return [CompositeController(SHIPPED_METADATA, 1, 12), *baselines(12, 1, 12)]
+
+    for controller, again in zip(controllers(), controllers(), strict=True):
         first = replay(arrivals, controller, FleetSpec(), slo_s=10, tail_s=120)
         second = replay(arrivals, again, FleetSpec(), slo_s=10, tail_s=120)
         assert first.summary() == second.summary(), controller.name
         assert first.requests == len(arrivals)
         assert 0 <= first.slo_attainment <= 1 and first.gpu_hours > 0
-        assert max(p.serving for p in first.timeline) > 1, f"{controller.name} never scaled up"
+        assert max(p.desired for p in first.timeline) > 1, f"{controller.name} never scaled up"
 
 
-def test_the_composite_runs_the_scalers_own_parser_decision_code_and_keda_loop():
+def test_the_composite_runs_the_scalers_own_parser_refresh_step_and_keda_loop():
     import adapter.config
+    import adapter.targets
     import lab.keda
-    import adapter.policy
 
-    assert simulate.decide is adapter.policy.decide
-    assert simulate.parse_metadata is adapter.config.parse_metadata
-    assert simulate.KedaLoop is lab.keda.KedaLoop
+    assert composite.parse_metadata is adapter.config.parse_metadata
+    assert composite.KedaLoop is lab.keda.KedaLoop
+    controller = CompositeController(SHIPPED_METADATA, 1, 4)
+    assert type(controller.scaler.target) is adapter.targets.Target
+    controller.scaler.refresh(Observation(0, 1, Signals(queue=40, ready_replicas=1)))
+    # the scaler's own step decided: 40 / 16 -> 3 replicas, a burst past the scale-up window
+    assert controller.scaler.metric() == 3 and controller.scaler.target.refreshes["ok"] == 1
     with pytest.raises(MetadataError, match="targetQueuePerReplica"):
         CompositeController({"targetQueuePerReplica": "-1"}, 1, 4)
 
 
 def test_the_composite_answers_from_the_refresh_cache_between_refreshes():
-    composite = CompositeController({**SHIPPED_METADATA, "refreshSeconds": "10", "targetQueuePerReplica": "10"}, 1, 20,
+    controller = CompositeController({**SHIPPED_METADATA, "refreshSeconds": "10", "targetQueuePerReplica": "10"}, 1, 20,
                                     polling_interval_s=15, sync_period_s=1)
     fleet = Fleet(FleetSpec())
     fleet.scale_to(1, startup_s=0)
     target = FleetTarget(fleet)
 
     def observe(t: float, queue: float) -> None:
-        composite.step(Observation(t, queue, 1, target.desired, None, None), target)
+        controller.step(Observation(t, target.desired, Signals(queue=queue, ready_replicas=1)), target)
 
     observe(0, 0)
     observe(1, 100)  # the cache (t = 0) still says 1
@@ -75,11 +87,11 @@ def test_the_composite_answers_from_the_refresh_cache_between_refreshes():
 
 def test_knative_does_not_scale_down_while_panicking_and_at_most_halves_after():
     knative = KnativeController(container_concurrency=10, min_replicas=1, max_replicas=20)  # target 7 in flight
-    assert knative.desired(Observation(0, queue=70, ready=1, serving=1, gpu_util_percent=None, p95_s=None)) == 10
+    assert knative.desired(Observation(0, 1, Signals(queue=70, ready_replicas=1))) == 10
     # the burst ends, but the panic window (60 s) holds the peak
-    assert knative.desired(Observation(10, queue=0, ready=10, serving=10, gpu_util_percent=None, p95_s=None)) == 10
+    assert knative.desired(Observation(10, 10, Signals(queue=0, ready_replicas=10))) == 10
     # out of panic: the stable window would ask for 1, max-scale-down-rate 2 allows 5
-    assert knative.desired(Observation(80, queue=0, ready=10, serving=10, gpu_util_percent=None, p95_s=None)) == 5
+    assert knative.desired(Observation(80, 10, Signals(queue=0, ready_replicas=10))) == 5
 
 
 def test_sweep_grid_is_every_combination_and_rejects_malformed_axes():
@@ -108,21 +120,21 @@ def test_the_simulators_defaults_are_what_the_manifests_ship():
     metadata = scaled["spec"]["triggers"][0]["metadata"]
     assert {k: metadata[k] for k in SHIPPED_METADATA} == SHIPPED_METADATA
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"], scaled["spec"]["pollingInterval"]) == (
-        simulate.SHIPPED_MIN_REPLICAS, simulate.SHIPPED_MAX_REPLICAS, simulate.SHIPPED_POLLING_INTERVAL_S)
+        composite.SHIPPED_MIN_REPLICAS, composite.SHIPPED_MAX_REPLICAS, composite.SHIPPED_POLLING_INTERVAL_S)
     [worker] = [d for d in yaml.safe_load_all((ROOT / "manifests/base/worker.yaml").read_text())
                 if d and d["kind"] == "Deployment"]
     [container] = [c for c in worker["spec"]["template"]["spec"]["containers"] if c["name"] == "worker"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert int(env["WORKER_MAX_BATCH_SIZE"]) == simulate.SHIPPED_MAX_BATCH
-    assert float(env["WORKER_MAX_WAIT_MS"]) / 1000 == simulate.SHIPPED_MAX_WAIT_S
-    assert int(env["WORKER_MAX_QUEUE"]) == simulate.SHIPPED_MAX_QUEUE
+    assert int(env["WORKER_MAX_BATCH_SIZE"]) == composite.SHIPPED_MAX_BATCH
+    assert float(env["WORKER_MAX_WAIT_MS"]) / 1000 == composite.SHIPPED_MAX_WAIT_S
+    assert int(env["WORKER_MAX_QUEUE"]) == composite.SHIPPED_MAX_QUEUE
 
 
 SHORT = ["--scenario", "spike", "--duration", "600", "--tail", "60", "--jobs", "2"]
 
 
 def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
-    assert simulate.main([*SHORT, "--json"]) == 0
+    assert cli.main([*SHORT, "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["policy"] for r in rows] == ["composite", "hpa-gpu", "keda-queue", "fixed-interval", "knative"]
     for row in rows:
@@ -131,7 +143,7 @@ def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
 
 
 def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tmp_path):
-    assert simulate.main([*SHORT, "--sweep", "targetQueuePerReplica=8,16", "--policies", "knative",
+    assert cli.main([*SHORT, "--sweep", "targetQueuePerReplica=8,16", "--policies", "knative",
                           "--plots", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "composite targetQueuePerReplica=8" in out and "composite targetQueuePerReplica=16" in out
@@ -154,21 +166,21 @@ def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tm
     ],
 )
 def test_cli_rejects_bad_input_with_exit_2_and_a_message(argv, message, capsys):
-    assert simulate.main([*SHORT, *argv]) == 2
+    assert cli.main([*SHORT, *argv]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_cli_names_the_trace_problem(tmp_path, capsys):
     trace = tmp_path / "t.csv"
     trace.write_text("when\n2023-11-16 18:17:03.97\n")
-    assert simulate.main(["--trace", str(trace)]) == 2
+    assert cli.main(["--trace", str(trace)]) == 2
     assert "no column 'TIMESTAMP'" in capsys.readouterr().err
 
 
 def test_p95_is_read_through_the_workers_buckets_as_histogram_quantile_would():
     fleet = Fleet(FleetSpec())
     observer = Observer(fleet, window_s=60)
-    assert observer.observe(0).p95_s is None  # nothing finished: the signal abstains
+    assert observer.observe(0).signals.p95_seconds is None  # nothing finished: the signal abstains
     observer._recent.extend((1.0, 6.0) for _ in range(100))  # all in the (5, 7.5] bucket
     assert observer._p95() == pytest.approx(5 + 2.5 * 0.95)
     observer._recent.append((1.0, 1000.0))  # beyond the last finite bucket

@@ -1,0 +1,162 @@
+"""The replay simulator's command line (`python -m lab.sim`). Replays arrivals (a CSV trace or a seeded scenario)
+through the simulated fleet under the composite and the four baselines, side by side, and
+prints a markdown table (or JSON), a Pareto front for sweeps, and PNG timelines.
+
+Policies: `composite` (the scaler's own parser, refresh step and decision core, behind KEDA's
+loop and the HPA with the ScaledObject's pass-through behavior), `hpa-gpu` (HPA on GPU
+utilization, 75 %), `keda-queue` (KEDA's Prometheus scaler, 5 requests per replica),
+`fixed-interval` (one replica more or fewer every 30 s), `knative` (the KPA's defaults).
+docs/EVALUATION.md has the results and the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from adapter.config import MetadataError
+from lab.sim.baselines import BASELINE_NAMES
+from lab.sim.composite import (
+    SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
+    SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S, composite_spec,
+)
+from lab.sim.fleet import BatchProfile, FleetSpec, StartupDelay
+from lab.sim.replay import Job, Setup, run_jobs, write_timelines
+from lab.sim.report import markdown, pareto_front
+from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
+
+PROG = "python -m lab.sim"
+
+
+def sweep_grid(assignments: Sequence[str]) -> list[dict[str, str]]:
+    """`KEY=V1,V2` (or `KEY=V1|V2` where values hold commas) assignments to every combination,
+    as metadata overrides; raises ValueError."""
+    axes: list[tuple[str, list[str]]] = []
+    for assignment in assignments:
+        key, sep, values = assignment.partition("=")
+        # values that hold commas themselves (signals, weights) are separated by "|" instead
+        choices = [v.strip() for v in values.split("|" if "|" in values else ",") if v.strip()]
+        if not sep or not key.strip() or not choices:
+            raise ValueError(f"--sweep wants KEY=V1,V2,..., got {assignment!r}")
+        if any(key.strip() == k for k, _ in axes):
+            raise ValueError(f"--sweep names {key.strip()} twice")
+        axes.append((key.strip(), choices))
+    grid: list[dict[str, str]] = [{}]
+    for key, choices in axes:
+        grid = [{**point, key: value} for point in grid for value in choices]
+    return grid
+
+
+def sweep_name(overrides: Mapping[str, str]) -> str:
+    return "composite " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "composite"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", type=Path, help="CSV trace, one request per row")
+    source.add_argument("--scenario", choices=SCENARIOS, help="a synthetic scenario instead of a trace")
+    parser.add_argument("--time-column", default="TIMESTAMP", help="the trace's timestamp column (default TIMESTAMP)")
+    parser.add_argument("--images-column", help="the trace's images-per-request column (default: 1 each)")
+    parser.add_argument("--steps-column", help="the trace's denoising-steps column (default: 20 each)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="2 plays the trace twice as fast (default 1)")
+    parser.add_argument("--duration", type=float, default=3600.0, help="scenario length, seconds (default 3600)")
+    parser.add_argument("--base-rps", type=float, default=2.0, help="scenario's base rate (default 2)")
+    parser.add_argument("--peak-rps", type=float, default=15.0, help="scenario's peak rate (default 15)")
+    parser.add_argument("--seed", type=int, default=0, help="arrivals' and start-up delays' seed (default 0)")
+    parser.add_argument("--slo-seconds", type=float, default=10.0, help="the latency objective (default 10)")
+    parser.add_argument("--max-batch", type=int, default=SHIPPED_MAX_BATCH, help="each replica's max batch (default 12)")
+    parser.add_argument("--max-wait-ms", type=float, default=1000 * SHIPPED_MAX_WAIT_S, help="batch deadline (default 50)")
+    parser.add_argument("--max-queue", type=int, default=SHIPPED_MAX_QUEUE,
+                        help="images a replica holds waiting before it rejects (default 96)")
+    parser.add_argument("--profile", type=Path, help="batch profile JSON {\"reference_steps\": 20, \"batches\": "
+                        "[{\"batch\": 1, \"seconds\": 1.07, \"gpu_util_percent\": 27}, ...]} (default: the H100 table in docs/ARCHITECTURE.md)")
+    parser.add_argument("--startup-median", type=float, default=23.0, help="replica start-up delay median, s (default 23)")
+    parser.add_argument("--startup-p99", type=float, default=52.0, help="replica start-up delay p99, s (default 52)")
+    parser.add_argument("--min-replicas", type=int, default=SHIPPED_MIN_REPLICAS, help="(default 1)")
+    parser.add_argument("--max-replicas", type=int, default=SHIPPED_MAX_REPLICAS, help="(default 16)")
+    parser.add_argument("--polling-interval", type=float, default=SHIPPED_POLLING_INTERVAL_S,
+                        help="KEDA pollingInterval for the composite (default 15, the ScaledObject's)")
+    parser.add_argument("--composite", action="append", default=[], metavar="KEY=VALUE",
+                        help="composite trigger metadata over the shipped ScaledObject's (repeatable)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="run the composite over every combination of these metadata values (repeatable; "
+                        "separate values with | where they hold commas, e.g. signals=queue,gpu|queue) "
+                        "and print the Pareto front of SLO attainment against GPU-hours")
+    parser.add_argument("--policies", default="composite," + ",".join(BASELINE_NAMES),
+                        help="which policies to run, comma-separated (default: all five)")
+    parser.add_argument("--tail", type=float, default=300.0, help="seconds simulated after the last arrival (default 300)")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write a PNG timeline per policy into DIR")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per policy instead of the table")
+    args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return 2
+
+    if args.min_replicas < 1 or args.max_replicas < args.min_replicas:
+        return fail("need 1 <= --min-replicas <= --max-replicas (requests to zero replicas would have nowhere to wait)")
+    if args.max_batch < 1 or args.max_queue < args.max_batch or args.max_wait_ms < 0:
+        return fail("need --max-batch >= 1, --max-queue >= --max-batch and --max-wait-ms >= 0")
+    if not 0 < args.startup_median <= args.startup_p99:
+        return fail("need 0 < --startup-median <= --startup-p99")
+    if args.slo_seconds <= 0 or args.tail < 0:
+        return fail("need --slo-seconds > 0 and --tail >= 0")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in ("composite", *BASELINE_NAMES)]
+    if unknown or not policies:
+        return fail(f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
+                    f"accepted: composite, {', '.join(BASELINE_NAMES)}")
+    try:
+        overrides = dict(_assignment(a) for a in args.composite)
+        grid = sweep_grid(args.sweep) if args.sweep else [{}]
+        for point in grid:
+            composite_spec({**SHIPPED_METADATA, **overrides, **point})
+        profile = BatchProfile.from_file(args.profile) if args.profile else BatchProfile()
+        if args.trace:
+            arrivals = load_trace(args.trace, args.time_column, args.images_column, args.steps_column, args.time_scale)
+        else:
+            arrivals = synthetic(args.scenario, args.duration, args.base_rps, args.peak_rps, args.seed)
+    except (TraceError, MetadataError, ValueError, OSError) as error:
+        return fail(str(error))
+    setup = Setup(FleetSpec(args.max_batch, args.max_wait_ms / 1000, args.max_queue, profile,
+                            StartupDelay(args.startup_median, args.startup_p99)),
+                  args.slo_seconds, args.min_replicas, args.max_replicas, args.polling_interval, args.seed, args.tail)
+    jobs = []
+    if "composite" in policies or args.sweep:
+        for point in grid:
+            metadata = {**SHIPPED_METADATA, **overrides, **point}
+            jobs.append(Job("composite", tuple(sorted(metadata.items())), sweep_name(point)))
+    jobs += [Job(name, name=name) for name in BASELINE_NAMES if name in policies]
+    results = run_jobs(arrivals, setup, jobs, args.jobs)
+    if args.json:
+        front = {id(r) for r in pareto_front(results)}
+        for result in results:
+            print(json.dumps({**result.summary(), **({"pareto": id(result) in front} if args.sweep else {})}))
+    else:
+        print(f"{len(arrivals)} requests over {arrivals[-1].t_s / 60:.1f} min; objective {args.slo_seconds:g} s")
+        print(markdown(results, args.slo_seconds))
+        if args.sweep:
+            print("\nPareto front (SLO attainment against GPU-hours, cheapest first):\n")
+            print(markdown(pareto_front(results), args.slo_seconds))
+    if args.plots:
+        try:
+            written = write_timelines(results, args.plots, args.slo_seconds)
+        except ImportError:
+            return fail("--plots needs matplotlib: pip install '.[stack]'")
+        print(f"timelines: {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--composite wants KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+

@@ -1,0 +1,95 @@
+"""Our scaler in the simulator: its own parser, its own refresh step, KEDA's loop and the HPA.
+
+The trigger metadata goes through `adapter.config.parse_metadata`; a simulated refresher feeds
+each observation, every `refreshSeconds`, to the scaler's own `adapter.targets.Target` (which
+runs `adapter.policy.decide` and keeps the snapshot the RPCs answer from); KEDA's loop
+(`lab.keda.KedaLoop`, the one the local stack runs over gRPC) polls that cache and feeds the HPA
+algorithm (`lab.hpa`) with the pass-through behavior of our ScaledObject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
+from adapter.signals import Reading
+from adapter.targets import Target
+from lab.hpa import PASS_THROUGH
+from lab.keda import FleetTarget, KedaLoop
+from lab.sim.controller import Controller
+from lab.sim.observe import Observation
+
+# The trigger metadata our ScaledObject ships (manifests/base/scaledobject.yaml, less its
+# addresses and selector); a test keeps the two equal. The simulator's composite starts here.
+SHIPPED_METADATA: dict[str, str] = {
+    "targetQueuePerReplica": "16",
+    "targetGpuUtilization": "90",
+    "targetP95Seconds": "6",
+    "scaleDownWindowSeconds": "180",
+    "minBusyReplicas": "2",
+}
+# The worker Deployment's batching (manifests/base/worker.yaml) and the ScaledObject's bounds.
+SHIPPED_MAX_BATCH = 12
+SHIPPED_MAX_WAIT_S = 0.05
+SHIPPED_MAX_QUEUE = 96
+SHIPPED_MIN_REPLICAS = 1
+SHIPPED_MAX_REPLICAS = 16
+SHIPPED_POLLING_INTERVAL_S = 15.0
+
+
+class SimulatedScaler:
+    """The scaler's refresher in process: every `refreshSeconds` the observed signals go to the
+    scaler's own `Target`, and KEDA's calls are answered from its snapshot, as the service does."""
+
+    def __init__(self, spec: ScalerSpec, name: str = "composite") -> None:
+        self.spec = spec
+        self.target = Target(("simulated", name, ()), "simulated", name, spec, now=0.0)
+        self._next_refresh = 0.0
+        self._now = 0.0
+
+    def refresh(self, o: Observation) -> None:
+        self._now = o.t
+        if o.t < self._next_refresh:
+            return
+        self._next_refresh = o.t + self.spec.refresh_s
+        self.target.apply(Reading(o.signals, ()), o.t)
+
+    def metric_target(self) -> float:
+        return 1.0  # the composite is in replicas; GetMetricSpec's targetSizeFloat
+
+    def is_active(self) -> bool:
+        snapshot = self.target.snapshot
+        return snapshot is not None and snapshot.decision.active
+
+    def metric(self) -> float:
+        """The value GetMetrics would answer; raises `adapter.targets.Unavailable` when there is none."""
+        return self.target.current(self._now).decision.value
+
+
+class CompositeController(Controller):
+    """The scaler's decision core behind its cache, polled by KEDA, applied by the HPA."""
+
+    name = "composite"
+
+    def __init__(self, metadata: Mapping[str, str], min_replicas: int, max_replicas: int,
+                 polling_interval_s: float = SHIPPED_POLLING_INTERVAL_S, sync_period_s: float = 15.0,
+                 name: str = "composite") -> None:
+        self.name = name
+        self.spec = composite_spec(metadata)
+        self.window_s = parse_duration_seconds(self.spec.window)
+        self.scaler = SimulatedScaler(self.spec, name)
+        self.keda = KedaLoop(self.scaler, min_replicas, max_replicas, PASS_THROUGH, polling_interval_s, sync_period_s)
+        self._started = False
+
+    def step(self, o: Observation, target: FleetTarget) -> None:
+        self.scaler.refresh(o)
+        if not self._started:
+            self.keda.start(o.t)
+            self._started = True
+        self.keda.step(o.t, target)
+
+
+def composite_spec(metadata: Mapping[str, str]) -> ScalerSpec:
+    """Trigger metadata through the scaler's own parser; the address is a placeholder, as
+    nothing is queried. Raises `adapter.config.MetadataError` naming a bad key."""
+    return parse_metadata({"prometheusAddress": "http://simulated:9090", **metadata})
