@@ -23,7 +23,7 @@ import requests  # noqa: E402
 import urllib3  # noqa: E402
 
 from lab.localprom import LocalPrometheus  # noqa: E402
-from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticPods  # noqa: E402
 
 QUERY = " or ".join(
     f'label_replace({q}, "scaler_signal", "{n}", "", "")'
@@ -67,7 +67,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    fleet = SyntheticFleet()
+    fleet = SyntheticPods()
     port = fleet.start()
     for i in range(50):
         fleet.set_pod("bench", f"sd-{i}", f"sd-{i}-0", PodLoad(queue=3, gpu_util_percent=50))

@@ -20,7 +20,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from lab.localprom import LocalPrometheus, free_port  # noqa: E402
-from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticPods  # noqa: E402
 from bench.scaler_rpc import make_refs, process_cpu_s, register, start_scaler  # noqa: E402
 
 SEPARATE = [
@@ -38,7 +38,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    fleet = SyntheticFleet()
+    fleet = SyntheticPods()
     port = fleet.start()
     for i in range(args.scaled_objects):
         fleet.set_pod("bench", f"sd-{i}", f"sd-{i}-0", PodLoad(queue=3, gpu_util_percent=50))

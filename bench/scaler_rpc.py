@@ -40,7 +40,8 @@ import requests  # noqa: E402
 from adapter._proto import externalscaler_pb2 as pb  # noqa: E402
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 from lab.localprom import LocalPrometheus, free_port  # noqa: E402
-from lab.synthetic import PodLoad, SyntheticFleet  # noqa: E402
+from lab.sim.report import percentile  # noqa: E402
+from lab.synthetic import PodLoad, SyntheticPods  # noqa: E402
 
 
 def make_refs(count: int, prometheus_url: str, refresh_s: float = 5.0) -> list[pb.ScaledObjectRef]:
@@ -59,13 +60,6 @@ def make_refs(count: int, prometheus_url: str, refresh_s: float = 5.0) -> list[p
         }
         refs.append(pb.ScaledObjectRef(name=f"sd-{i}", namespace="bench", scalerMetadata=metadata))
     return refs
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 # --- client processes ------------------------------------------------------------------
@@ -226,11 +220,15 @@ def process_cpu_s(pid: int) -> float:
 
 
 def summary(name, rate, latencies, errors) -> dict:
+    def ms(q: float) -> float | None:
+        value = percentile(latencies, q)
+        return None if value is None else round(value * 1000, 3)
+
     return {
         "phase": name,
         "rpc_per_s": round(rate, 1),
-        "p50_ms": round(percentile(latencies, 0.50) * 1000, 3),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
+        "p50_ms": ms(0.50),
+        "p99_ms": ms(0.99),
         "calls": len(latencies),
         "errors": errors,
     }
@@ -260,7 +258,7 @@ def main() -> int:
     scaler_cpus, client_cpus = parse_cpus(args.scaler_cpus), parse_cpus(args.client_cpus)
     prometheus_cpus = parse_cpus(args.prometheus_cpus) or scaler_cpus
 
-    fleet = SyntheticFleet()
+    fleet = SyntheticPods()
     fleet_port = fleet.start()
     rng = random.Random(1)
     for i in range(args.scaled_objects):

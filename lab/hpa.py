@@ -21,7 +21,6 @@ SelectPolicy = Literal["Max", "Min", "Disabled"]
 TargetType = Literal["AverageValue", "Value"]
 
 DEFAULT_TOLERANCE = 0.1  # --horizontal-pod-autoscaler-tolerance
-DEFAULT_SYNC_PERIOD_S = 15.0  # --horizontal-pod-autoscaler-sync-period
 
 
 @dataclass(frozen=True)

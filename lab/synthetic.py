@@ -1,7 +1,7 @@
-"""A synthetic fleet's /metrics: the worker's and the exporter's series for pods whose load the
-caller sets. It stands in for real workers where only their signals matter (integration
-tests of the scaler, its benchmark, the scaler-only demo); names and labels follow the
-contract in DESIGN.md.
+"""Synthetic pods' /metrics: the worker's and the exporter's series for pods whose load the
+caller sets. Not a fleet (nothing here serves or scales; `lab.sim.fleet` is the simulated
+fleet): it stands in for real workers where only their exposition matters (integration tests
+of the scaler, its benchmarks). Names, labels and buckets come from `contract.names`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from contract import names
 from contract.httpserver import MetricsServer
-from worker.metrics import LATENCY_BUCKETS_S  # the real worker's buckets, so quantiles match
+from contract.names import LATENCY_BUCKETS_S  # the real worker's buckets, so quantiles match
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PodLoad:
     queue: float = 0.0  # requests waiting + running
     ready: bool = True
     gpu_util_percent: float | None = None  # None: no GPU series
-    latency_s: float = 1.0  # every finished request took this long
+    request_duration_s: float = 1.0  # every finished request took this long
     requests_per_s: float = 0.0  # finished requests per second
 
 
@@ -44,12 +45,12 @@ class _Pod:
         if finished <= 0:
             return
         self.finished += finished
-        self.latency_sum += finished * self.load.latency_s
-        index = next((i for i, b in enumerate(LATENCY_BUCKETS_S) if self.load.latency_s <= b), len(LATENCY_BUCKETS_S))
+        self.latency_sum += finished * self.load.request_duration_s
+        index = next((i for i, b in enumerate(LATENCY_BUCKETS_S) if self.load.request_duration_s <= b), len(LATENCY_BUCKETS_S))
         self.bucket_counts[index] += finished
 
 
-class SyntheticFleet:
+class SyntheticPods:
     """Pods of one or more deployments; histograms accumulate from each pod's request rate."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
@@ -74,12 +75,12 @@ class SyntheticFleet:
 
     def collect(self) -> Iterable[Metric]:
         labels = ["namespace", "deployment", "pod"]
-        queue = GaugeMetricFamily("diffusion_requests_in_flight", "Requests waiting + running", labels=labels)
-        ready = GaugeMetricFamily("diffusion_ready", "1 when the model is loaded and not draining", labels=labels)
-        gpu_labels = ["gpu", "UUID", "device", "modelName", "Hostname"] + labels
-        gpu = GaugeMetricFamily("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", labels=gpu_labels)
+        queue = GaugeMetricFamily(names.REQUESTS_IN_FLIGHT, "Requests waiting + running", labels=labels)
+        ready = GaugeMetricFamily(names.READY, "1 when the model is loaded and not draining", labels=labels)
+        gpu_labels = ["gpu", "UUID", "device", "modelName", "Hostname"] + labels  # a subset of names.DEVICE_LABELS
+        gpu = GaugeMetricFamily(names.GPU_UTIL, "GPU utilization (in %).", labels=gpu_labels)
         latency = HistogramMetricFamily(
-            "diffusion_request_duration_seconds", "Request latency, arrival to response", labels=labels, unit=""
+            names.REQUEST_DURATION, "Request latency, arrival to response", labels=labels, unit=""
         )
         now = self._clock()
         with self._lock:

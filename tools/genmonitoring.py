@@ -4,15 +4,20 @@
 - manifests/overlays/prometheus-operator/prometheusrule.yaml, the rule file's groups wrapped
   for prometheus-operator, so the plain file stays the one source.
 
-Run `python tools/genmonitoring.py` after editing either; a test fails while they differ.
+Metric names come from `contract.names`. Run `python tools/genmonitoring.py` after editing
+either; a test fails while they differ.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: the contract is importable from a checkout
+
+from contract import names as n  # noqa: E402 - every metric name comes from the contract
 OUT = ROOT / "manifests" / "monitoring" / "dashboards" / "diffusion-autoscaler.json"
 RULES = ROOT / "manifests" / "monitoring" / "rules" / "diffusion-autoscaler.rules.yaml"
 PROMETHEUS_RULE = ROOT / "manifests" / "overlays" / "prometheus-operator" / "prometheusrule.yaml"
@@ -23,43 +28,43 @@ DEP = 'namespace="$namespace",deployment="$deployment"'
 # (title, unit, [(expr, legend)], kind)
 PANELS = [
     ("Composite, before and after stabilization, and each signal's proposal", "short", [
-        (f"scaler_composite_replicas{{{SO}}}", "composite (before stabilization)"),
-        (f"scaler_desired_replicas{{{SO}}}", "served to KEDA (after stabilization)"),
-        (f"scaler_proposal_replicas{{{SO}}}", "proposal: {{signal}}"),
+        (f"{n.SCALER_COMPOSITE}{{{SO}}}", "composite (before stabilization)"),
+        (f"{n.SCALER_DESIRED}{{{SO}}}", "served to KEDA (after stabilization)"),
+        (f"{n.SCALER_PROPOSAL}{{{SO}}}", "proposal: {{signal}}"),
     ], "timeseries"),
     ("Replicas: desired vs ready", "short", [
-        (f"scaler_desired_replicas{{{SO}}}", "desired"),
-        (f"deployment:diffusion_ready:sum{{{DEP}}}", "ready"),
+        (f"{n.SCALER_DESIRED}{{{SO}}}", "desired"),
+        (f"deployment:{n.READY}:sum{{{DEP}}}", "ready"),
     ], "timeseries"),
     ("Queue", "short", [
-        (f"deployment:diffusion_requests_in_flight:sum{{{DEP}}}", "requests in flight"),
-        (f"deployment:diffusion_queue_depth:sum{{{DEP}}}", "images waiting"),
+        (f"deployment:{n.REQUESTS_IN_FLIGHT}:sum{{{DEP}}}", "requests in flight"),
+        (f"deployment:{n.QUEUE_DEPTH}:sum{{{DEP}}}", "images waiting"),
     ], "timeseries"),
     ("Latency", "s", [
-        (f"deployment:diffusion_request_duration_seconds:p95_1m{{{DEP}}}", "p95 request"),
-        (f"histogram_quantile(0.95, sum by (le) (rate(diffusion_queue_wait_seconds_bucket{{{DEP}}}[1m])))",
+        (f"deployment:{n.REQUEST_DURATION}:p95_1m{{{DEP}}}", "p95 request"),
+        (f"histogram_quantile(0.95, sum by (le) (rate({n.QUEUE_WAIT}_bucket{{{DEP}}}[1m])))",
          "p95 queue wait"),
     ], "timeseries"),
     ("GPU utilization per pod (NVML samples)", "percent", [
-        (f"DCGM_FI_DEV_GPU_UTIL{{{DEP}}}", "{{pod}} gpu {{gpu}}"),
+        (f"{n.GPU_UTIL}{{{DEP}}}", "{{pod}} gpu {{gpu}}"),
     ], "timeseries"),
     ("SM activity per pod (GPM)", "percentunit", [
-        (f"DCGM_FI_PROF_SM_ACTIVE{{{DEP}}}", "{{pod}} gpu {{gpu}}"),
+        (f"{n.PROF_SM_ACTIVE}{{{DEP}}}", "{{pod}} gpu {{gpu}}"),
     ], "timeseries"),
     ("Pipeline busy fraction", "percentunit", [
         (f"deployment:diffusion_busy:ratio1m{{{DEP}}}", "busy"),
     ], "timeseries"),
     ("Batch size distribution", "short", [
-        (f"sum by (le) (increase(diffusion_batch_size_bucket{{{DEP}}}[$__rate_interval]))", "{{le}}"),
+        (f"sum by (le) (increase({n.BATCH_SIZE}_bucket{{{DEP}}}[$__rate_interval]))", "{{le}}"),
     ], "heatmap"),
     ("Images per second", "short", [
-        (f"deployment:diffusion_images:rate1m{{{DEP}}}", "images/s"),
+        (f"deployment:{n.IMAGES}:rate1m{{{DEP}}}", "images/s"),
     ], "timeseries"),
     ("Scaler health", "short", [
         ('sum(up{job="diffusion-scaler"})', "scalers up"),
-        (f"max(scaler_stale{{{SO}}})", "stale"),
-        (f"max(scaler_value_age_seconds{{{SO}}})", "value age (s)"),
-        (f'sum(rate(scaler_refreshes_total{{{SO},result="error"}}[5m]))', "failed refreshes/s"),
+        (f"max({n.SCALER_STALE}{{{SO}}})", "stale"),
+        (f"max({n.SCALER_VALUE_AGE}{{{SO}}})", "value age (s)"),
+        (f'sum(rate({n.SCALER_REFRESHES}_total{{{SO},result="error"}}[5m]))', "failed refreshes/s"),
     ], "timeseries"),
 ]
 
@@ -98,9 +103,9 @@ def dashboard() -> dict:
         "time": {"from": "now-1h", "to": "now"},
         "templating": {"list": [
             {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus"},
-            variable("namespace", "label_values(scaler_desired_replicas, namespace)"),
-            variable("scaledobject", 'label_values(scaler_desired_replicas{namespace="$namespace"}, scaledobject)'),
-            variable("deployment", 'label_values(diffusion_ready{namespace="$namespace"}, deployment)'),
+            variable("namespace", f"label_values({n.SCALER_DESIRED}, namespace)"),
+            variable("scaledobject", f'label_values({n.SCALER_DESIRED}{{namespace="$namespace"}}, scaledobject)'),
+            variable("deployment", f'label_values({n.READY}{{namespace="$namespace"}}, deployment)'),
         ]},
         "panels": panels,
     }

@@ -17,7 +17,7 @@ from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
-from lab.synthetic import SyntheticFleet
+from lab.synthetic import SyntheticPods
 
 T = TypeVar("T")
 
@@ -70,7 +70,7 @@ def wait_until_scraped(prometheus: LocalPrometheus, deployment: str, timeout_s: 
 
 @pytest.fixture(scope="session")
 def fleet():
-    fleet = SyntheticFleet()
+    fleet = SyntheticPods()
     port = fleet.start()
     fleet.address = f"127.0.0.1:{port}"
     yield fleet

@@ -23,7 +23,7 @@ def direct_ref(deployment: str, **metadata) -> pb.ScaledObjectRef:
 
 
 def test_the_scaler_reads_the_pods_directly_and_a_dead_pod_drops_out(fleet, start_scaler, tmp_path, deployment):
-    fleet.set_pod("ml", deployment, "a", PodLoad(queue=10, latency_s=1.5, requests_per_s=5))
+    fleet.set_pod("ml", deployment, "a", PodLoad(queue=10, request_duration_s=1.5, requests_per_s=5))
     fleet.set_pod("ml", deployment, "b", PodLoad(queue=6))
     pods = tmp_path / "pods.json"
     dead = f"127.0.0.1:{free_port()}"

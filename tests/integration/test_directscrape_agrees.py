@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_direct_signals_match_prometheus_on_the_same_data(fleet, prometheus, deployment):
-    fleet.set_pod("ml", deployment, "a", PodLoad(queue=3, gpu_util_percent=40, latency_s=1.5, requests_per_s=10))
-    fleet.set_pod("ml", deployment, "b", PodLoad(queue=5, gpu_util_percent=80, latency_s=4.0, requests_per_s=5))
+    fleet.set_pod("ml", deployment, "a", PodLoad(queue=3, gpu_util_percent=40, request_duration_s=1.5, requests_per_s=10))
+    fleet.set_pod("ml", deployment, "b", PodLoad(queue=5, gpu_util_percent=80, request_duration_s=4.0, requests_per_s=5))
     fleet.set_pod("ml", deployment, "c", PodLoad(queue=0, ready=False))
     selector = f'namespace="ml",deployment="{deployment}"'
     store = ScrapeStore()

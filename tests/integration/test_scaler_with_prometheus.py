@@ -44,7 +44,7 @@ def p95_in_bucket(latency_s: float, lower: float, upper: float) -> float:
 
 def test_every_rpc_answers_with_the_composite_of_real_prometheus_signals(prometheus, fleet, scaler, deployment):
     for i in range(3):
-        load = PodLoad(queue=12, gpu_util_percent=90, latency_s=6.0, requests_per_s=2)
+        load = PodLoad(queue=12, gpu_util_percent=90, request_duration_s=6.0, requests_per_s=2)
         fleet.set_pod("ml", deployment, f"{deployment}-{i}", load)
     so = ref(deployment, prometheus.url, targetQueuePerReplica="8", targetP95Seconds="4", window="10s")
 

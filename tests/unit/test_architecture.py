@@ -1,0 +1,51 @@
+"""The layout is the architecture (docs/ARCHITECTURE.md): the import contracts hold, every
+metric name lives in the contract, and no comment points outside the repository."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("adapter", "contract", "exporter", "lab", "worker")
+
+
+def test_the_import_contracts_in_pyproject_hold():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    if lint is None:
+        pytest.fail("import-linter is a dev dependency: pip install -e '.[dev]'")
+    result = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "0 broken" in result.stdout and "kept" in result.stdout
+
+
+def source_files():
+    return sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py") if "_proto" not in p.parts)
+
+
+def test_metric_names_are_written_only_in_the_contract():
+    """A metric name as a string literal anywhere but contract/names.py is a second place to rename."""
+    literal = re.compile(r"""["'](?:diffusion|scaler|gpu_exporter)_[a-z_]+["']|["']DCGM_FI_[A-Z_]+["']""")
+    offenders = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+                 for path in source_files() if path != ROOT / "contract" / "names.py"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
+    assert offenders == []
+
+
+def test_no_module_of_a_deployable_is_over_about_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in source_files()
+            if p.parts[len(ROOT.parts)] in ("adapter", "exporter", "worker", "contract")
+            and (n := len(p.read_text().splitlines())) > 420}
+    assert long == {}
+
+
+def test_no_comment_or_doc_cites_a_file_outside_the_repository():
+    files = [*source_files(), *(ROOT / "docs").glob("*.md"), ROOT / "README.md", *(ROOT / "bench").glob("*.py"),
+             *(ROOT / "tools").glob("*.py")]
+    offenders = [str(p.relative_to(ROOT)) for p in files if "DESIGN.md" in p.read_text()]
+    assert offenders == []
