@@ -29,17 +29,21 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from contract import names  # noqa: E402
+
 REFERENCE = Path(os.environ.get("DCGM_COUNTERS_CSV", REPO.parent / "shared" / "reference" / "nvidia"
                                  / "dcgm-exporter_default-counters.csv"))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 # dcgm default counter -> nvitop-exporter's metric carrying the same quantity
 NVITOP_EQUIVALENT = {
-    "DCGM_FI_DEV_SM_CLOCK": "gpu_clock_sm", "DCGM_FI_DEV_MEM_CLOCK": "gpu_clock_memory",
-    "DCGM_FI_DEV_GPU_TEMP": "gpu_temperature", "DCGM_FI_DEV_POWER_USAGE": "gpu_power_usage",
-    "DCGM_FI_DEV_GPU_UTIL": "gpu_utilization", "DCGM_FI_DEV_MEM_COPY_UTIL": "gpu_memory_utilization",
-    "DCGM_FI_DEV_ENC_UTIL": "gpu_encoder_utilization", "DCGM_FI_DEV_DEC_UTIL": "gpu_decoder_utilization",
-    "DCGM_FI_DEV_FB_FREE": "gpu_memory_free", "DCGM_FI_DEV_FB_USED": "gpu_memory_used",
+    names.SM_CLOCK: "gpu_clock_sm", names.MEM_CLOCK: "gpu_clock_memory",
+    names.GPU_TEMP: "gpu_temperature", names.POWER_USAGE: "gpu_power_usage",
+    names.GPU_UTIL: "gpu_utilization", names.MEM_COPY_UTIL: "gpu_memory_utilization",
+    names.ENC_UTIL: "gpu_encoder_utilization", names.DEC_UTIL: "gpu_decoder_utilization",
+    names.FB_FREE: "gpu_memory_free", names.FB_USED: "gpu_memory_used",
 }
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contract import names  # noqa: E402
 from exporter.nvml import NvmlReader  # noqa: E402
 
 
@@ -67,8 +68,8 @@ def main() -> None:
             snapshot = reader.collect()
             values = snapshot.devices[0].values
             instant = pynvml.nvmlDeviceGetUtilizationRates(pynvml.nvmlDeviceGetHandleByIndex(0)).gpu
-            readings.append((values.get("DCGM_FI_DEV_GPU_UTIL"), instant, values.get("DCGM_FI_PROF_SM_ACTIVE"),
-                             values.get("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE"), values.get("DCGM_FI_PROF_DRAM_ACTIVE")))
+            readings.append((values.get(names.GPU_UTIL), instant, values.get(names.PROF_SM_ACTIVE),
+                             values.get(names.PROF_PIPE_TENSOR_ACTIVE), values.get(names.PROF_DRAM_ACTIVE)))
         stop.set()
         if worker:
             worker.join()

@@ -121,6 +121,11 @@ EXPORTER_METRICS = (EXPORTER_NVML_UP, EXPORTER_SNAPSHOT_STALE, EXPORTER_GPU_UP, 
                     EXPORTER_COLLECTIONS_SKIPPED, EXPORTER_NVML_ERRORS, EXPORTER_PROCESS_MEMORY,
                     EXPORTER_PODRESOURCES_ERRORS, EXPORTER_PODRESOURCES_REFRESHES)
 
+# The self-metrics' labels besides the device labels' `gpu` and `UUID`.
+EXPORTER_PID_LABEL = "pid"  # EXPORTER_PROCESS_MEMORY: the process
+EXPORTER_CALL_LABEL = "call"  # EXPORTER_NVML_ERRORS: the NVML read that failed
+EXPORTER_CODE_LABEL = "code"  # EXPORTER_PODRESOURCES_ERRORS: the gRPC status
+
 # -- the scaler's signals -------------------------------------------------------------------------
 
 QUEUE, GPU, LATENCY, READY_REPLICAS = "queue", "gpu", "latency", "ready"

@@ -8,37 +8,26 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
+from contract.cli import LOG_LEVELS, Environment, configure_logging, positive_float
 from contract.httpserver import MetricsServer
 
-from .collector import GpuCollector, render
-from .nvml import DeviceFilter, DeviceIdentity, NvmlReader
-from .podresources import DEFAULT_SOCKET, PodRef, PodResourcesCache
+from .collector import GpuCollector, podresources_metrics, render
+from .config import MODES, ExporterConfig
+from .devices import DeviceFilter, DeviceIdentity
+from .nvml import NvmlReader
+from .podresources import PodRef, PodResourcesCache
 from .poller import Poller
 
-ENV_PREFIX = "EXPORTER_"
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def _flag(value: str | None) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
+ENV = Environment("EXPORTER_")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags; each default comes from its EXPORTER_* variable, else from ExporterConfig."""
     parser = argparse.ArgumentParser(
         prog="python -m exporter",
         description=(
@@ -51,65 +40,75 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    default = ExporterConfig  # the class's field defaults
     add = parser.add_argument
-    add("--listen-address", default=_env("LISTEN_ADDRESS", "0.0.0.0"), help="(env EXPORTER_LISTEN_ADDRESS)")
-    add("--port", type=int, default=_env("PORT", "9400"), help="HTTP port for /metrics and /healthz (env EXPORTER_PORT)")
-    add("--mode", choices=["sidecar", "daemonset"], default=_env("MODE", "sidecar"), help="(env EXPORTER_MODE)")
-    add("--interval", type=_positive, default=_env("INTERVAL", "1"),
+    add("--listen-address", default=ENV.get("LISTEN_ADDRESS", default.listen_address),
+        help="(env EXPORTER_LISTEN_ADDRESS)")
+    add("--port", type=int, default=ENV.get("PORT", str(default.port)),
+        help="HTTP port for /metrics and /healthz (env EXPORTER_PORT)")
+    add("--mode", choices=MODES, default=ENV.get("MODE", default.mode), help="(env EXPORTER_MODE)")
+    add("--interval", type=positive_float, default=ENV.get("INTERVAL", f"{default.interval_s:g}"),
         help="seconds between collections (env EXPORTER_INTERVAL)")
-    add("--collect-timeout", type=_positive, default=_env("COLLECT_TIMEOUT"),
+    add("--collect-timeout", type=positive_float, default=ENV.get("COLLECT_TIMEOUT"),
         help="seconds a collection may take before it counts as hung; default 0.8 x interval, at least 0.5 "
         "(env EXPORTER_COLLECT_TIMEOUT)")
-    add("--stale-after", type=_positive, default=_env("STALE_AFTER"),
+    add("--stale-after", type=positive_float, default=ENV.get("STALE_AFTER"),
         help="withhold device series when the last collection is older than this; default 3 x interval "
         "(env EXPORTER_STALE_AFTER)")
-    add("--visible-devices", default=_env("VISIBLE_DEVICES"),
+    add("--visible-devices", default=ENV.get("VISIBLE_DEVICES"),
         help="sidecar: GPUs to export, by index or UUID, comma-separated, or all; default "
         "NVIDIA_VISIBLE_DEVICES, else CUDA_VISIBLE_DEVICES, else all (env EXPORTER_VISIBLE_DEVICES)")
-    add("--visible-devices-file", default=_env("VISIBLE_DEVICES_FILE"),
+    add("--visible-devices-file", default=ENV.get("VISIBLE_DEVICES_FILE"),
         help="sidecar: read the GPUs to export from this file, written by the worker container from its own "
         "NVIDIA_VISIBLE_DEVICES (a sidecar without a GPU request cannot see that variable); re-read at every NVML "
         "init, waited for while absent (env EXPORTER_VISIBLE_DEVICES_FILE)")
-    add("--kubelet-socket", default=_env("KUBELET_SOCKET", DEFAULT_SOCKET),
+    add("--kubelet-socket", default=ENV.get("KUBELET_SOCKET", default.kubelet_socket),
         help="daemonset: the PodResources socket (env EXPORTER_KUBELET_SOCKET)")
-    add("--pod-resources-ttl", type=_positive, default=_env("POD_RESOURCES_TTL", "10"),
+    add("--pod-resources-ttl", type=positive_float,
+        default=ENV.get("POD_RESOURCES_TTL", f"{default.pod_resources_ttl_s:g}"),
         help="daemonset: seconds a GPU -> pod mapping is reused (env EXPORTER_POD_RESOURCES_TTL)")
-    add("--per-process", action="store_true", default=_flag(_env("PER_PROCESS", "false")),
+    add("--per-process", action="store_true", default=ENV.flag("PER_PROCESS", default.per_process),
         help="also export GPU memory per process (pods sharing a GPU) (env EXPORTER_PER_PROCESS)")
-    add("--hostname", default=_env("HOSTNAME_LABEL") or os.environ.get("NODE_NAME"),
+    add("--hostname", default=ENV.get("HOSTNAME_LABEL") or os.environ.get("NODE_NAME"),
         help="the Hostname label; default NODE_NAME, else this host's name (env EXPORTER_HOSTNAME_LABEL)")
-    add("--log-level", choices=["debug", "info", "warning", "error"], default=_env("LOG_LEVEL", "info"),
+    add("--log-level", choices=LOG_LEVELS, default=ENV.get("LOG_LEVEL", default.log_level),
         help="(env EXPORTER_LOG_LEVEL)")
     return parser
+
+
+def device_filter(config: ExporterConfig, environ: Mapping[str, str]) -> DeviceFilter | Callable[[], DeviceFilter]:
+    """The GPUs to export: a daemonset's every GPU; a sidecar's from its file, its flag, or the environment."""
+    if config.mode == "daemonset":
+        return DeviceFilter("all")  # the node's every GPU; pods come from the kubelet
+    if config.visible_devices_file:
+        path = config.visible_devices_file
+        return lambda: DeviceFilter.from_file(path)  # read at each NVML init
+    if config.visible_devices:
+        return DeviceFilter(config.visible_devices)
+    return DeviceFilter.from_environment(environ)
 
 
 class Exporter:
     """Reader, poller and HTTP server wired together for one mode."""
 
-    def __init__(self, args: argparse.Namespace, environ: Mapping[str, str] = os.environ, nvml=None) -> None:
-        if args.visible_devices_file:
-            path = args.visible_devices_file
-            visible = lambda: DeviceFilter.from_file(path)  # noqa: E731 - read at each NVML init
-        elif args.visible_devices:
-            visible = DeviceFilter(args.visible_devices)
-        else:
-            visible = DeviceFilter.from_environment(environ)
+    def __init__(self, config: ExporterConfig, environ: Mapping[str, str] = os.environ, nvml=None) -> None:
+        self.config = config
         pod = None
         self.podresources: PodResourcesCache | None = None
-        if args.mode == "daemonset":
-            visible = DeviceFilter("all")  # the node's every GPU; pods come from the kubelet
-            self.podresources = PodResourcesCache(args.kubelet_socket, ttl_s=args.pod_resources_ttl)
+        if config.mode == "daemonset":
+            self.podresources = PodResourcesCache(config.kubelet_socket, ttl_s=config.pod_resources_ttl_s)
         elif environ.get("POD_NAME"):
             pod = PodRef(environ["POD_NAME"], environ.get("POD_NAMESPACE", ""), environ.get("CONTAINER_NAME", ""))
-        self.reader = NvmlReader(nvml, visible=visible, per_process=args.per_process, hostname=args.hostname)
-        self.poller = Poller(self.reader, interval_s=args.interval, timeout_s=args.collect_timeout,
+        self.reader = NvmlReader(nvml, visible=device_filter(config, environ), per_process=config.per_process,
+                                 hostname=config.hostname)
+        self.poller = Poller(self.reader, interval_s=config.interval_s, timeout_s=config.collect_timeout_s,
                              attribution=self._owners_of if self.podresources else None)
         self.registry = CollectorRegistry()
         self.registry.register(GpuCollector(
-            lambda: self.poller.state, lambda: dict(self.reader.errors), pod=pod,
-            stale_after_s=args.stale_after or 3 * args.interval, extra=self._podresources_metrics,
+            lambda: self.poller.state, lambda: dict(self.reader.errors), stale_after_s=config.stale_after_s,
+            pod=pod, extra=self._podresources_metrics,
         ))
-        self.server = MetricsServer(self.registry, self._health, args.listen_address, args.port, render=render)
+        self.server = MetricsServer(self.registry, self._health, config.listen_address, config.port, render=render)
 
     def _owners_of(self, identity: DeviceIdentity) -> tuple[PodRef, ...]:
         owners = self.podresources.owners()
@@ -119,15 +118,8 @@ class Exporter:
         return tuple(sorted(refs))
 
     def _podresources_metrics(self) -> Iterable[Metric]:
-        if self.podresources is None:
-            return
-        errors = CounterMetricFamily("gpu_exporter_podresources_errors", "Failed PodResources List calls by gRPC code",
-                                     labels=("code",))
-        for code, count in sorted(self.podresources.errors.items()):
-            errors.add_metric((code,), count)
-        yield errors
-        yield CounterMetricFamily("gpu_exporter_podresources_refreshes", "Successful PodResources List calls",
-                                  value=self.podresources.refreshes)
+        if self.podresources is not None:
+            yield from podresources_metrics(self.podresources)
 
     def _health(self) -> tuple[bool, str]:
         # Alive while the poller runs; NVML being down is a metric, not a reason to restart.
@@ -146,12 +138,17 @@ class Exporter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    exporter = Exporter(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = ExporterConfig.from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    configure_logging(config.log_level)
+    exporter = Exporter(config)
     exporter.start()
     logging.getLogger("exporter").info("serving /metrics on %s:%d (%s mode, every %g s)",
-                                       args.listen_address, exporter.server.port, args.mode, args.interval)
+                                       config.listen_address, exporter.server.port, config.mode, config.interval_s)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

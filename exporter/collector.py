@@ -14,43 +14,17 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .nvml import DeviceReading
-from .podresources import PodRef
+from contract import names
+
+from .podresources import PodRef, PodResourcesCache
 from .poller import PollState
+from .snapshot import DeviceReading
 
-DEVICE_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
-POD_LABELS = ("container", "namespace", "pod")
-
-# name -> (type, help), in dcgm-exporter's words where it has the field.
-DEVICE_METRICS: dict[str, tuple[str, str]] = {
-    "DCGM_FI_DEV_SM_CLOCK": ("gauge", "SM clock frequency (in MHz)."),
-    "DCGM_FI_DEV_MEM_CLOCK": ("gauge", "Memory clock frequency (in MHz)."),
-    "DCGM_FI_DEV_MEMORY_TEMP": ("gauge", "Memory temperature (in C)."),
-    "DCGM_FI_DEV_GPU_TEMP": ("gauge", "GPU temperature (in C)."),
-    "DCGM_FI_DEV_POWER_USAGE": ("gauge", "Power draw (in W)."),
-    "DCGM_FI_DEV_POWER_MGMT_LIMIT": ("gauge", "Enforced power limit (in W)."),
-    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": ("counter", "Total energy consumption since boot (in mJ)."),
-    "DCGM_FI_DEV_PCIE_REPLAY_COUNTER": ("counter", "Total number of PCIe retries."),
-    "DCGM_FI_DEV_GPU_UTIL": ("gauge", "GPU utilization (in %), mean of NVML's samples since the last collection."),
-    "DCGM_FI_DEV_MEM_COPY_UTIL": ("gauge", "Memory utilization (in %), mean of NVML's samples since the last collection."),
-    "DCGM_FI_DEV_ENC_UTIL": ("gauge", "Encoder utilization (in %)."),
-    "DCGM_FI_DEV_DEC_UTIL": ("gauge", "Decoder utilization (in %)."),
-    "DCGM_FI_DEV_XID_ERRORS": ("gauge", "Value of the last XID error encountered."),
-    "DCGM_FI_DEV_FB_FREE": ("gauge", "Framebuffer memory free (in MiB)."),
-    "DCGM_FI_DEV_FB_USED": ("gauge", "Framebuffer memory used (in MiB)."),
-    "DCGM_FI_DEV_FB_RESERVED": ("gauge", "Framebuffer memory reserved (in MiB)."),
-    "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL": ("counter", "Total number of single-bit volatile ECC errors."),
-    "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": ("counter", "Total number of double-bit volatile ECC errors."),
-    "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL": ("counter", "Total number of single-bit persistent ECC errors."),
-    "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL": ("counter", "Total number of double-bit persistent ECC errors."),
-    "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": ("counter", "Number of remapped rows for uncorrectable errors"),
-    "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": ("counter", "Number of remapped rows for correctable errors"),
-    "DCGM_FI_DEV_ROW_REMAP_FAILURE": ("gauge", "Whether remapping of rows has failed"),
-    "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": ("gauge", "Current clock event (throttle) reasons, NVML's bitmask."),
-    "DCGM_FI_PROF_SM_ACTIVE": ("gauge", "Ratio of SMs busy over the collection period (NVML GPM)."),
-    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": ("gauge", "Ratio of time the tensor pipes were active (NVML GPM)."),
-    "DCGM_FI_PROF_DRAM_ACTIVE": ("gauge", "Ratio of DRAM bandwidth used to its peak (NVML GPM)."),
-}
+# The names themselves live in contract/names.py; these are the exporter's views of them.
+DEVICE_LABELS = names.DEVICE_LABELS
+POD_LABELS = names.POD_LABELS
+DEVICE_METRICS = names.DCGM_METRICS
+GPU_LABELS = DEVICE_LABELS[:2]  # gpu and UUID: which GPU a self-metric is about
 # dcgm-exporter's counters whose names lack `_total`: kept as they are for dashboards' sake.
 DCGM_COUNTERS = tuple(name for name, (kind, _) in DEVICE_METRICS.items() if kind == "counter")
 
@@ -64,14 +38,14 @@ class GpuCollector:
         self,
         state: Callable[[], PollState],
         errors: Callable[[], Mapping[tuple[str, str], int]],
+        stale_after_s: float,
         pod: PodRef | None = None,
-        stale_after_s: float = 5.0,
         extra: Callable[[], Iterable[Metric]] | None = None,
     ) -> None:
         self._state = state
         self._errors = errors
-        self._pod = pod
         self.stale_after_s = stale_after_s
+        self._pod = pod
         self._extra = extra
 
     def collect(self) -> Iterable[Metric]:
@@ -85,8 +59,8 @@ class GpuCollector:
             return
         families: dict[str, Metric] = {}
         processes = GaugeMetricFamily(
-            "gpu_exporter_process_memory_used_bytes", "GPU memory used by each process (--per-process)",
-            labels=("gpu", "UUID", "pid"),
+            names.EXPORTER_PROCESS_MEMORY, "GPU memory used by each process (--per-process)",
+            labels=(*GPU_LABELS, names.EXPORTER_PID_LABEL),
         )
         for reading in snapshot.devices:
             if not reading.up:
@@ -114,36 +88,48 @@ class GpuCollector:
         if held:
             pod = held[0]  # a GPU shared by time-slicing is labelled with the first holder, sorted
         if pod is not None:
-            labels.update(container=pod.container, namespace=pod.namespace, pod=pod.pod)
+            labels.update(zip(POD_LABELS, (pod.container, pod.namespace, pod.pod), strict=True))
         return labels
 
     def _self_metrics(self, state: PollState, fresh: bool) -> Iterable[Metric]:
         snapshot = state.snapshot
-        yield GaugeMetricFamily("gpu_exporter_nvml_up", "1 when NVML initialised and answers",
+        yield GaugeMetricFamily(names.EXPORTER_NVML_UP, "1 when NVML initialised and answers",
                                 value=float(bool(snapshot and snapshot.nvml_up)))
-        yield GaugeMetricFamily("gpu_exporter_snapshot_stale",
+        yield GaugeMetricFamily(names.EXPORTER_SNAPSHOT_STALE,
                                 "1 when the latest collection overran or is too old: device series are withheld",
                                 value=float(not fresh))
-        up = GaugeMetricFamily("gpu_exporter_gpu_up", "1 when the GPU answers NVML; 0 when lost or unreachable",
-                               labels=("gpu", "UUID"))
+        up = GaugeMetricFamily(names.EXPORTER_GPU_UP, "1 when the GPU answers NVML; 0 when lost or unreachable",
+                               labels=GPU_LABELS)
         for reading in snapshot.devices if snapshot else ():
             up.add_metric((str(reading.identity.index), reading.identity.uuid), float(reading.up and fresh))
         yield up
         if snapshot is not None:
-            yield GaugeMetricFamily("gpu_exporter_collection_duration_seconds", "Seconds the last collection took",
+            yield GaugeMetricFamily(names.EXPORTER_COLLECTION_DURATION, "Seconds the last collection took",
                                     value=snapshot.duration_s)
-            yield GaugeMetricFamily("gpu_exporter_last_collection_timestamp_seconds",
+            yield GaugeMetricFamily(names.EXPORTER_LAST_COLLECTION,
                                     "Unix time of the last completed collection", value=snapshot.taken_at)
-        yield CounterMetricFamily("gpu_exporter_collections", "Collections completed", value=state.collections)
-        yield CounterMetricFamily("gpu_exporter_collection_timeouts",
+        yield CounterMetricFamily(names.EXPORTER_COLLECTIONS, "Collections completed", value=state.collections)
+        yield CounterMetricFamily(names.EXPORTER_COLLECTION_TIMEOUTS,
                                   "Collections that overran their timeout (a hung NVML call)", value=state.timeouts)
-        yield CounterMetricFamily("gpu_exporter_collections_skipped",
+        yield CounterMetricFamily(names.EXPORTER_COLLECTIONS_SKIPPED,
                                   "Periods skipped because a hung collection had not returned", value=state.skipped)
-        errors = CounterMetricFamily("gpu_exporter_nvml_errors", "NVML errors by GPU and call (unsupported calls excluded)",
-                                     labels=("gpu", "call"))
+        errors = CounterMetricFamily(names.EXPORTER_NVML_ERRORS,
+                                     "NVML errors by GPU and call (unsupported calls excluded)",
+                                     labels=(GPU_LABELS[0], names.EXPORTER_CALL_LABEL))
         for (gpu, call), count in sorted(self._errors().items()):
             errors.add_metric((gpu, call), count)
         yield errors
+
+
+def podresources_metrics(cache: PodResourcesCache) -> Iterable[Metric]:
+    """The DaemonSet's PodResources counts: failed List calls by gRPC code, and successful ones."""
+    errors = CounterMetricFamily(names.EXPORTER_PODRESOURCES_ERRORS, "Failed PodResources List calls by gRPC code",
+                                 labels=(names.EXPORTER_CODE_LABEL,))
+    for code, count in sorted(cache.errors.items()):
+        errors.add_metric((code,), count)
+    yield errors
+    yield CounterMetricFamily(names.EXPORTER_PODRESOURCES_REFRESHES, "Successful PodResources List calls",
+                              value=cache.refreshes)
 
 
 def render(registry: CollectorRegistry) -> bytes:

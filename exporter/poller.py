@@ -17,8 +17,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from .nvml import DeviceIdentity, Snapshot
+from .devices import DeviceIdentity
 from .podresources import PodRef
+from .snapshot import Snapshot
 
 log = logging.getLogger("exporter.poller")
 
@@ -44,19 +45,21 @@ class PollState:
 
 
 class Poller:
+    """Runs `reader.collect()` every `interval_s`, each bounded by `timeout_s`, and publishes a `PollState`."""
+
     def __init__(
         self,
         reader: Reader,
-        interval_s: float = 1.0,
-        timeout_s: float | None = None,
+        interval_s: float,
+        timeout_s: float,
         attribution: Attribution | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s must be above 0, got {interval_s}")
+        if interval_s <= 0 or timeout_s <= 0:
+            raise ValueError(f"interval_s and timeout_s must be above 0, got {interval_s} and {timeout_s}")
         self.reader = reader
         self.interval_s = interval_s
-        self.timeout_s = timeout_s if timeout_s is not None else max(0.5, interval_s * 0.8)
+        self.timeout_s = timeout_s
         self.attribution = attribution
         self.clock = clock
         self.state = PollState()

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab.localprom import free_port
 from exporter.__main__ import Exporter, build_parser
+from exporter.config import ExporterConfig
 
 from .fakenvml import FakeGpu, FakeNvml
 
@@ -52,7 +53,7 @@ def start_exporter() -> Iterator[Callable[..., Running]]:
         nvml = nvml or FakeNvml(gpus if gpus is not None else [FakeGpu(H100, samples=[(1, 50)])])
         args = build_parser().parse_args(["--listen-address", "127.0.0.1", "--port", str(free_port()),
                                           "--interval", "0.1", "--hostname", "node-a", *(flags or [])])
-        exporter = Exporter(args, environ=environ or {}, nvml=nvml)
+        exporter = Exporter(ExporterConfig.from_args(args), environ=environ or {}, nvml=nvml)
         exporter.start()
         running = Running(exporter, nvml)
         started.append(running)

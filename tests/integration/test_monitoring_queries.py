@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from lab.localprom import LocalPrometheus, free_port
 from exporter.__main__ import Exporter, build_parser
+from exporter.config import ExporterConfig
 from tests.exporter.fakenvml import FakeGpu, FakeNvml
 from tests.worker.conftest import BoundaryRunner
 from worker.api import build_app
@@ -116,7 +117,7 @@ def worker(tmp_path):
 def exporter():
     gpu = FakeGpu("GPU-6a0f7ad8-5b8a-4c1b-9b3c-1f0e2d3c4b5a", samples=[(t, 60) for t in range(1, 4000)])
     args = build_parser().parse_args(["--listen-address", "127.0.0.1", "--port", str(free_port()), "--interval", "0.5"])
-    running = Exporter(args, environ={"POD_NAME": "sd-worker-0", "POD_NAMESPACE": "ml", "CONTAINER_NAME": "worker"},
+    running = Exporter(ExporterConfig.from_args(args), environ={"POD_NAME": "sd-worker-0", "POD_NAMESPACE": "ml", "CONTAINER_NAME": "worker"},
                        nvml=FakeNvml([gpu]))
     running.start()
     yield f"127.0.0.1:{running.server.port}"
