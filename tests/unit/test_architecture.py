@@ -49,3 +49,21 @@ def test_no_comment_or_doc_cites_a_file_outside_the_repository():
              *(ROOT / "tools").glob("*.py")]
     offenders = [str(p.relative_to(ROOT)) for p in files if "DESIGN.md" in p.read_text()]
     assert offenders == []
+
+
+def test_the_docs_name_only_metrics_of_the_contract_and_each_deployables_page_lists_all_of_its_own():
+    from contract import names
+
+    labels = {names.SIGNAL_LABEL, *names.DEVICE_LABELS}
+    # dcgm-exporter's default fields that docs/EXPORTER.md says this exporter does not export
+    not_exported = {"DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"}
+    known = set(names.ALL_METRICS) | labels | not_exported
+    pages = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")} | {"README.md": (ROOT / "README.md").read_text()}
+    token = re.compile(r"\b((?:diffusion|scaler|gpu_exporter)_[a-z0-9_]*[a-z0-9]|DCGM_FI_[A-Z0-9_]*[A-Z0-9])\b(?!\.py)")
+    unknown = {page: sorted(name for name in set(token.findall(text))
+                            if name not in known and re.sub(r"_(bucket|sum|count|total)$", "", name) not in known)
+               for page, text in pages.items()}
+    assert {page: found for page, found in unknown.items() if found} == {}
+    for metrics, page in ((names.WORKER_METRICS, "WORKER.md"), (names.SCALER_METRICS, "SCALER.md"),
+                          (names.EXPORTER_METRICS + tuple(names.DCGM_METRICS), "EXPORTER.md")):
+        assert [m for m in metrics if m not in pages[page]] == [], page
