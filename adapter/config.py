@@ -1,5 +1,11 @@
 """Trigger metadata (a ScaledObject's `triggers[].metadata`) parsed once into a frozen ScalerSpec.
 
+The keys live in one table, `METADATA_KEYS`: each key once, with the spec field it sets, its
+parser, its bounds and the accepted-values text its rejection shows; its default is that
+field's default in `PolicySpec` or `ScalerSpec`. Parsing has three steps, as knative's
+autoscaler config does: start from the defaults, parse each key that is set, then `_validate`
+the rules between keys and the scaler's own flags.
+
 Every rejection is a MetadataError naming the key, the value and what is accepted; the gRPC
 layer turns it into INVALID_ARGUMENT. Keys that KEDA itself reads are accepted silently;
 other unknown keys are kept in `ScalerSpec.unknown_keys` so the caller can warn once.
@@ -7,35 +13,23 @@ other unknown keys are kept in `ScalerSpec.unknown_keys` so the caller can warn 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from adapter import promql
+from adapter.policy import COMBINE_MODES, PolicySpec
 from adapter.promql import Queries
-
-SIGNALS = ("queue", "gpu", "latency")
-COMBINE_MODES = ("max", "weighted")
+from contract.names import LATENCY, SIGNALS
 
 # Keys KEDA's external scaler reads for itself and forwards to us as part of the metadata.
 KEDA_KEYS = frozenset(
     {"scalerAddress", "enableTLS", "unsafeSsl", "caCert", "tlsCertFile", "tlsClientCert", "tlsClientKey"}
 )
-
-# The keys this scaler reads (README's metadata table).
-KNOWN_KEYS = frozenset(
-    {
-        "prometheusAddress", "selector", "queueQuery", "gpuUtilizationQuery", "latencyQuery",
-        "readyReplicasQuery", "window", "targetQueuePerReplica", "targetGpuUtilization",
-        "targetP95Seconds", "signals", "combine", "weights", "scaleUpWindowSeconds",
-        "scaleDownWindowSeconds", "burstFactor", "minReplicas", "maxReplicas", "activationQueue",
-        "refreshSeconds", "staleAfterSeconds", "queryTimeoutSeconds", "metricName", "scrapeTargetsFile",
-        "minBusyReplicas",
-    }
-)  # fmt: skip
 
 # KEDA resolves `<key>FromEnv` from the target container's environment and forwards the
 # resolved value under the `...FromEnv` key; we accept it wherever `<key>` is absent.
@@ -47,10 +41,18 @@ _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 6
 _MATCHER = r"""\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\s*"""
 _SELECTOR = re.compile(rf"^(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?$")
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
+_MAX_REPLICAS = 1_000_000
+_REPLICAS = "accepted: a whole number of replicas >= 0"
+_QUERY = "accepted: PromQL returning one series or a scalar"
 
 
 class MetadataError(ValueError):
-    """A metadata value that cannot be used: names the key, the value and what is accepted."""
+    """A metadata value that cannot be used: names the key, the value and what is accepted.
+
+    `key` is a metadata key (one of KNOWN_KEYS), `value` its text (None when it is missing)
+    and `accepted` the sentence that says what would do; str() reads
+    `trigger metadata <key>: <value!r> is not valid; <accepted>`.
+    """
 
     def __init__(self, key: str, value: str | None, accepted: str):
         self.key = key
@@ -61,38 +63,24 @@ class MetadataError(ValueError):
 
 
 @dataclass(frozen=True)
-class PolicySpec:
-    """Everything the pure decision core needs; all times in seconds, utilization in percent."""
-
-    signals: tuple[str, ...] = ("queue", "gpu")
-    target_queue_per_replica: float = 8.0
-    target_gpu_util_percent: float = 75.0
-    target_p95_seconds: float | None = None
-    combine: str = "max"
-    weights: Mapping[str, float] = field(default_factory=lambda: {s: 1.0 for s in SIGNALS})
-    scale_up_window_s: float = 0.0
-    scale_down_window_s: float = 300.0
-    burst_factor: float = 2.0
-    min_busy_replicas: int = 2
-    min_replicas: int | None = None
-    max_replicas: int | None = None
-    activation_queue: float = 0.0
-
-
-@dataclass(frozen=True)
 class ScalerSpec:
-    """One trigger's validated settings: where to read signals, and the policy to apply."""
+    """One trigger's validated settings: where to read signals, and the policy to apply.
+
+    Exactly one source is set: `prometheus_address` (a base URL without a trailing slash), or
+    `scrape_targets_file` (an absolute path inside the scaler's --scrape-targets-dir), in which
+    case `prometheus_address` is "". Times are in seconds; `window` is a PromQL duration text.
+    """
 
     prometheus_address: str
     queries: Queries
     policy: PolicySpec
-    window: str = "1m"
-    selector: str = ""
-    refresh_s: float = 5.0
-    stale_after_s: float = 60.0
-    query_timeout_s: float = 2.0
-    metric_name: str = "composite"
-    unknown_keys: tuple[str, ...] = ()
+    window: str = "1m"  # PromQL range for rates and averages
+    selector: str = ""  # PromQL label matchers, without braces
+    refresh_s: float = 5.0  # background refresh period
+    stale_after_s: float = 60.0  # serve the last good value this long after failures
+    query_timeout_s: float = 2.0  # per Prometheus request
+    metric_name: str = "composite"  # the name GetMetricSpec returns
+    unknown_keys: tuple[str, ...] = ()  # metadata keys neither ours nor KEDA's, sorted
     # Set instead of prometheus_address: scrape the pods in this file_sd file directly.
     scrape_targets_file: str | None = None
 
@@ -104,137 +92,241 @@ def parse_duration_seconds(text: str) -> float:
     return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
-class _Reader:
-    """Reads typed values out of the raw string map."""
+@dataclass(frozen=True)
+class MetadataKey:
+    """One row of the metadata table: a key, the field it sets, how its text is read.
 
-    def __init__(self, metadata: Mapping[str, str]):
-        self._raw = metadata
+    `parse(key, text)` turns the key's stripped, non-empty text into the field's value, or
+    raises MetadataError(key.name, text, ...). `above` is an exclusive lower bound, `at_least`
+    and `at_most` inclusive ones, for the number and replica-count parsers. `accepted` is what a
+    rejection of this key says is accepted.
+    """
 
-    def text(self, key: str) -> str | None:
-        """The stripped value of `key` (or of `<key>FromEnv`); None when absent or empty."""
-        assert key in KNOWN_KEYS, key
-        for candidate in (key, key + FROM_ENV_SUFFIX):
-            if candidate in self._raw:
-                value = self._raw[candidate].strip()
-                if value:
-                    return value
+    name: str
+    owner: type  # PolicySpec, ScalerSpec or Queries
+    field: str
+    parse: Callable[[MetadataKey, str], Any]
+    accepted: str
+    above: float | None = None
+    at_least: float | None = None
+    at_most: float | None = None
+
+    @property
+    def default(self) -> Any:
+        """The field's default in `owner`; None where it has none (a required key, a query)."""
+        [spec_field] = [f for f in dataclasses.fields(self.owner) if f.name == self.field]
+        if spec_field.default is not dataclasses.MISSING:
+            return spec_field.default
+        if spec_field.default_factory is not dataclasses.MISSING:
+            return spec_field.default_factory()
         return None
 
-    def number(
-        self,
-        key: str,
-        default: float | None,
-        *,
-        above: float | None = None,
-        at_least: float | None = None,
-        at_most: float | None = None,
-        accepted: str,
-    ) -> float | None:
-        raw = self.text(key)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise MetadataError(key, raw, accepted) from None
-        if not math.isfinite(value):
-            raise MetadataError(key, raw, accepted)
-        if above is not None and value <= above:
-            raise MetadataError(key, raw, accepted)
-        if at_least is not None and value < at_least:
-            raise MetadataError(key, raw, accepted)
-        if at_most is not None and value > at_most:
-            raise MetadataError(key, raw, accepted)
-        return value
 
-    def count(self, key: str) -> int | None:
-        raw = self.text(key)
-        if raw is None:
-            return None
-        accepted = "accepted: a whole number of replicas >= 0"
-        if not raw.isascii() or not raw.isdigit():
-            raise MetadataError(key, raw, accepted)
-        value = int(raw)
-        if value > 1_000_000:
-            raise MetadataError(key, raw, "accepted: a whole number of replicas from 0 to 1000000")
-        return value
+# -- parsers: (key, stripped text) -> value, or MetadataError naming the key ----------------------
 
 
-def _address(reader: _Reader, allowed_prefixes: tuple[str, ...]) -> str:
-    key = "prometheusAddress"
-    raw = reader.text(key)
-    accepted = "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"
-    if raw is None:
-        raise MetadataError(key, None, "it is required; " + accepted)
+def _text(key: MetadataKey, raw: str) -> str:
+    return raw
+
+
+def _url(key: MetadataKey, raw: str) -> str:
     try:
         parts = urllib.parse.urlsplit(raw)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise MetadataError(key, raw, accepted) from None
+        raise MetadataError(key.name, raw, key.accepted) from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise MetadataError(key, raw, accepted)
-    address = raw.rstrip("/")
-    if allowed_prefixes and not any(address.startswith(p.rstrip("/")) for p in allowed_prefixes):
-        raise MetadataError(key, raw, "this scaler only queries addresses starting with " + ", ".join(allowed_prefixes))
-    return address
+        raise MetadataError(key.name, raw, key.accepted)
+    return raw.rstrip("/")
 
 
-def _targets_file(reader: _Reader, directory: str | None) -> str | None:
-    """The direct-scrape source's file_sd file, confined to the scaler's --scrape-targets-dir."""
-    key = "scrapeTargetsFile"
-    raw = reader.text(key)
-    if raw is None:
-        return None
-    if reader.text("prometheusAddress") is not None:
-        raise MetadataError(key, raw, "set prometheusAddress or scrapeTargetsFile, not both")
-    if directory is None:
-        raise MetadataError(key, raw, "this scaler does not scrape pods directly; start it with --scrape-targets-dir")
-    # A ScaledObject must not make the scaler read files or scrape hosts it was not given.
-    root = Path(directory).resolve()
-    path = (root / raw).resolve()
-    if not path.is_relative_to(root):
-        raise MetadataError(key, raw, f"it must name a file inside --scrape-targets-dir ({directory})")
-    for override in ("queueQuery", "gpuUtilizationQuery", "latencyQuery", "readyReplicasQuery"):
-        if reader.text(override) is not None:
-            raise MetadataError(override, reader.text(override),
-                                "query overrides need prometheusAddress; scrapeTargetsFile reads the built-in signals")
-    return str(path)
+def _matching(pattern: re.Pattern[str]) -> Callable[[MetadataKey, str], str]:
+    def parse(key: MetadataKey, raw: str) -> str:
+        if not pattern.match(raw):
+            raise MetadataError(key.name, raw, key.accepted)
+        return raw
+
+    return parse
 
 
-def _signals(reader: _Reader, target_p95: float | None) -> tuple[str, ...]:
-    raw = reader.text("signals")
-    if raw is None:
-        return ("queue", "gpu", "latency") if target_p95 is not None else ("queue", "gpu")
+def _duration(key: MetadataKey, raw: str) -> str:
+    try:
+        seconds = parse_duration_seconds(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise MetadataError(key.name, raw, key.accepted)
+    return raw
+
+
+def _number(key: MetadataKey, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MetadataError(key.name, raw, key.accepted) from None
+    if (
+        not math.isfinite(value)
+        or (key.above is not None and value <= key.above)
+        or (key.at_least is not None and value < key.at_least)
+        or (key.at_most is not None and value > key.at_most)
+    ):
+        raise MetadataError(key.name, raw, key.accepted)
+    return value
+
+
+def _count(key: MetadataKey, raw: str) -> int:
+    if not raw.isascii() or not raw.isdigit():
+        raise MetadataError(key.name, raw, _REPLICAS)
+    value = int(raw)
+    if value > _MAX_REPLICAS:
+        raise MetadataError(key.name, raw, f"accepted: a whole number of replicas from 0 to {_MAX_REPLICAS}")
+    if key.at_least is not None and value < key.at_least:
+        raise MetadataError(key.name, raw, key.accepted)
+    return value
+
+
+def _combine(key: MetadataKey, raw: str) -> str:
+    if raw not in COMBINE_MODES:
+        raise MetadataError(key.name, raw, key.accepted)
+    return raw
+
+
+def _signals(key: MetadataKey, raw: str) -> tuple[str, ...]:
     names = [part.strip() for part in raw.split(",") if part.strip()]
-    accepted = "accepted: a comma list of " + ", ".join(SIGNALS)
     if not names or any(n not in SIGNALS for n in names):
-        raise MetadataError("signals", raw, accepted)
-    if "latency" in names and target_p95 is None:
-        raise MetadataError("signals", raw, "the latency signal needs targetP95Seconds to be set")
+        raise MetadataError(key.name, raw, key.accepted)
     return tuple(s for s in SIGNALS if s in names)
 
 
-def _weights(reader: _Reader, combine: str, signals: tuple[str, ...]) -> dict[str, float]:
-    weights = {s: 1.0 for s in SIGNALS}
-    raw = reader.text("weights")
-    if raw is None:
-        return weights
-    if combine != "weighted":
-        raise MetadataError("weights", raw, "weights are only used with combine=weighted")
-    accepted = "accepted: e.g. queue=2,gpu=1,latency=1 (signals among " + ", ".join(SIGNALS) + ", weights >= 0)"
+def _weights(key: MetadataKey, raw: str) -> dict[str, float]:
+    weights = dict(key.default)  # a signal the text leaves out keeps its default weight
     for part in raw.split(","):
         name, sep, number = part.partition("=")
         name = name.strip()
         try:
             value = float(number)
         except ValueError:
-            raise MetadataError("weights", raw, accepted) from None
+            raise MetadataError(key.name, raw, key.accepted) from None
         if not sep or name not in SIGNALS or not math.isfinite(value) or value < 0:
-            raise MetadataError("weights", raw, accepted)
+            raise MetadataError(key.name, raw, key.accepted)
         weights[name] = value
-    if not any(weights[s] > 0 for s in signals):
-        raise MetadataError("weights", raw, "at least one enabled signal needs a weight above 0")
     return weights
+
+
+# -- the table (README's metadata table, in its order) --------------------------------------------
+
+METADATA_KEYS: tuple[MetadataKey, ...] = (
+    MetadataKey("prometheusAddress", ScalerSpec, "prometheus_address", _url,
+                "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"),
+    MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", _text,
+                "accepted: a Prometheus file_sd JSON file inside the scaler's --scrape-targets-dir"),
+    MetadataKey("selector", ScalerSpec, "selector", _matching(_SELECTOR),
+                'accepted: PromQL label matchers, e.g. namespace="ml",deployment="sd-worker"'),
+    MetadataKey("queueQuery", Queries, "queue", _text, _QUERY),
+    MetadataKey("gpuUtilizationQuery", Queries, "gpu", _text, _QUERY),
+    MetadataKey("latencyQuery", Queries, "latency", _text, _QUERY),
+    MetadataKey("readyReplicasQuery", Queries, "ready", _text, _QUERY),
+    MetadataKey("window", ScalerSpec, "window", _duration,
+                "accepted: a PromQL duration above zero, e.g. 30s, 1m, 1h30m"),
+    MetadataKey("targetQueuePerReplica", PolicySpec, "target_queue_per_replica", _number,
+                "accepted: a number above 0", above=0),
+    MetadataKey("targetGpuUtilization", PolicySpec, "target_gpu_util_percent", _number,
+                "accepted: a percentage, 0 < x <= 100", above=0, at_most=100),
+    MetadataKey("targetP95Seconds", PolicySpec, "target_p95_seconds", _number,
+                "accepted: seconds, a number above 0", above=0),
+    MetadataKey("signals", PolicySpec, "signals", _signals,
+                "accepted: a comma list of " + ", ".join(SIGNALS)),
+    MetadataKey("combine", PolicySpec, "combine", _combine,
+                "accepted: " + " or ".join(COMBINE_MODES)),
+    MetadataKey("weights", PolicySpec, "weights", _weights,
+                f"accepted: e.g. queue=2,gpu=1,latency=1 (signals among {', '.join(SIGNALS)}, weights >= 0)"),
+    MetadataKey("scaleUpWindowSeconds", PolicySpec, "scale_up_window_s", _number,
+                "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
+    MetadataKey("scaleDownWindowSeconds", PolicySpec, "scale_down_window_s", _number,
+                "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
+    MetadataKey("burstFactor", PolicySpec, "burst_factor", _number,
+                "accepted: a number above 0", above=0),
+    MetadataKey("minBusyReplicas", PolicySpec, "min_busy_replicas", _count,
+                "accepted: a whole number of replicas >= 1 (1 turns it off)", at_least=1),
+    MetadataKey("minReplicas", PolicySpec, "min_replicas", _count, _REPLICAS),
+    MetadataKey("maxReplicas", PolicySpec, "max_replicas", _count, _REPLICAS),
+    MetadataKey("activationQueue", PolicySpec, "activation_queue", _number,
+                "accepted: a number >= 0", at_least=0),
+    MetadataKey("refreshSeconds", ScalerSpec, "refresh_s", _number,
+                "accepted: seconds from 0.1 to 3600", at_least=0.1, at_most=3600),
+    MetadataKey("staleAfterSeconds", ScalerSpec, "stale_after_s", _number,
+                "accepted: seconds, above 0", above=0, at_most=86400),
+    MetadataKey("queryTimeoutSeconds", ScalerSpec, "query_timeout_s", _number,
+                "accepted: seconds from above 0 to 300", above=0, at_most=300),
+    MetadataKey("metricName", ScalerSpec, "metric_name", _matching(_METRIC_NAME),
+                "accepted: letters, digits, '_', '.', '-' (up to 200)"),
+)  # fmt: skip
+
+# The keys this scaler reads.
+KNOWN_KEYS = frozenset(key.name for key in METADATA_KEYS)
+_BY_NAME = {key.name: key for key in METADATA_KEYS}
+_QUERY_KEYS = tuple(key.name for key in METADATA_KEYS if key.owner is Queries)
+
+
+def _texts(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Each known key's stripped text, from `<key>` or else `<key>FromEnv`; empty counts as unset."""
+    texts = {}
+    for key in METADATA_KEYS:
+        for candidate in (key.name, key.name + FROM_ENV_SUFFIX):
+            value = metadata.get(candidate, "").strip()
+            if value:
+                texts[key.name] = value
+                break
+    return texts
+
+
+def _targets_path(directory: str, name: str) -> Path:
+    return (Path(directory).resolve() / name).resolve()
+
+
+def _validate(
+    values: Mapping[str, Any], texts: Mapping[str, str], allowed_prefixes: tuple[str, ...], directory: str | None
+) -> None:
+    """The rules between keys, and between keys and the scaler's flags; raises MetadataError.
+
+    `values` holds every key's parsed value (its default when unset), `texts` the keys that
+    were set, as given; `directory` is --scrape-targets-dir.
+    """
+    targets_file, address = values["scrapeTargetsFile"], values["prometheusAddress"]
+    if targets_file is not None:
+        key = "scrapeTargetsFile"
+        if address is not None:
+            raise MetadataError(key, targets_file, "set prometheusAddress or scrapeTargetsFile, not both")
+        if directory is None:
+            raise MetadataError(key, targets_file,
+                                "this scaler does not scrape pods directly; start it with --scrape-targets-dir")
+        # A ScaledObject must not make the scaler read files or scrape hosts it was not given.
+        if not _targets_path(directory, targets_file).is_relative_to(Path(directory).resolve()):
+            raise MetadataError(key, targets_file, f"it must name a file inside --scrape-targets-dir ({directory})")
+        for name in _QUERY_KEYS:
+            if name in texts:
+                accepted = "query overrides need prometheusAddress; scrapeTargetsFile reads the built-in signals"
+                raise MetadataError(name, texts[name], accepted)
+    elif address is None:
+        raise MetadataError("prometheusAddress", None, "it is required; " + _BY_NAME["prometheusAddress"].accepted)
+    elif allowed_prefixes and not any(address.startswith(p.rstrip("/")) for p in allowed_prefixes):
+        raise MetadataError("prometheusAddress", texts["prometheusAddress"],
+                            "this scaler only queries addresses starting with " + ", ".join(allowed_prefixes))
+
+    if LATENCY in values["signals"] and values["targetP95Seconds"] is None:
+        raise MetadataError("signals", texts["signals"], "the latency signal needs targetP95Seconds to be set")
+    if "weights" in texts:
+        if values["combine"] != "weighted":
+            raise MetadataError("weights", texts["weights"], "weights are only used with combine=weighted")
+        if not any(values["weights"][s] > 0 for s in values["signals"]):
+            raise MetadataError("weights", texts["weights"], "at least one enabled signal needs a weight above 0")
+    low, high = values["minReplicas"], values["maxReplicas"]
+    if low is not None and high is not None and low > high:
+        raise MetadataError("minReplicas", str(low), f"it must not exceed maxReplicas ({high})")
+    if values["staleAfterSeconds"] < values["refreshSeconds"]:
+        refresh = values["refreshSeconds"]
+        raise MetadataError("staleAfterSeconds", texts.get("staleAfterSeconds"),
+                            f"it must be at least refreshSeconds ({refresh:g})")
 
 
 def _is_known(key: str) -> bool:
@@ -246,96 +338,36 @@ def _is_known(key: str) -> bool:
 def parse_metadata(
     metadata: Mapping[str, str], allowed_prefixes: tuple[str, ...] = (), scrape_targets_dir: str | None = None
 ) -> ScalerSpec:
-    """Validates a trigger's metadata map; raises MetadataError on the first bad key."""
-    reader = _Reader(metadata)
-    targets_file = _targets_file(reader, scrape_targets_dir)
-    address = "" if targets_file else _address(reader, allowed_prefixes)
+    """The ScalerSpec a trigger's metadata map (key -> text) describes.
 
-    selector = reader.text("selector") or ""
-    if not _SELECTOR.match(selector):
-        raise MetadataError(
-            "selector", selector, 'accepted: PromQL label matchers, e.g. namespace="ml",deployment="sd-worker"'
-        )
-    window = reader.text("window") or "1m"
-    try:
-        window_seconds = parse_duration_seconds(window)
-    except ValueError:
-        window_seconds = 0
-    if window_seconds <= 0:
-        raise MetadataError("window", window, "accepted: a PromQL duration above zero, e.g. 30s, 1m, 1h30m")
+    `allowed_prefixes` are the URL prefixes prometheusAddress must start with (empty: any);
+    `scrape_targets_dir` is the directory scrapeTargetsFile must name a file in (None: direct
+    scraping is refused). Raises MetadataError on the first bad key: each key's own bounds are
+    checked in METADATA_KEYS' order, then the rules between keys.
+    """
+    texts = _texts(metadata)
+    values = {key.name: key.default for key in METADATA_KEYS}
+    for key in METADATA_KEYS:
+        if key.name in texts:
+            values[key.name] = key.parse(key, texts[key.name])
+    if "signals" not in texts and values["targetP95Seconds"] is not None:
+        # Unset, the signals are all that are configured, and an objective configures latency.
+        values["signals"] = tuple(s for s in SIGNALS if s in values["signals"] or s == LATENCY)
+    _validate(values, texts, allowed_prefixes, scrape_targets_dir)
 
-    queue_target = reader.number("targetQueuePerReplica", 8.0, above=0, accepted="accepted: a number above 0")
-    gpu_target = reader.number(
-        "targetGpuUtilization", 75.0, above=0, at_most=100, accepted="accepted: a percentage, 0 < x <= 100"
-    )
-    p95_target = reader.number("targetP95Seconds", None, above=0, accepted="accepted: seconds, a number above 0")
-    signals = _signals(reader, p95_target)
+    def fields_of(owner: type) -> dict[str, Any]:
+        return {key.field: values[key.name] for key in METADATA_KEYS if key.owner is owner}
 
-    combine = reader.text("combine") or "max"
-    if combine not in COMBINE_MODES:
-        raise MetadataError("combine", combine, "accepted: " + " or ".join(COMBINE_MODES))
-    weights = _weights(reader, combine, signals)
-
-    up_window = reader.number("scaleUpWindowSeconds", 0.0, at_least=0, at_most=3600, accepted="accepted: seconds from 0 to 3600")
-    down_window = reader.number(
-        "scaleDownWindowSeconds", 300.0, at_least=0, at_most=3600, accepted="accepted: seconds from 0 to 3600"
-    )
-    burst = reader.number("burstFactor", 2.0, above=0, accepted="accepted: a number above 0")
-    busy = reader.count("minBusyReplicas")
-    if busy == 0:
-        raise MetadataError("minBusyReplicas", "0", "accepted: a whole number of replicas >= 1 (1 turns it off)")
-    min_replicas = reader.count("minReplicas")
-    max_replicas = reader.count("maxReplicas")
-    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
-        raise MetadataError("minReplicas", str(min_replicas), f"it must not exceed maxReplicas ({max_replicas})")
-    activation = reader.number("activationQueue", 0.0, at_least=0, accepted="accepted: a number >= 0")
-
-    refresh = reader.number("refreshSeconds", 5.0, at_least=0.1, at_most=3600, accepted="accepted: seconds from 0.1 to 3600")
-    stale = reader.number("staleAfterSeconds", 60.0, above=0, at_most=86400, accepted="accepted: seconds, above 0")
-    if stale < refresh:
-        raise MetadataError(
-            "staleAfterSeconds", reader.text("staleAfterSeconds"), f"it must be at least refreshSeconds ({refresh:g})"
-        )
-    timeout = reader.number("queryTimeoutSeconds", 2.0, above=0, at_most=300, accepted="accepted: seconds from above 0 to 300")
-
-    metric_name = reader.text("metricName") or "composite"
-    if not _METRIC_NAME.match(metric_name):
-        raise MetadataError("metricName", metric_name, "accepted: letters, digits, '_', '.', '-' (up to 200)")
-
-    builtin = promql.builtin_queries(selector, window)
-    queries = Queries(
-        queue=reader.text("queueQuery") or builtin.queue,
-        gpu=reader.text("gpuUtilizationQuery") or builtin.gpu,
-        latency=reader.text("latencyQuery") or builtin.latency,
-        ready=reader.text("readyReplicasQuery") or builtin.ready,
-    )
-
-    unknown = tuple(sorted(k for k in metadata if not _is_known(k)))
-    policy = PolicySpec(
-        signals=signals,
-        target_queue_per_replica=queue_target,
-        target_gpu_util_percent=gpu_target,
-        target_p95_seconds=p95_target,
-        combine=combine,
-        weights=weights,
-        scale_up_window_s=up_window,
-        scale_down_window_s=down_window,
-        burst_factor=burst,
-        min_busy_replicas=2 if busy is None else busy,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        activation_queue=activation,
-    )
+    builtin = promql.builtin_queries(values["selector"], values["window"])
+    overrides = {name: query for name, query in fields_of(Queries).items() if query is not None}
+    source = fields_of(ScalerSpec)
+    if source["scrape_targets_file"] is not None:
+        assert scrape_targets_dir is not None  # _validate refuses the file without the directory
+        source["scrape_targets_file"] = str(_targets_path(scrape_targets_dir, source["scrape_targets_file"]))
+        source["prometheus_address"] = ""
     return ScalerSpec(
-        prometheus_address=address,
-        queries=queries,
-        policy=policy,
-        window=window,
-        selector=selector,
-        refresh_s=refresh,
-        stale_after_s=stale,
-        query_timeout_s=timeout,
-        metric_name=metric_name,
-        unknown_keys=unknown,
-        scrape_targets_file=targets_file,
+        **source,
+        queries=dataclasses.replace(builtin, **overrides),
+        policy=PolicySpec(**fields_of(PolicySpec)),
+        unknown_keys=tuple(sorted(k for k in metadata if not _is_known(k))),
     )

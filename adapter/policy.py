@@ -11,12 +11,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
-from adapter.config import PolicySpec
 from adapter.windows import RecommendationWindow
+from contract.names import GPU, LATENCY, QUEUE, SIGNALS
 
 # Float arithmetic such as 3 * 75 / 75 must not round up to 4 replicas.
 _CEIL_SLACK = 1e-9
+
+# How the proposals become one composite: their maximum, or their weighted mean.
+COMBINE_MODES = ("max", "weighted")
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Everything the decision core needs: one trigger's policy, already validated.
+
+    Times are in seconds, utilization in percent, queue lengths in requests, replica counts
+    whole. The field defaults are the trigger metadata's defaults (`adapter.config` reads
+    them from here), so a ScaledObject that sets nothing gets `PolicySpec()`.
+    """
+
+    signals: tuple[str, ...] = (QUEUE, GPU)  # enabled signals, a subset of SIGNALS in its order
+    target_queue_per_replica: float = 8.0  # requests (waiting + running) one replica should hold
+    target_gpu_util_percent: float = 75.0  # 0 < x <= 100
+    target_p95_seconds: float | None = None  # None: no latency objective, the latency signal is off
+    combine: str = "max"  # one of COMBINE_MODES
+    weights: Mapping[str, float] = field(default_factory=lambda: {s: 1.0 for s in SIGNALS})  # signal -> weight >= 0
+    scale_up_window_s: float = 0.0  # stabilization windows, HPA semantics
+    scale_down_window_s: float = 300.0
+    burst_factor: float = 2.0  # a queue proposal >= this x ready replicas skips the scale-up window
+    min_busy_replicas: int = 2  # the queue's floor while requests are in flight; 1 turns it off
+    min_replicas: int | None = None  # clamps on the composite; None: no clamp
+    max_replicas: int | None = None
+    activation_queue: float = 0.0  # active while the queue exceeds this
 
 
 @dataclass(frozen=True)
@@ -61,20 +89,20 @@ def proposals(spec: PolicySpec, signals: Signals) -> dict[str, float]:
     out: dict[str, float] = {}
     ready = signals.ready_replicas
     queue_need = ceil_replicas(signals.queue / spec.target_queue_per_replica)
-    if "queue" in spec.signals:
+    if QUEUE in spec.signals:
         # While requests are in flight, never rely on a lone replica: new ones take tens of
         # seconds to start, and one replica cannot absorb a step in load meanwhile.
-        out["queue"] = max(queue_need, spec.min_busy_replicas) if signals.queue > 0 else queue_need
-    if "gpu" in spec.signals and signals.gpu_util_percent is not None:
-        out["gpu"] = ceil_replicas(ready * signals.gpu_util_percent / spec.target_gpu_util_percent)
-    if "latency" in spec.signals and signals.p95_seconds is not None and spec.target_p95_seconds:
+        out[QUEUE] = max(queue_need, spec.min_busy_replicas) if signals.queue > 0 else queue_need
+    if GPU in spec.signals and signals.gpu_util_percent is not None:
+        out[GPU] = ceil_replicas(ready * signals.gpu_util_percent / spec.target_gpu_util_percent)
+    if LATENCY in spec.signals and signals.p95_seconds is not None and spec.target_p95_seconds:
         # p95 over the window lags: after a backlog it still reports waits the fleet has
         # already cleared, and ready x p95 / target would grow with every replica added. So
         # latency may add one replica beyond the larger of ready and the queue's need, and only
         # while the queue fills the ready replicas; with less in flight it can only hold.
         held = max(ceil_replicas(ready), queue_need)
-        out["latency"] = min(ceil_replicas(ready * signals.p95_seconds / spec.target_p95_seconds),
-                             held + 1 if queue_need >= ready else held)
+        out[LATENCY] = min(ceil_replicas(ready * signals.p95_seconds / spec.target_p95_seconds),
+                           held + 1 if queue_need >= ready else held)
     return out
 
 
@@ -110,7 +138,7 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
     raw, limiting = _combine(spec, proposed, fallback=current)
     composite, composite_clamped_by = _clamp(spec, raw)
 
-    queue_proposal = proposed.get("queue", 0.0)
+    queue_proposal = proposed.get(QUEUE, 0.0)
     burst = queue_proposal > 0 and queue_proposal >= spec.burst_factor * signals.ready_replicas
 
     # HPA semantics: move from the current value no further up than the lowest

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapter.config import KNOWN_KEYS, MetadataError, parse_metadata
+from adapter.config import FROM_ENV_SUFFIX, KNOWN_KEYS, METADATA_KEYS, MetadataError, parse_metadata
+from adapter.policy import PolicySpec
 
 BASE = {"prometheusAddress": "http://prometheus.monitoring:9090"}
 
@@ -26,6 +27,71 @@ def test_defaults_match_the_documented_table():
     assert (policy.scale_up_window_s, policy.scale_down_window_s, policy.burst_factor) == (0, 300, 2)
     assert policy.min_busy_replicas == 2
     assert (policy.combine, policy.min_replicas, policy.max_replicas, policy.activation_queue) == ("max", None, None, 0)
+
+
+# --- the table: every row's default, bounds and accepted text are what the parser applies ----
+
+DEFAULTED = [key for key in METADATA_KEYS if key.default is not None]
+BOUNDED = [key for key in METADATA_KEYS if (key.above, key.at_least, key.at_most) != (None, None, None)]
+# Room for refreshSeconds' upper bound: staleAfterSeconds must be at least refreshSeconds.
+ROOMY = {**BASE, "staleAfterSeconds": "86400"}
+
+
+def field_value(spec, key):
+    return getattr(spec.policy if key.owner is PolicySpec else spec, key.field)
+
+
+def test_the_table_is_every_known_key_once():
+    names = [key.name for key in METADATA_KEYS]
+    assert len(names) == len(set(names)) and set(names) == KNOWN_KEYS
+
+
+@pytest.mark.parametrize("key", DEFAULTED, ids=lambda key: key.name)
+def test_an_empty_trigger_gets_each_tables_default(key):
+    assert field_value(parse(), key) == key.default
+
+
+@pytest.mark.parametrize("suffix", ["", FROM_ENV_SUFFIX])
+@pytest.mark.parametrize("key", BOUNDED, ids=lambda key: key.name)
+def test_each_bounded_key_rejects_a_non_number_naming_itself(key, suffix):
+    with pytest.raises(MetadataError) as raised:
+        parse_metadata({**BASE, key.name + suffix: "eight"})
+    assert raised.value.key == key.name and "'eight'" in str(raised.value)
+
+
+def edges(key):
+    """(text, "accepted" or "rejected") at and just past each of the key's bounds."""
+    def step(bound):
+        return 1 if float(bound).is_integer() else 0.01
+
+    if key.above is not None:
+        yield f"{key.above:g}", "rejected"
+    if key.at_least is not None:
+        yield f"{key.at_least:g}", "accepted"
+        yield f"{key.at_least - step(key.at_least):g}", "rejected"
+    if key.at_most is not None:
+        yield f"{key.at_most:g}", "accepted"
+        yield f"{key.at_most + step(key.at_most):g}", "rejected"
+
+
+@pytest.mark.parametrize(
+    "key, text, outcome",
+    [(key, text, outcome) for key in BOUNDED for text, outcome in edges(key)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
+def test_each_bound_in_the_table_holds_at_its_edge(key, text, outcome):
+    metadata = {**ROOMY, key.name: text}
+    if outcome == "accepted":
+        assert field_value(parse_metadata(metadata), key) == float(text)
+        return
+    with pytest.raises(MetadataError) as raised:
+        parse_metadata(metadata)
+    assert raised.value.key == key.name and raised.value.value == text
+    assert str(raised.value).endswith(key.accepted)
+
+
+def test_replica_counts_go_up_to_a_million():
+    assert parse(maxReplicas="1000000").policy.max_replicas == 1_000_000
 
 
 def test_latency_is_enabled_by_its_objective():
@@ -95,6 +161,14 @@ def test_allowed_prefixes_restrict_the_prometheus_address():
         ({**BASE, "minBusyReplicas": "two"}, "minBusyReplicas", "whole number"),
         ({**BASE, "minReplicas": "5", "maxReplicas": "2"}, "minReplicas", "maxReplicas"),
         ({**BASE, "scaleDownWindowSeconds": "-1"}, "scaleDownWindowSeconds", "0 to 3600"),
+        ({**BASE, "scaleUpWindowSeconds": "3601"}, "scaleUpWindowSeconds", "0 to 3600"),
+        ({**BASE, "burstFactor": "0"}, "burstFactor", "above 0"),
+        ({**BASE, "activationQueue": "-1"}, "activationQueue", ">= 0"),
+        ({**BASE, "maxReplicas": "1000001"}, "maxReplicas", "0 to 1000000"),
+        ({**BASE, "refreshSeconds": "0.05"}, "refreshSeconds", "0.1 to 3600"),
+        ({**BASE, "refreshSeconds": "3601"}, "refreshSeconds", "0.1 to 3600"),
+        ({**BASE, "staleAfterSeconds": "86401"}, "staleAfterSeconds", "above 0"),
+        ({**BASE, "queryTimeoutSeconds": "301"}, "queryTimeoutSeconds", "above 0 to 300"),
         ({**BASE, "refreshSeconds": "10", "staleAfterSeconds": "5"}, "staleAfterSeconds", "refreshSeconds"),
         ({**BASE, "selector": "namespace=ml"}, "selector", "label matchers"),
         ({**BASE, "selector": 'a="b"} or vector(1'}, "selector", "label matchers"),

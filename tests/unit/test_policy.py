@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.config import PolicySpec
-from adapter.policy import PolicyState, Signals, decide, proposals
+from adapter.policy import PolicySpec, PolicyState, Signals, decide, proposals
 
 
 class Timeline:

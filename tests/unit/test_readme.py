@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from adapter.config import KNOWN_KEYS, parse_metadata
+from adapter.config import KNOWN_KEYS, METADATA_KEYS, parse_metadata
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD = ROOT.parent / "shared" / "reference" / "keda" / "keda.sh_scaledobjects.yaml"
@@ -45,3 +45,26 @@ def test_readme_documents_every_metadata_key():
     text = (ROOT / "README.md").read_text()
     missing = [key for key in sorted(KNOWN_KEYS) if f"`{key}`" not in text]
     assert not missing, f"README's metadata table lacks {missing}"
+
+
+def readme_metadata_defaults() -> dict[str, str]:
+    """key -> the default README's metadata table shows for it, where a row gives one per key."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Trigger metadata", 1)[1].split("\n\n", 2)[1]
+    shown = {}
+    for row in table.splitlines()[2:]:
+        cells = row.split("|")
+        keys = re.findall(r"`(\w+)`", cells[1])
+        defaults = re.findall(r"`([^`]*)`", cells[-2])
+        if len(keys) == len(defaults):
+            shown.update(zip(keys, defaults))
+    return shown
+
+
+def test_readme_states_the_default_the_parser_applies():
+    shown = readme_metadata_defaults()
+    for key in METADATA_KEYS:
+        default = key.default
+        if isinstance(default, (int, float)) or (isinstance(default, str) and default):
+            expected = f"{default:g}" if isinstance(default, float) else str(default)
+            assert shown.get(key.name) == expected, f"README's default for {key.name}"
