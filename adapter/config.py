@@ -301,7 +301,11 @@ def _validate(
             raise MetadataError(key, targets_file,
                                 "this scaler does not scrape pods directly; start it with --scrape-targets-dir")
         # A ScaledObject must not make the scaler read files or scrape hosts it was not given.
-        if not _targets_path(directory, targets_file).is_relative_to(Path(directory).resolve()):
+        try:
+            inside = _targets_path(directory, targets_file).is_relative_to(Path(directory).resolve())
+        except (ValueError, OSError):  # a NUL byte in the name: no file of ours either
+            inside = False
+        if not inside:
             raise MetadataError(key, targets_file, f"it must name a file inside --scrape-targets-dir ({directory})")
         for name in _QUERY_KEYS:
             if name in texts:
