@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from contract import names
 from lab.localprom import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,14 +34,14 @@ def test_the_process_serves_without_a_driver_and_stops_on_sigterm():
         while True:
             try:
                 text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-                if "gpu_exporter_collections_total" in text:
+                if names.EXPORTER_COLLECTIONS + "_total" in text:
                     break
             except requests.ConnectionError:
                 pass
             assert process.poll() is None, process.stdout.read()
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert "gpu_exporter_nvml_up 0.0" in text
+        assert f"{names.EXPORTER_NVML_UP} 0.0" in text
         assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
         time.sleep(1.0)  # several collections: the error is logged once, not each time
         process.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
+from contract import names
 from exporter.__main__ import build_parser
 from exporter.collector import DEVICE_METRICS
 
@@ -20,14 +21,16 @@ def test_every_flag_is_in_the_flag_table():
 def test_every_metric_served_in_either_mode_is_documented(start_exporter):
     running = start_exporter([FakeGpu("GPU-1", processes=[(1, 2)])], flags=["--per-process"])
     served = {line.split("{")[0].split(" ")[0] for line in running.text().splitlines() if line and not line.startswith("#")}
-    served |= set(DEVICE_METRICS) | {"gpu_exporter_podresources_errors_total", "gpu_exporter_podresources_refreshes_total"}
+    # the DaemonSet's PodResources counters, which this sidecar does not serve
+    served |= set(DEVICE_METRICS) | {names.EXPORTER_PODRESOURCES_ERRORS + "_total",
+                                     names.EXPORTER_PODRESOURCES_REFRESHES + "_total"}
     assert sorted(name for name in served if f"`{name}`" not in DOC) == []
 
 
 def test_readme_names_every_metric_too():
     readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
-    from exporter.collector import DEVICE_METRICS as names
-
     documented_in_exporter_doc = {line.split("`")[1] for line in DOC.splitlines() if line.startswith("| `")}
-    metrics = (set(names) | {n for n in documented_in_exporter_doc if n.startswith("gpu_exporter_")})
+    # the exporter's own metrics as EXPORTER.md writes them, counters with their `_total`
+    own = {n for n in documented_in_exporter_doc if n.removesuffix("_total") in names.EXPORTER_METRICS}
+    metrics = set(DEVICE_METRICS) | own
     assert sorted(name for name in metrics if f"`{name}`" not in readme) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from contract import names
 from exporter._proto import podresources_pb2 as pb
 from exporter._proto import podresources_pb2_grpc as pb_grpc
 from exporter.podresources import PodRef, PodResourcesCache, device_key, gpu_owners
@@ -130,6 +131,6 @@ def test_daemonset_mode_labels_each_gpu_with_the_pod_holding_it(kubelet, start_e
     gpus = [FakeGpu(H100), FakeGpu(SECOND, minor=1, mig=["MIG-bbbb"])]
     running = start_exporter(gpus, flags=["--mode", "daemonset", "--kubelet-socket", socket],
                              environ={"NVIDIA_VISIBLE_DEVICES": H100, "POD_NAME": "exporter-xyz"})
-    temps = {s.labels["UUID"]: s.labels["pod"] for s in running.samples() if s.name == "DCGM_FI_DEV_GPU_TEMP"}
+    temps = {s.labels["UUID"]: s.labels["pod"] for s in running.samples() if s.name == names.GPU_TEMP}
     assert temps == {H100: "worker-a", SECOND: "worker-b"}  # every GPU of the node, not the exporter's own pod
-    assert running.value("gpu_exporter_podresources_refreshes_total") >= 1
+    assert running.value(names.EXPORTER_PODRESOURCES_REFRESHES + "_total") >= 1

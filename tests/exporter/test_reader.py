@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from contract import names
 from exporter.nvml import DeviceFilter, NvmlReader
 
 from .fakenvml import FakeGpu, FakeNvml
@@ -38,30 +39,30 @@ def test_values_come_in_dcgm_names_and_units():
     assert reading.identity.uuid == H100 and reading.identity.device == "nvidia0"
     assert reading.identity.pci_bus_id == "00000000:01:00.0" and reading.identity.model == "NVIDIA H100 80GB HBM3"
     assert reading.values == {
-        "DCGM_FI_DEV_SM_CLOCK": 1980, "DCGM_FI_DEV_MEM_CLOCK": 2619,
-        "DCGM_FI_DEV_GPU_TEMP": 41, "DCGM_FI_DEV_MEMORY_TEMP": 38.0,
-        "DCGM_FI_DEV_POWER_USAGE": 118.0, "DCGM_FI_DEV_POWER_MGMT_LIMIT": 700.0,
-        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": 5_000_000, "DCGM_FI_DEV_PCIE_REPLAY_COUNTER": 0,
-        "DCGM_FI_DEV_GPU_UTIL": 30.0, "DCGM_FI_DEV_MEM_COPY_UTIL": 0,
-        "DCGM_FI_DEV_ENC_UTIL": 0, "DCGM_FI_DEV_DEC_UTIL": 0,
-        "DCGM_FI_DEV_FB_FREE": 80 * 1024 - 2048 - 512, "DCGM_FI_DEV_FB_USED": 2048.0, "DCGM_FI_DEV_FB_RESERVED": 512.0,
-        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL": 0, "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": 0,
-        "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL": 3, "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL": 0,
-        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS": 2, "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": 0,
-        "DCGM_FI_DEV_ROW_REMAP_FAILURE": 0,
-        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS": 0, "DCGM_FI_DEV_XID_ERRORS": 79,
-        "DCGM_FI_PROF_SM_ACTIVE": 0.40, "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": 0.35, "DCGM_FI_PROF_DRAM_ACTIVE": 0.125,
+        names.SM_CLOCK: 1980, names.MEM_CLOCK: 2619,
+        names.GPU_TEMP: 41, names.MEMORY_TEMP: 38.0,
+        names.POWER_USAGE: 118.0, names.POWER_MGMT_LIMIT: 700.0,
+        names.TOTAL_ENERGY_CONSUMPTION: 5_000_000, names.PCIE_REPLAY_COUNTER: 0,
+        names.GPU_UTIL: 30.0, names.MEM_COPY_UTIL: 0,
+        names.ENC_UTIL: 0, names.DEC_UTIL: 0,
+        names.FB_FREE: 80 * 1024 - 2048 - 512, names.FB_USED: 2048.0, names.FB_RESERVED: 512.0,
+        names.ECC_SBE_VOL_TOTAL: 0, names.ECC_DBE_VOL_TOTAL: 0,
+        names.ECC_SBE_AGG_TOTAL: 3, names.ECC_DBE_AGG_TOTAL: 0,
+        names.CORRECTABLE_REMAPPED_ROWS: 2, names.UNCORRECTABLE_REMAPPED_ROWS: 0,
+        names.ROW_REMAP_FAILURE: 0,
+        names.CLOCKS_EVENT_REASONS: 0, names.XID_ERRORS: 79,
+        names.PROF_SM_ACTIVE: 0.40, names.PROF_PIPE_TENSOR_ACTIVE: 0.35, names.PROF_DRAM_ACTIVE: 0.125,
     }
 
 
 def test_utilization_is_the_mean_of_the_samples_since_the_last_collection():
     gpu = FakeGpu(H100, samples=[(10, 100), (20, 100)], utilization=55)
     reader, _, _ = reader_for(gpu)
-    assert reader.collect().devices[0].values["DCGM_FI_DEV_GPU_UTIL"] == 100
+    assert reader.collect().devices[0].values[names.GPU_UTIL] == 100
     gpu.samples += [(30, 0), (40, 20), (50, 40)]
-    assert reader.collect().devices[0].values["DCGM_FI_DEV_GPU_UTIL"] == 20  # only the three new ones
+    assert reader.collect().devices[0].values[names.GPU_UTIL] == 20  # only the three new ones
     # no sample since: NVML's own current reading, not a repeat of the old mean
-    assert reader.collect().devices[0].values["DCGM_FI_DEV_GPU_UTIL"] == 55
+    assert reader.collect().devices[0].values[names.GPU_UTIL] == 55
 
 
 def test_an_unsupported_value_is_omitted_not_zeroed_and_never_asked_again():
@@ -69,9 +70,9 @@ def test_an_unsupported_value_is_omitted_not_zeroed_and_never_asked_again():
     reader, nvml, _ = reader_for(gpu)
     for _ in range(3):
         values = reader.collect().devices[0].values
-    assert "DCGM_FI_DEV_MEMORY_TEMP" not in values and "DCGM_FI_DEV_ENC_UTIL" not in values
-    assert not any(name.startswith("DCGM_FI_PROF_") for name in values)
-    assert values["DCGM_FI_DEV_GPU_TEMP"] == 41
+    assert names.MEMORY_TEMP not in values and names.ENC_UTIL not in values
+    assert not {names.PROF_SM_ACTIVE, names.PROF_PIPE_TENSOR_ACTIVE, names.PROF_DRAM_ACTIVE} & set(values)
+    assert values[names.GPU_TEMP] == 41
     assert nvml.calls["nvmlDeviceGetFieldValues"] == 1 and nvml.calls["nvmlDeviceGetEncoderUtilization"] == 1
     assert reader.errors == {}
 
@@ -85,7 +86,7 @@ def test_reserved_memory_is_omitted_where_only_the_v1_memory_call_exists():
 
     reader = NvmlReader(OldDriver([FakeGpu(H100)]), hostname="n")
     values = reader.collect().devices[0].values
-    assert values["DCGM_FI_DEV_FB_USED"] == 2048 and "DCGM_FI_DEV_FB_RESERVED" not in values
+    assert values[names.FB_USED] == 2048 and names.FB_RESERVED not in values
 
 
 def test_other_errors_are_counted_by_gpu_and_call_and_the_rest_still_served():
@@ -93,7 +94,7 @@ def test_other_errors_are_counted_by_gpu_and_call_and_the_rest_still_served():
     reader, _, _ = reader_for(gpu)
     reader.collect()
     values = reader.collect().devices[0].values
-    assert "DCGM_FI_DEV_POWER_USAGE" not in values and values["DCGM_FI_DEV_GPU_TEMP"] == 41
+    assert names.POWER_USAGE not in values and values[names.GPU_TEMP] == 41
     assert reader.errors == {("0", "power"): 2}
 
 
@@ -116,7 +117,7 @@ def test_a_lost_gpu_is_down_without_values_then_comes_back_after_reinit_with_bac
     clock.now += 2.5
     back = reader.collect()
     assert nvml.init_calls == 3 and [r.up for r in back.devices] == [True, True]
-    assert back.devices[1].values["DCGM_FI_DEV_GPU_TEMP"] == 41
+    assert back.devices[1].values[names.GPU_TEMP] == 41
 
 
 def test_a_gpu_that_vanishes_from_the_bus_stays_reported_down():
@@ -183,8 +184,8 @@ def test_mig_devices_are_known_for_attribution_and_processes_are_read_on_request
 def test_xid_keeps_the_last_error_seen():
     gpu = FakeGpu(H100, xids=[13, 31])
     reader, _, _ = reader_for(gpu)
-    assert reader.collect().devices[0].values["DCGM_FI_DEV_XID_ERRORS"] == 31
-    assert reader.collect().devices[0].values["DCGM_FI_DEV_XID_ERRORS"] == 31
+    assert reader.collect().devices[0].values[names.XID_ERRORS] == 31
+    assert reader.collect().devices[0].values[names.XID_ERRORS] == 31
 
 
 def test_a_sidecar_waits_for_the_workers_visible_devices_file_then_exports_only_those(tmp_path):

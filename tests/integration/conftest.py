@@ -15,6 +15,7 @@ import pytest
 
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
+from contract import names
 from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from adapter.server import ScalerServer, ServerConfig
 from lab.synthetic import SyntheticPods
@@ -61,7 +62,7 @@ def wait_until_scraped(prometheus: LocalPrometheus, deployment: str, timeout_s: 
 
     def has_series():
         answer = requests.get(
-            f"{prometheus.url}/api/v1/query", params={"query": f'diffusion_ready{{deployment="{deployment}"}}'}, timeout=2
+            f"{prometheus.url}/api/v1/query", params={"query": f'{names.READY}{{deployment="{deployment}"}}'}, timeout=2
         ).json()
         assert answer["data"]["result"], f"no series of {deployment} yet"
 
@@ -154,6 +155,12 @@ def ref(deployment: str, prometheus_url: str, name: str | None = None, **metadat
         **metadata,
     }
     return pb.ScaledObjectRef(name=name or deployment, namespace="ml", scalerMetadata=meta)
+
+
+def scaler_labels(deployment: str, metric: str | None = None) -> dict[str, str]:
+    """The scaler's labels for the ScaledObject `ref` registers; `metric` too when given."""
+    values = ("ml", deployment) if metric is None else ("ml", deployment, metric)
+    return dict(zip(names.SCALER_LABELS, values))
 
 
 def metrics_request(so_ref: pb.ScaledObjectRef, metric: str = "composite") -> pb.GetMetricsRequest:

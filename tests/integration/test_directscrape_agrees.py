@@ -10,6 +10,7 @@ import requests
 
 from adapter.directscrape import ScrapeStore
 from adapter.promql import builtin_queries
+from contract import names
 from lab.synthetic import PodLoad
 
 from .conftest import eventually, wait_until_scraped
@@ -46,13 +47,13 @@ def test_direct_signals_match_prometheus_on_the_same_data(fleet, prometheus, dep
         def agree():
             now = time.time()
             direct = store.answers(selector, window_s=10, now=now)
-            assert direct["queue"] == prometheus_value(queries.queue, now) == 8
-            assert direct["ready"] == prometheus_value(queries.ready, now) == 2
-            assert direct["gpu"] == pytest.approx(prometheus_value(queries.gpu, now)) == 60
+            assert direct[names.QUEUE] == prometheus_value(queries.queue, now) == 8
+            assert direct[names.READY_REPLICAS] == prometheus_value(queries.ready, now) == 2
+            assert direct[names.GPU] == pytest.approx(prometheus_value(queries.gpu, now)) == 60
             # p95 of 10 rps at 1.5 s and 5 rps at 4 s lies in the (3, 5] bucket
             expected = prometheus_value(queries.latency, now)
             assert 3 < expected <= 5
-            assert direct["latency"] == pytest.approx(expected, rel=0.05)
+            assert direct[names.LATENCY] == pytest.approx(expected, rel=0.05)
 
         eventually(agree, timeout_s=15, interval_s=1.0)
     finally:

@@ -10,10 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapter.config import KNOWN_KEYS
+from contract import names
 from lab.localprom import free_port
 from lab.synthetic import PodLoad
 
-from .conftest import eventually, eventually_fails, metrics_request, ref
+from .conftest import eventually, eventually_fails, metrics_request, ref, scaler_labels
 from .test_scaler_with_prometheus import sample
 
 pytestmark = pytest.mark.integration
@@ -48,13 +49,13 @@ def test_prometheus_stopped_serves_the_last_good_value_then_unavailable_then_rec
     assert "queue, ready, gpu queries: request to" in error.details() and "Connect call failed" in error.details()
     is_active_error = eventually_fails(lambda: scaler.stub.IsActive(so), timeout_s=1)
     assert is_active_error.code() == grpc.StatusCode.UNAVAILABLE
-    labels = {"namespace": "ml", "scaledobject": deployment}
-    assert sample(scaler, "scaler_stale", **labels) == 1
-    assert sample(scaler, "scaler_refreshes_total", result="error", **labels) >= 1
+    labels = scaler_labels(deployment)
+    assert sample(scaler, names.SCALER_STALE, **labels) == 1
+    assert sample(scaler, names.SCALER_REFRESHES + "_total", result="error", **labels) >= 1
 
     own_prometheus.start()
     eventually(lambda: assert_value(scaler, so, 3.0), timeout_s=20)
-    assert sample(scaler, "scaler_stale", **labels) == 0
+    assert sample(scaler, names.SCALER_STALE, **labels) == 0
 
 
 def test_a_hung_prometheus_times_out_without_slowing_rpcs(own_prometheus, fleet, scaler, deployment):
@@ -64,10 +65,10 @@ def test_a_hung_prometheus_times_out_without_slowing_rpcs(own_prometheus, fleet,
 
     own_prometheus.pause()
     try:
-        labels = {"namespace": "ml", "scaledobject": deployment}
+        labels = scaler_labels(deployment)
 
         def timed_out():
-            assert sample(scaler, "scaler_query_failures_total", query="queue", **labels) >= 1
+            assert sample(scaler, names.SCALER_QUERY_FAILURES + "_total", query=names.QUEUE, **labels) >= 1
 
         eventually(timed_out, timeout_s=5)
         started = time.perf_counter()
@@ -115,7 +116,7 @@ def test_bad_metadata_is_invalid_argument_on_every_rpc(scaler, method):
             next(answer)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == "trigger metadata combine: 'median' is not valid; accepted: max or weighted"
-    assert sample(scaler, "scaler_grpc_requests_total", method=method, code="INVALID_ARGUMENT") == 1
+    assert sample(scaler, names.SCALER_GRPC_REQUESTS + "_total", method=method, code="INVALID_ARGUMENT") == 1
 
 
 def test_a_full_registry_is_resource_exhausted(start_scaler):

@@ -12,9 +12,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract import names
 from lab.synthetic import PodLoad
 
-from .conftest import eventually, eventually_fails, metrics_request, ref, wait_until_scraped
+from .conftest import eventually, eventually_fails, metrics_request, ref, scaler_labels, wait_until_scraped
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +54,8 @@ def test_every_rpc_answers_with_the_composite_of_real_prometheus_signals(prometh
 
     p95 = p95_in_bucket(6.0, 5, 7.5)  # 7.375 s
     # latency may add one replica beyond max(ready, queue's need) = 5: 6, not capped here
-    expected = {"queue": math.ceil(36 / 8), "gpu": math.ceil(3 * 90 / 75), "latency": math.ceil(3 * p95 / 4)}
-    assert expected == {"queue": 5, "gpu": 4, "latency": 6}
+    expected = {names.QUEUE: math.ceil(36 / 8), names.GPU: math.ceil(3 * 90 / 75), names.LATENCY: math.ceil(3 * p95 / 4)}
+    assert expected == {names.QUEUE: 5, names.GPU: 4, names.LATENCY: 6}
 
     def composite_is_six():
         answer = scaler.stub.GetMetrics(metrics_request(so))
@@ -64,37 +65,37 @@ def test_every_rpc_answers_with_the_composite_of_real_prometheus_signals(prometh
     eventually(composite_is_six, timeout_s=20)
     assert scaler.stub.IsActive(so).result is True
 
-    labels = {"namespace": "ml", "scaledobject": deployment, "metric": "composite"}
+    labels = scaler_labels(deployment, "composite")
     for signal, replicas in expected.items():
-        assert sample(scaler, "scaler_proposal_replicas", signal=signal, **labels) == replicas
-    assert sample(scaler, "scaler_queue_requests", **labels) == 36
-    assert sample(scaler, "scaler_ready_replicas", **labels) == 3
-    assert sample(scaler, "scaler_gpu_utilization_percent", **labels) == pytest.approx(90)
-    assert sample(scaler, "scaler_latency_p95_seconds", **labels) == pytest.approx(p95)
-    assert sample(scaler, "scaler_composite_replicas", **labels) == 6
-    assert sample(scaler, "scaler_desired_replicas", **labels) == 6
-    assert sample(scaler, "scaler_limiting_signal", signal="latency", **labels) == 1
-    assert sample(scaler, "scaler_stale", **labels) == 0
-    assert sample(scaler, "scaler_grpc_requests_total", method="GetMetrics", code="OK") >= 1
-    assert sample(scaler, "scaler_grpc_requests_total", method="GetMetricSpec", code="OK") == 1
+        assert sample(scaler, names.SCALER_PROPOSAL, signal=signal, **labels) == replicas
+    assert sample(scaler, names.SCALER_QUEUE, **labels) == 36
+    assert sample(scaler, names.SCALER_READY, **labels) == 3
+    assert sample(scaler, names.SCALER_GPU, **labels) == pytest.approx(90)
+    assert sample(scaler, names.SCALER_P95, **labels) == pytest.approx(p95)
+    assert sample(scaler, names.SCALER_COMPOSITE, **labels) == 6
+    assert sample(scaler, names.SCALER_DESIRED, **labels) == 6
+    assert sample(scaler, names.SCALER_LIMITING, signal=names.LATENCY, **labels) == 1
+    assert sample(scaler, names.SCALER_STALE, **labels) == 0
+    assert sample(scaler, names.SCALER_GRPC_REQUESTS + "_total", method="GetMetrics", code="OK") >= 1
+    assert sample(scaler, names.SCALER_GRPC_REQUESTS + "_total", method="GetMetricSpec", code="OK") == 1
     # one request per refresh carries all four queries
-    assert sample(scaler, "scaler_prometheus_query_duration_seconds_count", query="combined") >= 1
-    assert sample(scaler, "scaler_query_last_duration_seconds", query="latency", **labels) > 0
+    assert sample(scaler, names.SCALER_QUERY_DURATION + "_count", query="combined") >= 1
+    assert sample(scaler, names.SCALER_QUERY_LAST_DURATION, query=names.LATENCY, **labels) > 0
 
 
 def test_an_override_returning_a_scalar_falls_back_to_one_request_per_query(prometheus, fleet, scaler, deployment):
     fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=20))
-    override = f'scalar(sum(diffusion_requests_in_flight{{deployment="{deployment}"}}))'
-    so = ref(deployment, prometheus.url, queueQuery=override, signals="queue")
+    override = f'scalar(sum({names.REQUESTS_IN_FLIGHT}{{deployment="{deployment}"}}))'
+    so = ref(deployment, prometheus.url, queueQuery=override, signals=names.QUEUE)
     eventually(lambda: _assert_value(scaler, so, 3.0))
-    assert sample(scaler, "scaler_prometheus_query_duration_seconds_count", query="queue") >= 1
+    assert sample(scaler, names.SCALER_QUERY_DURATION + "_count", query=names.QUEUE) >= 1
 
 
 @pytest.mark.parametrize(
     "override, says",
     [
-        ('diffusion_requests_in_flight{{deployment="{d}"}} or vector(1)', "returned 2 series; aggregate it"),
-        ("sum(rate(diffusion_requests_in_flight[1m])", "parse error"),
+        (names.REQUESTS_IN_FLIGHT + '{{deployment="{d}"}} or vector(1)', "returned 2 series; aggregate it"),
+        (f"sum(rate({names.REQUESTS_IN_FLIGHT}[1m])", "parse error"),
     ],
 )
 def test_a_broken_override_fails_the_refresh_and_names_the_query(prometheus, fleet, scaler, deployment, override, says):
@@ -132,11 +133,12 @@ def test_a_gpu_without_series_abstains_and_a_quiet_window_has_no_latency(prometh
     so = ref(deployment, prometheus.url, targetP95Seconds="2")
 
     def only_queue_proposes():
-        labels = {"namespace": "ml", "scaledobject": deployment}
-        assert sample(scaler, "scaler_proposal_replicas", signal="queue", **labels) == 3
+        labels = scaler_labels(deployment)
+        assert sample(scaler, names.SCALER_PROPOSAL, signal=names.QUEUE, **labels) == 3
         found = scrape(scaler)
-        proposing = {dict(l)["signal"] for (n, l) in found if n == "scaler_proposal_replicas" and dict(l)["scaledobject"] == deployment}
-        assert proposing == {"queue"}
+        proposing = {dict(l)["signal"] for (n, l) in found
+                     if n == names.SCALER_PROPOSAL and labels.items() <= dict(l).items()}
+        assert proposing == {names.QUEUE}
 
     scaler.stub.GetMetricSpec(so)
     eventually(only_queue_proposes)
@@ -150,8 +152,9 @@ def test_a_nan_queue_keeps_the_last_good_value_until_it_is_stale(prometheus, fle
     eventually(lambda: _assert_value(scaler, so, 2.0))
 
     fleet.set_pod("ml", deployment, pod, PodLoad(queue=math.nan))
-    labels = {"namespace": "ml", "scaledobject": deployment}
-    eventually(lambda: _assert_positive(sample(scaler, "scaler_query_failures_total", query="queue", **labels)))
+    labels = scaler_labels(deployment)
+    failures = names.SCALER_QUERY_FAILURES + "_total"
+    eventually(lambda: _assert_positive(sample(scaler, failures, query=names.QUEUE, **labels)))
     _assert_value(scaler, so, 2.0)  # the NaN never became a number
 
     error = eventually_fails(lambda: scaler.stub.GetMetrics(metrics_request(so)), timeout_s=10)
@@ -203,8 +206,8 @@ def test_stream_metric_spec_sends_the_spec_at_once_and_stays_open(prometheus, sc
 def test_idle_scaled_objects_are_forgotten(prometheus, start_scaler, deployment):
     scaler = start_scaler(idle_forget_s=1.0)
     scaler.stub.GetMetricSpec(ref(deployment, prometheus.url))
-    assert sample(scaler, "scaler_scaledobjects") == 1
-    eventually(lambda: _assert_equal(sample(scaler, "scaler_scaledobjects"), 0), timeout_s=10)
+    assert sample(scaler, names.SCALER_SCALEDOBJECTS) == 1
+    eventually(lambda: _assert_equal(sample(scaler, names.SCALER_SCALEDOBJECTS), 0), timeout_s=10)
 
 
 def test_edited_metadata_is_a_new_target_and_the_newest_one_is_exported(prometheus, fleet, scaler, deployment):
@@ -213,8 +216,7 @@ def test_edited_metadata_is_a_new_target_and_the_newest_one_is_exported(promethe
     after = ref(deployment, prometheus.url, targetQueuePerReplica="4")
     eventually(lambda: _assert_value(scaler, before, 2.0))
     eventually(lambda: _assert_value(scaler, after, 4.0))
-    labels = {"namespace": "ml", "scaledobject": deployment}
-    assert sample(scaler, "scaler_proposal_replicas", signal="queue", **labels) == 4
+    assert sample(scaler, names.SCALER_PROPOSAL, signal=names.QUEUE, **scaler_labels(deployment)) == 4
 
 
 def _next_or_error(stream):

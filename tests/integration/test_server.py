@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
+from contract import names
 from lab.localprom import free_port
 
 from .certs import CertificateAuthority
@@ -43,13 +44,13 @@ def test_http_serves_metrics_healthz_and_404(scaler):
     base = f"http://127.0.0.1:{scaler.server.http_port}"
     assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
     metrics = requests.get(f"{base}/metrics", timeout=5)
-    assert metrics.status_code == 200 and "scaler_grpc_requests_total" in metrics.text
+    assert metrics.status_code == 200 and names.SCALER_GRPC_REQUESTS + "_total" in metrics.text
     assert requests.get(f"{base}/", timeout=5).status_code == 404
 
 
 def test_metrics_pass_promtool_lint(prometheus, scaler):
     scaler.stub.GetMetricSpec(ref("sd-lint", prometheus.url))
-    eventually(lambda: _assert_in("scaler_desired_replicas", _metrics_text(scaler)))
+    eventually(lambda: _assert_in(names.SCALER_DESIRED, _metrics_text(scaler)))
     text = _metrics_text(scaler)
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from adapter.directscrape import ScrapeStore, histogram_quantile, increase, matches, parse_selector
+from contract import names
 
 INF = math.inf
 
@@ -43,18 +44,18 @@ def test_selectors_match_like_promql_label_matchers():
 
 def scrape(in_flight: float, ready: float, gpu: float, counts: tuple[float, float, float], pod: str = "a") -> str:
     fast, slow, total = counts
-    return f"""# TYPE diffusion_requests_in_flight gauge
-diffusion_requests_in_flight{{deployment="sd",pod="{pod}"}} {in_flight}
-# TYPE diffusion_ready gauge
-diffusion_ready{{deployment="sd",pod="{pod}"}} {ready}
-# TYPE DCGM_FI_DEV_GPU_UTIL gauge
-DCGM_FI_DEV_GPU_UTIL{{deployment="sd",pod="{pod}",gpu="0"}} {gpu}
-# TYPE diffusion_request_duration_seconds histogram
-diffusion_request_duration_seconds_bucket{{deployment="sd",pod="{pod}",le="1.0"}} {fast}
-diffusion_request_duration_seconds_bucket{{deployment="sd",pod="{pod}",le="2.0"}} {slow}
-diffusion_request_duration_seconds_bucket{{deployment="sd",pod="{pod}",le="+Inf"}} {total}
-diffusion_request_duration_seconds_count{{deployment="sd",pod="{pod}"}} {total}
-diffusion_request_duration_seconds_sum{{deployment="sd",pod="{pod}"}} 0
+    return f"""# TYPE {names.REQUESTS_IN_FLIGHT} gauge
+{names.REQUESTS_IN_FLIGHT}{{deployment="sd",pod="{pod}"}} {in_flight}
+# TYPE {names.READY} gauge
+{names.READY}{{deployment="sd",pod="{pod}"}} {ready}
+# TYPE {names.GPU_UTIL} gauge
+{names.GPU_UTIL}{{deployment="sd",pod="{pod}",gpu="0"}} {gpu}
+# TYPE {names.REQUEST_DURATION} histogram
+{names.REQUEST_DURATION}_bucket{{deployment="sd",pod="{pod}",le="1.0"}} {fast}
+{names.REQUEST_DURATION}_bucket{{deployment="sd",pod="{pod}",le="2.0"}} {slow}
+{names.REQUEST_DURATION}_bucket{{deployment="sd",pod="{pod}",le="+Inf"}} {total}
+{names.REQUEST_DURATION}_count{{deployment="sd",pod="{pod}"}} {total}
+{names.REQUEST_DURATION}_sum{{deployment="sd",pod="{pod}"}} 0
 """
 
 
@@ -64,15 +65,15 @@ def test_signals_from_scrapes_over_the_window():
         store.record(t, scrape(3, 1, 40 + t, (t, 2 * t, 2 * t), pod="a"))
         store.record(t, scrape(5, 1, 80, (0, 0, 0), pod="b"))
     answers = store.answers('deployment="sd"', window_s=30, now=60)
-    assert answers["queue"] == 8 and answers["ready"] == 2
-    assert answers["gpu"] == pytest.approx(((90 + 100 + 80) / 3 + 80) / 2)  # samples at 40, 50, 60 for pod a
+    assert answers[names.QUEUE] == 8 and answers[names.READY_REPLICAS] == 2
+    assert answers[names.GPU] == pytest.approx(((90 + 100 + 80) / 3 + 80) / 2)  # samples at 40, 50, 60 for pod a
     # increases in (30, 60]: le=1 +20, le=2 +40, +Inf +40; rank 38 lies in (1, 2]: 1 + (38 - 20) / 20
-    assert answers["latency"] == pytest.approx(1.9)
-    assert store.answers('deployment="other"', window_s=30, now=60)["queue"] is None
+    assert answers[names.LATENCY] == pytest.approx(1.9)
+    assert store.answers('deployment="other"', window_s=30, now=60)[names.QUEUE] is None
 
 
 def test_a_target_not_scraped_for_the_lookback_drops_out():
     store = ScrapeStore(stale_after_s=30)
     store.record(0, scrape(7, 1, 50, (1, 1, 1), pod="gone"))
     store.record(50, scrape(2, 1, 50, (1, 1, 1), pod="here"))
-    assert store.answers('deployment="sd"', window_s=30, now=50)["queue"] == 2
+    assert store.answers('deployment="sd"', window_s=30, now=50)[names.QUEUE] == 2

@@ -12,27 +12,29 @@ import pytest
 from adapter.config import parse_metadata
 from adapter.prometheus import QueryError, Sample
 from adapter.signals import SignalReader, interpret, needed_queries
+from contract import names
 
 
 @pytest.mark.parametrize(
     "name, raw, expected",
     [
-        ("queue", None, 0.0),  # no worker up: no series, no queue
-        ("ready", None, 0.0),
-        ("gpu", None, None),  # no GPU series: the signal abstains
-        ("latency", None, None),
-        ("latency", math.nan, None),  # no request finished inside the window
-        ("latency", math.inf, None),  # beyond the largest finite bucket
-        ("gpu", math.nan, None),
-        ("queue", 3.0, 3.0),
-        ("gpu", 42.5, 42.5),
+        (names.QUEUE, None, 0.0),  # no worker up: no series, no queue
+        (names.READY_REPLICAS, None, 0.0),
+        (names.GPU, None, None),  # no GPU series: the signal abstains
+        (names.LATENCY, None, None),
+        (names.LATENCY, math.nan, None),  # no request finished inside the window
+        (names.LATENCY, math.inf, None),  # beyond the largest finite bucket
+        (names.GPU, math.nan, None),
+        (names.QUEUE, 3.0, 3.0),
+        (names.GPU, 42.5, 42.5),
     ],
 )
 def test_interpretation(name, raw, expected):
     assert interpret(name, raw) == expected
 
 
-@pytest.mark.parametrize("name, raw", [("queue", math.nan), ("ready", math.inf), ("queue", -1.0), ("latency", -2.0)])
+@pytest.mark.parametrize("name, raw", [(names.QUEUE, math.nan), (names.READY_REPLICAS, math.inf), (names.QUEUE, -1.0),
+                                       (names.LATENCY, -2.0)])
 def test_unusable_answers_are_failures_not_zero(name, raw):
     with pytest.raises(ValueError):
         interpret(name, raw)
@@ -43,15 +45,15 @@ def spec(**extra):
 
 
 def test_only_enabled_signals_are_queried():
-    assert needed_queries(spec(signals="queue")) == ("queue", "ready")
-    assert needed_queries(spec()) == ("queue", "ready", "gpu", "latency")
+    assert needed_queries(spec(signals=names.QUEUE)) == (names.QUEUE, names.READY_REPLICAS)
+    assert needed_queries(spec()) == (names.QUEUE, names.READY_REPLICAS, names.GPU, names.LATENCY)
 
 
-JOINED_PART = re.compile(r'label_replace\((.*), "scaler_signal", "(\w+)", "", ""\)$')
+JOINED_PART = re.compile(r'label_replace\((.*), "' + re.escape(names.SIGNAL_LABEL) + r'", "(\w+)", "", ""\)$')
 
 
 class FakePrometheus:
-    """Answers by query kind, joined queries too; records requests and how many ran at once."""
+    """Answers by the metric a query reads, joined queries too; records requests and how many ran at once."""
 
     def __init__(self, answers, delay_s=0.0, reject_joined=False):
         self.answers = answers
@@ -72,7 +74,7 @@ class FakePrometheus:
             samples = []
             for part in promql.split(" or "):
                 joined = JOINED_PART.match(part)
-                expression, labels = (joined.group(1), {"scaler_signal": joined.group(2)}) if joined else (part, {})
+                expression, labels = (joined.group(1), {names.SIGNAL_LABEL: joined.group(2)}) if joined else (part, {})
                 samples += [Sample(labels, value) for value in await self._answer(expression)]
             return samples
         finally:
@@ -94,7 +96,8 @@ def read(fake, spec_, max_concurrent=8):
 
 
 def test_a_reading_collects_every_signal():
-    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0, "GPU_UTIL": 80.0, "duration": math.nan})
+    fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 12.0, names.READY: 2.0, names.GPU_UTIL: 80.0,
+                           names.REQUEST_DURATION: math.nan})
     reading = read(fake, spec())
     assert reading.signals.queue == 12 and reading.signals.ready_replicas == 2
     assert reading.signals.gpu_util_percent == 80 and reading.signals.p95_seconds is None
@@ -102,49 +105,50 @@ def test_a_reading_collects_every_signal():
 
 
 def test_one_refresh_is_one_request():
-    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0})
+    fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 12.0, names.READY: 2.0})
     reading = read(fake, spec())
     assert len(fake.requests) == 1
     assert [name for name, _ in reading.requests] == ["combined"]
 
 
 def test_a_failed_request_fails_the_whole_reading():
-    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0, "GPU_UTIL": QueryError("HTTP 503: overloaded")})
+    fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 12.0, names.READY: 2.0,
+                           names.GPU_UTIL: QueryError("HTTP 503: overloaded")})
     reading = read(fake, spec())
     assert reading.signals is None
     assert reading.error == "queue, ready, gpu, latency queries: HTTP 503: overloaded"
 
 
 def test_a_rejected_joined_query_falls_back_to_one_request_per_query_for_good():
-    fake = FakePrometheus({"in_flight": 12.0, "diffusion_ready": 2.0, "GPU_UTIL": 50.0}, reject_joined=True)
+    fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 12.0, names.READY: 2.0, names.GPU_UTIL: 50.0}, reject_joined=True)
 
     async def go():
         reader = SignalReader(fake, 4)
-        first = await reader.read(spec(signals="queue,gpu"))
-        second = await reader.read(spec(signals="queue,gpu"))
+        first = await reader.read(spec(signals=f"{names.QUEUE},{names.GPU}"))
+        second = await reader.read(spec(signals=f"{names.QUEUE},{names.GPU}"))
         return first, second
 
     first, second = asyncio.run(go())
     assert first.signals.gpu_util_percent == 50 and second.signals.queue == 12
     assert len(fake.requests) == 1 + 3 + 3  # the joined try once, then three a refresh
-    assert [name for name, _ in second.requests] == ["queue", "ready", "gpu"]
+    assert [name for name, _ in second.requests] == [names.QUEUE, names.READY_REPLICAS, names.GPU]
 
 
 def test_more_than_one_series_is_a_failure():
-    reading = read(FakePrometheus({"in_flight": [1.0, 2.0], "diffusion_ready": 2.0}), spec(signals="queue"))
+    reading = read(FakePrometheus({names.REQUESTS_IN_FLIGHT: [1.0, 2.0], names.READY: 2.0}), spec(signals=names.QUEUE))
     assert reading.signals is None
     assert "queue query: returned 2 series" in reading.error
 
 
 def test_a_nan_queue_fails_the_reading():
-    reading = read(FakePrometheus({"in_flight": math.nan, "diffusion_ready": 1.0}), spec(signals="queue"))
+    reading = read(FakePrometheus({names.REQUESTS_IN_FLIGHT: math.nan, names.READY: 1.0}), spec(signals=names.QUEUE))
     assert reading.signals is None and "queue query" in reading.error
 
 
 def test_a_hung_query_is_abandoned_after_the_timeout():
-    fake = FakePrometheus({"in_flight": "hang", "diffusion_ready": 1.0})
+    fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: "hang", names.READY: 1.0})
     started = time.monotonic()
-    reading = read(fake, spec(signals="queue", queryTimeoutSeconds="0.2"))
+    reading = read(fake, spec(signals=names.QUEUE, queryTimeoutSeconds="0.2"))
     assert time.monotonic() - started < 3  # 0.2 s plus the reader's 1 s backstop
     assert reading.signals is None and "no answer within 0.2s" in reading.error
 

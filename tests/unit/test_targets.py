@@ -9,13 +9,14 @@ import time
 from adapter.prometheus import Sample
 from adapter.signals import SignalReader
 from adapter.targets import TargetRegistry
+from contract import names
 
 META = {"prometheusAddress": "http://prom:9090", "refreshSeconds": "0.1", "queryTimeoutSeconds": "0.2"}
 
 
 async def quick_answer(base_url, promql, timeout_s):
     await asyncio.sleep(random.uniform(0, 0.003))
-    return [Sample({"scaler_signal": name}, 1.0) for name in ("queue", "ready", "gpu")]
+    return [Sample({names.SIGNAL_LABEL: name}, 1.0) for name in (names.QUEUE, names.READY_REPLICAS, names.GPU)]
 
 
 def test_close_stops_every_refresher_whenever_it_lands():
