@@ -31,19 +31,19 @@ class ScalerMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         self.grpc_requests = Counter(
-            names.SCALER_GRPC_REQUESTS, "gRPC calls answered, by method and status code", ["method", "code"], registry=registry
+            names.SCALER_GRPC_REQUESTS, "gRPC calls answered, by method and status code", [names.METHOD, names.CODE], registry=registry
         )
         self.grpc_duration = Histogram(
             names.SCALER_GRPC_DURATION,
             "Time to answer a unary gRPC call",
-            ["method"],
+            [names.METHOD],
             buckets=_RPC_BUCKETS,
             registry=registry,
         )
         self.query_duration = Histogram(
             names.SCALER_QUERY_DURATION,
             "Prometheus request round trips, by query ('combined' when one request carries all of a target's queries)",
-            ["query"],
+            [names.QUERY],
             buckets=_QUERY_BUCKETS,
             registry=registry,
         )
@@ -126,23 +126,23 @@ class _Families:
         self.ready = gauge(names.SCALER_READY, "Replicas reporting ready (diffusion_ready)")
         self.gpu = gauge(names.SCALER_GPU, "GPU signal: mean utilization over the target's GPUs")
         self.p95 = gauge(names.SCALER_P95, "Latency signal: p95 request latency over the window")
-        self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", ("signal",))
+        self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", (names.SIGNAL,))
         self.composite = gauge(names.SCALER_COMPOSITE, "Composite of the proposals, before stabilization")
         self.desired = gauge(names.SCALER_DESIRED, "Composite after stabilization: the value KEDA receives")
         self.active = gauge(names.SCALER_ACTIVE, "1 when IsActive answers true (queue above activationQueue)")
         self.burst = gauge(names.SCALER_BURST, "1 when the queue proposal skipped the scale-up window")
-        self.limiting = gauge(names.SCALER_LIMITING, "1 for the signal whose proposal is the composite", ("signal",))
-        self.held = gauge(names.SCALER_HOLD, "1 for what holds the value away from the composite", ("reason",))
+        self.limiting = gauge(names.SCALER_LIMITING, "1 for the signal whose proposal is the composite", (names.SIGNAL,))
+        self.held = gauge(names.SCALER_HOLD, "1 for what holds the value away from the composite", (names.REASON,))
         self.age = gauge(names.SCALER_VALUE_AGE, "Age of the value being served")
         self.stale = gauge(names.SCALER_STALE, "1 when no value can be served (none yet, or older than staleAfterSeconds)")
         self.query_duration = gauge(
-            names.SCALER_QUERY_LAST_DURATION, "Duration of each query in the last refresh", ("query",)
+            names.SCALER_QUERY_LAST_DURATION, "Duration of each query in the last refresh", (names.QUERY,)
         )
         self.refreshes = CounterMetricFamily(
-            names.SCALER_REFRESHES, "Background refreshes by result", labels=LABELS + ("result",)
+            names.SCALER_REFRESHES, "Background refreshes by result", labels=LABELS + (names.RESULT,)
         )
         self.query_failures = CounterMetricFamily(
-            names.SCALER_QUERY_FAILURES, "Failed Prometheus queries by query", labels=LABELS + ("query",)
+            names.SCALER_QUERY_FAILURES, "Failed Prometheus queries by query", labels=LABELS + (names.QUERY,)
         )
 
     def all(self) -> list[Metric]:

@@ -135,7 +135,12 @@ SIGNAL_LABEL = "scaler_signal"  # tags each part of the joined PromQL query
 
 # -- the scaler's own metrics (adapter/metrics.py), read by the dashboards and rules --------------
 
-SCALER_LABELS = ("namespace", "scaledobject", "metric")
+SCALER_LABELS = ("namespace", "scaledobject", "metric")  # on every per-ScaledObject series
+SIGNAL = "signal"  # which signal: one of SIGNALS (and "none" on scaler_limiting_signal)
+REASON = "reason"  # what holds the value away from the composite
+QUERY = "query"  # which query: one of QUERIES, or "combined" for the joined request
+RESULT = "result"  # a refresh's result: ok or error
+METHOD, CODE = "method", "code"  # a gRPC call's method and status code
 SCALER_SCALEDOBJECTS = "scaler_scaledobjects"
 SCALER_QUEUE = "scaler_queue_requests"
 SCALER_READY = "scaler_ready_replicas"
