@@ -9,7 +9,7 @@ For each max batch size B, in this order on one GPU (never two at once):
 
     python bench/worker_throughput.py --model /models/sd15 --batch-sizes 1,4,8,12,16 --out results.json
 
-Every request is 512x512, 20 steps, CFG 7.5 by default (the DESIGN.md table's settings).
+Every request is 512x512, 20 steps, CFG 7.5 by default (the settings of docs/BENCHMARKS.md's tables).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lab.sim.report import percentile  # noqa: E402 - the repository's one percentile (nearest rank)
+
 
 @dataclass
 class Result:
@@ -54,13 +56,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 class UtilizationSampler:
@@ -213,10 +208,12 @@ def http_runs(system: str, command: list[str], ready_path: str, size: int, concu
         for concurrency in concurrencies:
             images, latencies, errors = closed_loop(url + "/v1/images/generations", body, concurrency, warmup_s, duration_s)
             mean = statistics.mean(latencies) if latencies else float("nan")
+            ordered = sorted(latencies)
+            p50, p95 = (percentile(ordered, q) if ordered else float("nan") for q in (0.5, 0.95))
             # Every client always has one request out, so throughput = clients / mean latency
             # exactly; counting completions in a window is off by up to a batch per window.
             result = Result(system, size, concurrency, concurrency * body.get("n", 1) / mean, images / duration_s,
-                            mean, percentile(latencies, 0.5), percentile(latencies, 0.95), len(latencies), errors,
+                            mean, p50, p95, len(latencies), errors,
                             duration_s)
             results.append(record(result, logs / "results.jsonl"))
             print(f"{system:<9} B={size:<3} c={concurrency:<3} {result.images_per_s:6.2f} images/s "
@@ -252,7 +249,7 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--profile-out", type=Path, help="write the raw pipeline's seconds per batch as a batch "
-                        "profile for the replay simulator (python -m adapter.simulate --profile); needs raw")
+                        "profile for the replay simulator (python -m lab.sim --profile); needs raw")
     args = parser.parse_args()
     if args.profile_out and "raw" not in args.systems.split(","):
         parser.error("--profile-out needs the raw system")

@@ -8,39 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
+
 ENV_PREFIX = "WORKER_"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def _flag(value: str | None) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    env = Environment(ENV_PREFIX)
     parser = argparse.ArgumentParser(
         prog="python -m worker",
         description="Diffusers inference worker with dynamic batching and honest load metrics.",
@@ -75,29 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = serve.add_argument
-    add("--model", type=Path, default=_env("MODEL"), required=_env("MODEL") is None,
+    add("--model", type=Path, default=env.get("MODEL"), required=env.get("MODEL") is None,
         help="diffusers pipeline directory (env WORKER_MODEL)")
-    add("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (env WORKER_HOST)")
-    add("--port", type=int, default=_env("PORT", "8000"), help="HTTP port (env WORKER_PORT)")
-    add("--device", choices=["auto", "cpu", "cuda"], default=_env("DEVICE", "auto"),
+    add("--host", default=env.get("HOST", "0.0.0.0"), help="address to bind (env WORKER_HOST)")
+    add("--port", type=int, default=env.get("PORT", "8000"), help="HTTP port (env WORKER_PORT)")
+    add("--device", choices=["auto", "cpu", "cuda"], default=env.get("DEVICE", "auto"),
         help="auto takes CUDA when present; float16 on CUDA, float32 on CPU (env WORKER_DEVICE)")
-    add("--max-batch-size", type=_positive_int, default=_env("MAX_BATCH_SIZE", "8"),
+    add("--max-batch-size", type=positive_int, default=env.get("MAX_BATCH_SIZE", "8"),
         help="images per pipeline call at most; a request with n images counts n (env WORKER_MAX_BATCH_SIZE)")
-    add("--max-wait-ms", type=_non_negative_float, default=_env("MAX_WAIT_MS", "50"),
+    add("--max-wait-ms", type=non_negative_float, default=env.get("MAX_WAIT_MS", "50"),
         help="how long the oldest waiting request may wait for its batch to fill (env WORKER_MAX_WAIT_MS)")
-    add("--max-queue", type=_positive_int, default=_env("MAX_QUEUE", "64"),
+    add("--max-queue", type=positive_int, default=env.get("MAX_QUEUE", "64"),
         help="images waiting at most; beyond it requests get 429 with Retry-After (env WORKER_MAX_QUEUE)")
-    add("--request-timeout", type=_positive_float, default=_env("REQUEST_TIMEOUT", "300"),
+    add("--request-timeout", type=positive_float, default=env.get("REQUEST_TIMEOUT", "300"),
         help="seconds from arrival to answer, else 504 (env WORKER_REQUEST_TIMEOUT)")
-    add("--drain-timeout", type=_positive_float, default=_env("DRAIN_TIMEOUT", "120"),
+    add("--drain-timeout", type=positive_float, default=env.get("DRAIN_TIMEOUT", "120"),
         help="seconds a SIGTERM drain may take; keep terminationGracePeriodSeconds above it (env WORKER_DRAIN_TIMEOUT)")
-    add("--max-image-side", type=_positive_int, default=_env("MAX_IMAGE_SIDE", "1024"),
+    add("--max-image-side", type=positive_int, default=env.get("MAX_IMAGE_SIDE", "1024"),
         help="largest width or height served, in pixels; the API's own bound is 2048 (env WORKER_MAX_IMAGE_SIDE)")
-    add("--no-warm-up", dest="warm_up", action="store_false", default=not _flag(_env("NO_WARM_UP", "false")),
+    add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
         help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
-    add("--access-log", action="store_true", default=_flag(_env("ACCESS_LOG", "false")),
+    add("--access-log", action="store_true", default=env.flag("ACCESS_LOG"),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
-    add("--log-level", choices=["debug", "info", "warning", "error"], default=_env("LOG_LEVEL", "info"),
+    add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),
         help="(env WORKER_LOG_LEVEL)")
     return parser
 
@@ -105,21 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "make-model":
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging("info")
         from .modelbuild import make_model
 
         make_model(args.directory, args.arch, args.seed, args.fp16)
         print(f"wrote a random-weight {args.arch} pipeline to {args.directory}")
         return 0
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    from .batching import BatchPolicy
     from .server import ServeConfig, serve
     from .service import WorkerLimits
 
     try:
         limits = WorkerLimits(
-            max_batch_size=args.max_batch_size,
-            max_wait_s=args.max_wait_ms / 1000,
+            batching=BatchPolicy(max_batch_size=args.max_batch_size, max_wait_s=args.max_wait_ms / 1000),
             max_queue_images=args.max_queue,
             request_timeout_s=args.request_timeout,
             max_image_side=args.max_image_side,

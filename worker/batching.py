@@ -3,7 +3,9 @@
 Requests are `Job`s; a batch is a list of `Slice`s, runs of one job's images, so a request
 with `n` images counts `n` toward the batch size and may span batches when `n` exceeds it.
 A batch takes the key (size, steps, guidance) of the oldest waiting job, so incompatible
-requests never mix and none starves: whatever waits longest decides what runs next.
+requests never mix and none starves: whatever waits longest decides what runs next. The rule
+for cutting, a `BatchPolicy`, is passed in like the clock, so the pipeline thread can apply a
+lowered max batch without the queue holding a second copy of it.
 
 The queue is shared by the event loop (submit, cancel) and the one pipeline thread (take),
 under one lock. The clock is an argument everywhere but in `take`, which blocks.
@@ -17,6 +19,25 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """The rule for cutting a batch: once `max_batch_size` images of the oldest job's key wait,
+    or once that job has waited `max_wait_s` seconds, whichever comes first.
+
+    Set by `--max-batch-size` and `--max-wait-ms`; the engine applies a copy with a smaller
+    `max_batch_size` after running out of memory.
+    """
+
+    max_batch_size: int = 8
+    max_wait_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1 (flag --max-batch-size), got {self.max_batch_size}")
+        if not self.max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be at least 0 (flag --max-wait-ms), got {self.max_wait_s} s")
 
 
 @dataclass(frozen=True)
@@ -131,13 +152,10 @@ class Batch:
 class BatchQueue:
     """Jobs waiting for the pipeline, bounded in images, handed out as batches."""
 
-    def __init__(self, capacity_images: int, max_wait_s: float) -> None:
+    def __init__(self, capacity_images: int) -> None:
         if capacity_images < 1:
             raise ValueError(f"capacity_images must be at least 1, got {capacity_images}")
-        if max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be at least 0, got {max_wait_s}")
         self.capacity_images = capacity_images
-        self.max_wait_s = max_wait_s
         self._waiting: deque[Job] = deque()  # jobs with images not yet handed out, oldest first
         self._waiting_images = 0
         self._closed = False
@@ -190,34 +208,34 @@ class BatchQueue:
 
     # -- pipeline thread side --------------------------------------------------------------
 
-    def poll(self, max_images: int, now: float) -> Batch | float | None:
+    def poll(self, policy: BatchPolicy, now: float) -> Batch | float | None:
         """The next batch if one is due at `now`; else seconds until one may be; None when idle.
 
-        A batch is due when the oldest job's key has `max_images` waiting, when the oldest job
-        has waited `max_wait_s`, or when the queue is closed (nothing more will come to fill it).
+        A batch is due when `policy` says so (size reached or the oldest job waited long
+        enough), or when the queue is closed (nothing more will come to fill it).
         """
         with self._changed:
-            return self._poll_locked(max_images, now)
+            return self._poll_locked(policy, now)
 
-    def take(self, max_images: int, clock: Callable[[], float] = time.monotonic) -> Batch | None:
+    def take(self, policy: BatchPolicy, clock: Callable[[], float] = time.monotonic) -> Batch | None:
         """Blocks until a batch is due and returns it; returns None once closed and empty."""
         with self._changed:
             while True:
-                due = self._poll_locked(max_images, clock())
+                due = self._poll_locked(policy, clock())
                 if isinstance(due, Batch):
                     return due
                 if due is None and self._closed:
                     return None
                 self._changed.wait(timeout=due)
 
-    def _poll_locked(self, max_images: int, now: float) -> Batch | float | None:
+    def _poll_locked(self, policy: BatchPolicy, now: float) -> Batch | float | None:
         if not self._waiting:
             return None
         head = self._waiting[0]
-        wait_s = head.arrived_at + self.max_wait_s - now
-        if wait_s > 0 and not self._closed and self._compatible_images(head.key) < max_images:
+        wait_s = head.arrived_at + policy.max_wait_s - now
+        if wait_s > 0 and not self._closed and self._compatible_images(head.key) < policy.max_batch_size:
             return wait_s
-        return self._cut_locked(head.key, max_images, now)
+        return self._cut_locked(head.key, policy.max_batch_size, now)
 
     def _compatible_images(self, key: BatchKey) -> int:
         return sum(job.waiting_images for job in self._waiting if job.key == key)

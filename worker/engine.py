@@ -11,9 +11,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
-from .batching import Batch, BatchKey, BatchQueue, Job
+from .batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("worker.engine")
@@ -36,21 +37,21 @@ class BatchFailed(Exception):
 
 
 class Engine:
-    """Runs batches on a dedicated thread until the queue is closed and empty."""
+    """Runs batches, cut by `batching`, on a dedicated thread until the queue is closed and empty."""
 
     def __init__(
         self,
         queue: BatchQueue,
         runner: ImageRunner,
-        max_batch_size: int,
+        batching: BatchPolicy,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.queue = queue
         self.runner = runner
-        self.max_batch_size = max_batch_size  # lowered after out-of-memory, never raised
+        # The policy in force: the configured one until an out-of-memory error replaces it
+        # with a smaller max batch; never raised again.
+        self.batching = batching
         self.metrics = metrics
         self.clock = clock
         self._busy_total_s = 0.0
@@ -70,8 +71,12 @@ class Engine:
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
+    @property
+    def max_batch_size(self) -> int:
+        return self.batching.max_batch_size
+
     def run_forever(self) -> None:
-        while (batch := self.queue.take(self.max_batch_size, self.clock)) is not None:
+        while (batch := self.queue.take(self.batching, self.clock)) is not None:
             self.run_batch(batch)
 
     def busy_seconds(self) -> float:
@@ -124,7 +129,7 @@ class Engine:
         first, second = batch.split()
         if first.size < self.max_batch_size:
             log.warning("out of memory at batch size %d: max batch lowered to %d", batch.size, first.size)
-            self.max_batch_size = first.size
+            self.batching = replace(self.batching, max_batch_size=first.size)
         self._execute(first)
         self._execute(second)
 

@@ -127,7 +127,7 @@ def build_pipeline(arch: str, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
-    # SD-1.5's noise schedule; DDIM because DESIGN.md's H100 table was measured with it.
+    # SD-1.5's noise schedule; DDIM because the H100 figures in docs/BENCHMARKS.md were measured with it.
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,

@@ -82,8 +82,9 @@ class WorkerServer(uvicorn.Server):
             self.should_exit = True
             return
         self.service.attach(runner, defaults, runner.load_seconds)
+        limits = config.limits
         log.info("ready: max batch %d, max wait %.0f ms, queue %d images",
-                 config.limits.max_batch_size, config.limits.max_wait_s * 1000, config.limits.max_queue_images)
+                 limits.batching.max_batch_size, limits.batching.max_wait_s * 1000, limits.max_queue_images)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler on the loop's thread; uvicorn's own handler would stop at

@@ -2,7 +2,7 @@
 
 `WorkerService` sits between the HTTP layer and the pipeline thread. Every accepted request
 ends in exactly one outcome (ok, timeout, error, cancelled) and every refused one is counted
-as rejected, so `diffusion_requests_total` adds up to what clients sent.
+as rejected, so the requests counter (`contract.names.REQUESTS`) adds up to what clients sent.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .batching import BatchKey, BatchQueue, Job, QueueClosed, QueueFull
+from .batching import BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
 from .engine import BatchFailed, Engine, ImageRunner
 from .metrics import LiveState, WorkerMetrics
 from .pipeline import ModelDefaults
@@ -32,20 +32,19 @@ SEED_MODULUS = 2**63  # torch.Generator.manual_seed takes any int below 2**64; s
 class WorkerLimits:
     """Admission and batching settings, parsed once from flags."""
 
-    max_batch_size: int = 8
-    max_wait_s: float = 0.05
+    batching: BatchPolicy = field(default_factory=BatchPolicy)
     max_queue_images: int = 64
     request_timeout_s: float = 300.0
     max_image_side: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue_images", "max_image_side"):
+        for name, flag in (("max_queue_images", "--max-queue"), ("max_image_side", "--max-image-side")):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be at least 0, got {self.max_wait_s}")
+                raise ValueError(f"{name} must be at least 1 (flag {flag}), got {getattr(self, name)}")
         if self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s must be above 0, got {self.request_timeout_s}")
+            raise ValueError(
+                f"request_timeout_s must be above 0 (flag --request-timeout), got {self.request_timeout_s}"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class WorkerService:
     def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics) -> None:
         self.limits = limits
         self.metrics = metrics
-        self.queue = BatchQueue(limits.max_queue_images, limits.max_wait_s)
+        self.queue = BatchQueue(limits.max_queue_images)
         self.engine: Engine | None = None
         self.defaults: ModelDefaults | None = None
         self.draining = False
@@ -125,7 +124,7 @@ class WorkerService:
                 queue_images=lambda: self.queue.waiting_images,
                 requests_in_flight=lambda: self._in_flight,
                 busy_seconds=lambda: self.engine.busy_seconds() if self.engine else 0.0,
-                max_batch_size=lambda: self.engine.max_batch_size if self.engine else limits.max_batch_size,
+                max_batch_size=lambda: self.engine.max_batch_size if self.engine else limits.batching.max_batch_size,
                 ready=lambda: self.ready,
             )
         )
@@ -138,7 +137,7 @@ class WorkerService:
         """Starts serving with a loaded runner (called once, after the model loaded)."""
         self.metrics.model_load.set(load_seconds)
         self.defaults = defaults
-        engine = Engine(self.queue, runner, self.limits.max_batch_size, self.metrics)
+        engine = Engine(self.queue, runner, self.limits.batching, self.metrics)
         engine.start()
         self.engine = engine
 

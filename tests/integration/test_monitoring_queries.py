@@ -28,6 +28,7 @@ from exporter.config import ExporterConfig
 from tests.exporter.fakenvml import FakeGpu, FakeNvml
 from tests.worker.conftest import BoundaryRunner
 from worker.api import build_app
+from worker.batching import BatchPolicy
 from worker.metrics import WorkerMetrics
 from worker.modelbuild import make_model
 from worker.pipeline import DiffusionRunner
@@ -97,7 +98,8 @@ def prometheus_config(worker: str, exporter: str, scaler: str) -> str:
 @pytest.fixture
 def worker(tmp_path):
     runner = BoundaryRunner(DiffusionRunner.load(make_model(tmp_path / "tiny", "tiny"), device="cpu"))
-    service = WorkerService(WorkerLimits(max_batch_size=2, max_wait_s=0.01), WorkerMetrics(CollectorRegistry()))
+    service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size=2, max_wait_s=0.01)),
+                            WorkerMetrics(CollectorRegistry()))
     service.attach(runner, runner.inner.defaults(), runner.inner.load_seconds)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, lifespan="off",

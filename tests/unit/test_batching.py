@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from worker.batching import Batch, BatchKey, BatchQueue, Job, QueueClosed, QueueFull
+from worker.batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
 
 SMALL = BatchKey(64, 64, steps=20, guidance_scale=7.5)
 LARGE = BatchKey(128, 128, steps=20, guidance_scale=7.5)
@@ -22,29 +22,32 @@ def sizes(batch: Batch) -> list[tuple[str, int, int]]:
 
 
 def test_a_lone_request_waits_max_wait_then_runs_alone():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.05)
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.05)
+    queue = BatchQueue(capacity_images=16)
     queue.submit(job(at=10.0))
-    assert queue.poll(max_images=8, now=10.01) == pytest.approx(0.04)
-    batch = queue.poll(max_images=8, now=10.05)
+    assert queue.poll(policy, now=10.01) == pytest.approx(0.04)
+    batch = queue.poll(policy, now=10.05)
     assert isinstance(batch, Batch) and batch.size == 1
-    assert queue.poll(max_images=8, now=10.05) is None
+    assert queue.poll(policy, now=10.05) is None
 
 
 def test_a_full_batch_goes_at_once_without_waiting():
-    queue = BatchQueue(capacity_images=16, max_wait_s=10.0)
+    policy = BatchPolicy(max_batch_size=4, max_wait_s=10.0)
+    queue = BatchQueue(capacity_images=16)
     for index in range(4):
         queue.submit(job(at=1.0 + index * 0.001, prompt=f"r{index}"))
-    batch = queue.poll(max_images=4, now=1.004)
+    batch = queue.poll(policy, now=1.004)
     assert isinstance(batch, Batch)
     assert [p for p, _, _ in sizes(batch)] == ["r0", "r1", "r2", "r3"]
 
 
 def test_a_request_with_n_images_counts_n_and_spans_batches():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=4, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=16)
     queue.submit(job(at=0.0, n=5, prompt="five"))
     queue.submit(job(at=0.1, n=2, prompt="two"))
-    first = queue.poll(max_images=4, now=1.0)
-    second = queue.poll(max_images=4, now=1.0)
+    first = queue.poll(policy, now=1.0)
+    second = queue.poll(policy, now=1.0)
     assert sizes(first) == [("five", 0, 4)]
     assert sizes(second) == [("five", 4, 5), ("two", 0, 2)]
     assert second.seeds() == [4, 0, 1]
@@ -52,38 +55,41 @@ def test_a_request_with_n_images_counts_n_and_spans_batches():
 
 
 def test_incompatible_requests_never_share_a_batch_and_the_oldest_goes_first():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=16)
     queue.submit(job(at=0.0, key=SMALL, prompt="s1"))
     queue.submit(job(at=0.1, key=LARGE, prompt="l1"))
     queue.submit(job(at=0.2, key=SMALL, prompt="s2"))
     queue.submit(job(at=0.3, key=FEW_STEPS, prompt="f1"))
     queue.submit(job(at=0.4, key=LARGE, prompt="l2"))
     batches = []
-    while isinstance(batch := queue.poll(max_images=8, now=1.0), Batch):
+    while isinstance(batch := queue.poll(policy, now=1.0), Batch):
         batches.append((batch.key, [p for p, _, _ in sizes(batch)]))
     assert batches == [(SMALL, ["s1", "s2"]), (LARGE, ["l1", "l2"]), (FEW_STEPS, ["f1"])]
 
 
 def test_a_steady_stream_of_one_kind_does_not_starve_another():
-    queue = BatchQueue(capacity_images=64, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=2, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=64)
     queue.submit(job(at=0.0, key=LARGE, prompt="large"))
     for index in range(10):
         queue.submit(job(at=0.01 * (index + 1), key=SMALL, prompt=f"s{index}"))
-    first = queue.poll(max_images=2, now=1.0)
+    first = queue.poll(policy, now=1.0)
     assert first.key == LARGE  # it has waited longest, however many small ones pile up
 
 
 def test_the_wait_is_measured_from_the_oldest_request_of_the_batch():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.5)
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.5)
+    queue = BatchQueue(capacity_images=16)
     queue.submit(job(at=0.0, prompt="first"))
     queue.submit(job(at=0.4, prompt="second"))
-    assert queue.poll(max_images=8, now=0.45) == pytest.approx(0.05)
-    batch = queue.poll(max_images=8, now=0.5)
+    assert queue.poll(policy, now=0.45) == pytest.approx(0.05)
+    batch = queue.poll(policy, now=0.5)
     assert [p for p, _, _ in sizes(batch)] == ["first", "second"]
 
 
 def test_the_queue_refuses_beyond_its_capacity_in_images_and_keeps_nothing_of_the_refused():
-    queue = BatchQueue(capacity_images=4, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=4)
     queue.submit(job(at=0.0, n=3))
     with pytest.raises(QueueFull) as refused:
         queue.submit(job(at=0.1, n=2))
@@ -94,46 +100,51 @@ def test_the_queue_refuses_beyond_its_capacity_in_images_and_keeps_nothing_of_th
 
 
 def test_handed_out_images_free_their_room_in_the_queue():
-    queue = BatchQueue(capacity_images=4, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=2, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=4)
     queue.submit(job(at=0.0, n=4))
-    queue.poll(max_images=2, now=1.0)
+    queue.poll(policy, now=1.0)
     queue.submit(job(at=1.0, n=2))
     assert queue.waiting_images == 4
 
 
 def test_cancel_drops_only_what_has_not_started():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=4, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=16)
     spanning = job(at=0.0, n=6, prompt="spanning")
     queue.submit(spanning)
-    queue.poll(max_images=4, now=1.0)
+    queue.poll(policy, now=1.0)
     assert queue.cancel(spanning) == 2
-    assert queue.waiting_images == 0 and queue.poll(max_images=4, now=1.0) is None
+    assert queue.waiting_images == 0 and queue.poll(policy, now=1.0) is None
     assert queue.cancel(spanning) == 0
 
 
 def test_started_at_is_when_the_first_image_was_handed_out():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=2, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=16)
     spanning = job(at=0.0, n=3)
     queue.submit(spanning)
-    queue.poll(max_images=2, now=1.0)
-    queue.poll(max_images=2, now=2.0)
+    queue.poll(policy, now=1.0)
+    queue.poll(policy, now=2.0)
     assert spanning.started_at == 1.0
 
 
 def test_a_closed_queue_refuses_new_jobs_and_flushes_what_waits_without_waiting_to_fill():
-    queue = BatchQueue(capacity_images=16, max_wait_s=60.0)
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=60.0)
+    queue = BatchQueue(capacity_images=16)
     queue.submit(job(at=0.0))
     queue.close()
     with pytest.raises(QueueClosed):
         queue.submit(job(at=0.1))
-    assert isinstance(queue.poll(max_images=8, now=0.1), Batch)
-    assert queue.take(max_images=8) is None
+    assert isinstance(queue.poll(policy, now=0.1), Batch)
+    assert queue.take(policy) is None
 
 
 def test_take_blocks_until_a_batch_is_due_and_wakes_on_submit():
-    queue = BatchQueue(capacity_images=16, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=16)
     taken: list[Batch | None] = []
-    taker = threading.Thread(target=lambda: taken.append(queue.take(max_images=8)))
+    taker = threading.Thread(target=lambda: taken.append(queue.take(policy)))
     taker.start()
     taker.join(0.2)
     assert taker.is_alive()
@@ -145,10 +156,11 @@ def test_take_blocks_until_a_batch_is_due_and_wakes_on_submit():
 @pytest.mark.parametrize("layout", [[1], [3], [1, 1], [2, 3], [1, 2, 1, 4], [5, 1, 1]])
 def test_split_keeps_every_image_once_in_order_and_halves_the_size(layout):
     jobs = [job(at=0.0, n=n, prompt=f"j{index}") for index, n in enumerate(layout)]
-    queue = BatchQueue(capacity_images=64, max_wait_s=0.0)
+    policy = BatchPolicy(max_batch_size=64, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=64)
     for each in jobs:
         queue.submit(each)
-    batch = queue.poll(max_images=64, now=1.0)
+    batch = queue.poll(policy, now=1.0)
     if batch.size < 2:
         return
     first, second = batch.split()
@@ -157,10 +169,12 @@ def test_split_keeps_every_image_once_in_order_and_halves_the_size(layout):
     assert first.seeds() + second.seeds() == batch.seeds()
 
 
-def test_bad_settings_are_refused_with_the_value():
+def test_bad_settings_are_refused_naming_the_flag_and_the_value():
     with pytest.raises(ValueError, match="capacity_images must be at least 1, got 0"):
-        BatchQueue(capacity_images=0, max_wait_s=0.0)
-    with pytest.raises(ValueError, match="max_wait_s"):
-        BatchQueue(capacity_images=1, max_wait_s=-1)
+        BatchQueue(capacity_images=0)
+    with pytest.raises(ValueError, match=r"max_wait_s must be at least 0 \(flag --max-wait-ms\), got -1"):
+        BatchPolicy(max_batch_size=1, max_wait_s=-1)
+    with pytest.raises(ValueError, match=r"max_batch_size must be at least 1 \(flag --max-batch-size\), got 0"):
+        BatchPolicy(max_batch_size=0, max_wait_s=0.0)
     with pytest.raises(ValueError, match="at least one image"):
         Job(key=SMALL, prompt="p", negative_prompt=None, seeds=(), arrived_at=0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from worker.batching import BatchKey, BatchQueue, Job
+from worker.batching import BatchKey, BatchPolicy, BatchQueue, Job
 from worker.engine import BatchFailed, Engine
 from worker.metrics import WorkerMetrics
 
@@ -47,9 +47,10 @@ class Clock:
 
 
 def make_engine(runner: ScriptedRunner, max_batch: int = 8) -> tuple[Engine, BatchQueue, WorkerMetrics]:
-    queue = BatchQueue(capacity_images=64, max_wait_s=0.0)
+    queue = BatchQueue(capacity_images=64)
     metrics = WorkerMetrics(CollectorRegistry())
-    return Engine(queue, runner, max_batch, metrics, clock=Clock()), queue, metrics
+    batching = BatchPolicy(max_batch_size=max_batch, max_wait_s=0.0)
+    return Engine(queue, runner, batching, metrics, clock=Clock()), queue, metrics
 
 
 def submit(queue: BatchQueue, prompt: str, seeds: tuple[int, ...], done: list[Job]) -> Job:
@@ -92,6 +93,7 @@ def test_out_of_memory_splits_the_batch_retries_the_halves_and_lowers_the_max_ba
     assert runner.calls[0] == [0, 1, 10, 11, 20, 21, 30, 31]
     assert [len(call) for call in runner.calls] == [8, 4, 2, 2, 4, 2, 2]
     assert engine.max_batch_size == 2
+    assert engine.batching == BatchPolicy(max_batch_size=2, max_wait_s=0.0)  # the wait is kept
     assert runner.released == 3
     assert all(job.error is None and len(job.images) == 2 for job in jobs)
     assert sorted(done, key=id) == sorted(jobs, key=id)
@@ -106,7 +108,7 @@ def test_later_batches_respect_the_lowered_max_batch():
     engine, queue, _ = make_engine(runner, max_batch=8)
     done: list[Job] = []
     submit(queue, "first", tuple(range(8)), done)
-    batch = queue.poll(engine.max_batch_size, now=200.0)
+    batch = queue.poll(engine.batching, now=200.0)
     engine.run_batch(batch)
     assert engine.max_batch_size == 2
     submit(queue, "later", tuple(range(6)), done)
@@ -171,8 +173,9 @@ def test_busy_seconds_count_the_running_batch_up_to_now():
             return super().generate(key, prompts, negative_prompts, seeds)
 
     observed: list[float] = []
-    queue = BatchQueue(capacity_images=8, max_wait_s=0.0)
-    engine = Engine(queue, SlowRunner(), 8, WorkerMetrics(CollectorRegistry()), clock=clock)
+    queue = BatchQueue(capacity_images=8)
+    engine = Engine(queue, SlowRunner(), BatchPolicy(max_batch_size=8, max_wait_s=0.0),
+                    WorkerMetrics(CollectorRegistry()), clock=clock)
     submit(queue, "p", (1,), [])
     drain(engine, queue)
     assert observed == [1.5]

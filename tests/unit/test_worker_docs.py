@@ -7,6 +7,7 @@ import pathlib
 
 from prometheus_client import CollectorRegistry
 
+from contract import names as contract_names
 from worker.__main__ import build_parser
 from worker.metrics import LiveState, WorkerMetrics
 
@@ -26,10 +27,11 @@ def test_every_serve_flag_is_in_the_flag_table():
     assert missing == []
 
 
-def test_every_metric_the_worker_serves_is_documented():
+def test_the_worker_serves_the_contracts_metrics_and_documents_each():
     metrics = WorkerMetrics(CollectorRegistry())
     metrics.watch(LiveState(lambda: 0, lambda: 0, lambda: 0.0, lambda: 1, lambda: True))
-    names = {family.name + ("_total" if family.type == "counter" else "") for family in metrics.registry.collect()}
-    assert len(names) == 11
+    families = {family.name: family.type for family in metrics.registry.collect()}
+    assert sorted(families) == sorted(contract_names.WORKER_METRICS)
+    names = {name + ("_total" if kind == "counter" else "") for name, kind in families.items()}
     missing = [name for name in sorted(names) if f"`{name}" not in DOC]
     assert missing == []

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lab.localprom import free_port
 from worker.api import build_app
-from worker.batching import BatchKey
+from worker.batching import BatchKey, BatchPolicy
 from worker.metrics import WorkerMetrics
 from worker.pipeline import DiffusionRunner
 from worker.service import WorkerLimits, WorkerService
@@ -119,12 +119,12 @@ class RunningWorker:
 
 @pytest.fixture
 def start_worker(tiny_runner) -> Iterator[Callable[..., RunningWorker]]:
-    """Starts the real HTTP server in a thread with the given limits; stops it after the test."""
+    """Starts the real HTTP server in a thread with the given batching and limits; stops it after the test."""
     started: list[tuple[uvicorn.Server, threading.Thread, WorkerService, BoundaryRunner]] = []
 
-    def start(**limits) -> RunningWorker:
-        limits.setdefault("max_wait_s", 0.02)
-        service = WorkerService(WorkerLimits(**limits), WorkerMetrics(CollectorRegistry()))
+    def start(max_batch_size: int = 8, max_wait_s: float = 0.02, **limits) -> RunningWorker:
+        batching = BatchPolicy(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+        service = WorkerService(WorkerLimits(batching=batching, **limits), WorkerMetrics(CollectorRegistry()))
         runner = BoundaryRunner(tiny_runner)
         service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
         port = free_port()
