@@ -14,6 +14,7 @@ from contract.cli import LOG_LEVELS, Environment, configure_logging
 from adapter.server import ScalerServer, ServerConfig
 
 ENV = Environment("SCALER_")
+_DEFAULTS = ServerConfig()  # each flag's default is written once, in ServerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--listen-address", default=ENV.get("LISTEN_ADDRESS", "0.0.0.0"), help="address both servers bind (env SCALER_LISTEN_ADDRESS)")
-    add("--grpc-port", type=int, default=ENV.get("GRPC_PORT", "6000"), help="gRPC port (ExternalScaler, health, reflection) (env SCALER_GRPC_PORT)")
-    add("--http-port", type=int, default=ENV.get("HTTP_PORT", "9102"), help="HTTP port for /metrics and /healthz (env SCALER_HTTP_PORT)")
+    add("--listen-address", default=ENV.get("LISTEN_ADDRESS", _DEFAULTS.listen_address), help="address both servers bind (env SCALER_LISTEN_ADDRESS)")
+    add("--grpc-port", type=int, default=ENV.get("GRPC_PORT", _DEFAULTS.grpc_port), help="gRPC port (ExternalScaler, health, reflection) (env SCALER_GRPC_PORT)")
+    add("--http-port", type=int, default=ENV.get("HTTP_PORT", _DEFAULTS.http_port), help="HTTP port for /metrics and /healthz (env SCALER_HTTP_PORT)")
     tls = parser.add_argument_group("TLS for the gRPC port (KEDA: enableTLS, caCert, tlsClientCert)")
     tls.add_argument("--tls-cert-file", default=ENV.get("TLS_CERT_FILE"), help="server certificate, PEM; enables TLS (env SCALER_TLS_CERT_FILE)")
     tls.add_argument("--tls-key-file", default=ENV.get("TLS_KEY_FILE"), help="server private key, PEM (env SCALER_TLS_KEY_FILE)")
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON file inside this directory, and the scaler scrapes the pods it lists itself, without Prometheus; "
         "unset, scrapeTargetsFile is refused (env SCALER_SCRAPE_TARGETS_DIR)",
     )
-    prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", "32"), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
-    add("--idle-forget-seconds", type=float, default=ENV.get("IDLE_FORGET_SECONDS", "900"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
-    add("--max-scaled-objects", type=int, default=ENV.get("MAX_SCALED_OBJECTS", "2000"), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
-    add("--shutdown-grace-seconds", type=float, default=ENV.get("SHUTDOWN_GRACE_SECONDS", "5"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
+    prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", _DEFAULTS.max_concurrent_queries), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
+    add("--idle-forget-seconds", type=float, default=ENV.get("IDLE_FORGET_SECONDS", f"{_DEFAULTS.idle_forget_s:g}"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
+    add("--max-scaled-objects", type=int, default=ENV.get("MAX_SCALED_OBJECTS", _DEFAULTS.max_scaled_objects), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
+    add("--shutdown-grace-seconds", type=float, default=ENV.get("SHUTDOWN_GRACE_SECONDS", f"{_DEFAULTS.shutdown_grace_s:g}"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
     add("--log-level", default=ENV.get("LOG_LEVEL", "info"), choices=LOG_LEVELS, help="(env SCALER_LOG_LEVEL)")
     add("--log-format", default=ENV.get("LOG_FORMAT", "text"), choices=["text", "json"], help="(env SCALER_LOG_FORMAT)")
     return parser

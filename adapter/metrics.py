@@ -123,7 +123,7 @@ class _Families:
 
         self.scaledobjects = GaugeMetricFamily(names.SCALER_SCALEDOBJECTS, "Triggers registered and refreshing")
         self.queue = gauge(names.SCALER_QUEUE, "Queue signal: requests waiting + running over the target's pods")
-        self.ready = gauge(names.SCALER_READY, "Replicas reporting ready (diffusion_ready)")
+        self.ready = gauge(names.SCALER_READY, f"Replicas reporting ready ({names.READY})")
         self.gpu = gauge(names.SCALER_GPU, "GPU signal: mean utilization over the target's GPUs")
         self.p95 = gauge(names.SCALER_P95, "Latency signal: p95 request latency over the window")
         self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", (names.SIGNAL,))

@@ -22,17 +22,14 @@ import aiohttp  # noqa: E402
 import requests  # noqa: E402
 import urllib3  # noqa: E402
 
+from adapter.promql import builtin_queries  # noqa: E402
+from contract.names import QUERIES, SIGNAL_LABEL  # noqa: E402
 from lab.localprom import LocalPrometheus  # noqa: E402
 from lab.synthetic import PodLoad, SyntheticPods  # noqa: E402
 
-QUERY = " or ".join(
-    f'label_replace({q}, "scaler_signal", "{n}", "", "")'
-    for n, q in (
-        ("queue", 'sum(diffusion_requests_in_flight{deployment="sd-3"})'),
-        ("ready", 'sum(diffusion_ready{deployment="sd-3"})'),
-        ("gpu", 'avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{deployment="sd-3"}[1m]))'),
-    )
-)
+# A target's joined refresh query, as adapter/signals.py builds it (queue, ready and GPU).
+_QUERIES = builtin_queries('deployment="sd-3"', "1m")
+QUERY = " or ".join(f'label_replace({getattr(_QUERIES, n)}, "{SIGNAL_LABEL}", "{n}", "", "")' for n in QUERIES[:3])
 
 
 def cpu_s() -> float:

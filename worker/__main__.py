@@ -10,7 +10,12 @@ from pathlib import Path
 
 from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
 
+from .service import WorkerLimits
+
 ENV_PREFIX = "WORKER_"
+
+
+_LIMITS = WorkerLimits()  # the batching and queue flags' defaults are written once, there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,17 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, default=env.get("PORT", "8000"), help="HTTP port (env WORKER_PORT)")
     add("--device", choices=["auto", "cpu", "cuda"], default=env.get("DEVICE", "auto"),
         help="auto takes CUDA when present; float16 on CUDA, float32 on CPU (env WORKER_DEVICE)")
-    add("--max-batch-size", type=positive_int, default=env.get("MAX_BATCH_SIZE", "8"),
+    add("--max-batch-size", type=positive_int, default=env.get("MAX_BATCH_SIZE", _LIMITS.batching.max_batch_size),
         help="images per pipeline call at most; a request with n images counts n (env WORKER_MAX_BATCH_SIZE)")
-    add("--max-wait-ms", type=non_negative_float, default=env.get("MAX_WAIT_MS", "50"),
+    add("--max-wait-ms", type=non_negative_float, default=env.get("MAX_WAIT_MS", f"{_LIMITS.batching.max_wait_s * 1000:g}"),
         help="how long the oldest waiting request may wait for its batch to fill (env WORKER_MAX_WAIT_MS)")
-    add("--max-queue", type=positive_int, default=env.get("MAX_QUEUE", "64"),
+    add("--max-queue", type=positive_int, default=env.get("MAX_QUEUE", _LIMITS.max_queue_images),
         help="images waiting at most; beyond it requests get 429 with Retry-After (env WORKER_MAX_QUEUE)")
-    add("--request-timeout", type=positive_float, default=env.get("REQUEST_TIMEOUT", "300"),
+    add("--request-timeout", type=positive_float, default=env.get("REQUEST_TIMEOUT", f"{_LIMITS.request_timeout_s:g}"),
         help="seconds from arrival to answer, else 504 (env WORKER_REQUEST_TIMEOUT)")
     add("--drain-timeout", type=positive_float, default=env.get("DRAIN_TIMEOUT", "120"),
         help="seconds a SIGTERM drain may take; keep terminationGracePeriodSeconds above it (env WORKER_DRAIN_TIMEOUT)")
-    add("--max-image-side", type=positive_int, default=env.get("MAX_IMAGE_SIDE", "1024"),
+    add("--max-image-side", type=positive_int, default=env.get("MAX_IMAGE_SIDE", _LIMITS.max_image_side),
         help="largest width or height served, in pixels; the API's own bound is 2048 (env WORKER_MAX_IMAGE_SIDE)")
     add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
         help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
@@ -89,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     from .batching import BatchPolicy
     from .server import ServeConfig, serve
-    from .service import WorkerLimits
 
     try:
         limits = WorkerLimits(

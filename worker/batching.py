@@ -37,7 +37,7 @@ class BatchPolicy:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1 (flag --max-batch-size), got {self.max_batch_size}")
         if not self.max_wait_s >= 0:
-            raise ValueError(f"max_wait_s must be at least 0 (flag --max-wait-ms), got {self.max_wait_s} s")
+            raise ValueError(f"max_wait_s must be at least 0 (flag --max-wait-ms), got {self.max_wait_s * 1000:g} ms")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Each replica is what `worker/` is: a bounded queue (in images) in front of one dynamic
 batcher that closes a batch at `max_batch` images or `max_wait_s` after its oldest request,
-with a batch's service time from a profile (the measured H100 table in docs/BENCHMARKS.md by default), scaled by
-the batch's steps. A new replica serves only after a start-up delay drawn from a
+with a batch's service time from a profile (by default the H100 table in docs/ARCHITECTURE.md),
+scaled by the batch's steps. A new replica serves only after a start-up delay drawn from a
 distribution (node, image and model load). A router sends each request to the least-loaded
 ready replica; a full queue rejects it. A replica asked to go drains: it takes no new work
 and leaves when its queue is empty.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from lab.sim.traces import Arrival
 
-# The H100 table of docs/BENCHMARKS.md: 80GB, SD-1.5 shape, fp16, 512x512, 20 steps: batch -> (seconds per batch, NVML util %)
+# The H100 table of docs/ARCHITECTURE.md: 80GB, SD-1.5 shape, fp16, 512x512, 20 steps: batch -> (seconds per batch, NVML util %)
 H100_SD15 = {1: (1.07, 27.0), 4: (1.18, 56.0), 8: (1.42, 78.0), 12: (1.85, 92.0), 16: (2.36, 96.0), 32: (4.55, 94.0)}
 
 

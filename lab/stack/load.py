@@ -37,7 +37,6 @@ class LoadStats:
     sent: int = 0
     ok: int = 0
     failed: int = 0
-    latencies: list[float] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # seconds from the scenario's start, as sent
 
 
@@ -49,7 +48,6 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
 
         async def one() -> None:
-            began = time.monotonic()
             try:
                 body = {"prompt": "a lighthouse at dusk", "num_inference_steps": steps, "seed": rng.randrange(1 << 30)}
                 async with session.post(url, json=body) as answer:
@@ -59,8 +57,6 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
                 ok = False
             stats.ok += ok
             stats.failed += not ok
-            if ok:
-                stats.latencies.append(time.monotonic() - began)
 
         while not stop.is_set():
             rate = scenario.rate(time.monotonic() - started)
