@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.config import parse_duration_seconds
-from adapter.signals import QueryOutcome, Reading, needed_queries, outcome, to_reading
+from adapter.reading import QueryOutcome, Reading, needed_queries, outcome, to_reading
 from contract import names
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from adapter.signals import Reading
+from adapter.reading import Reading
 from adapter.targets import Target
 from contract import names
 from contract.names import QUERIES, SIGNALS

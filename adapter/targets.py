@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 
 from adapter.config import ScalerSpec, parse_metadata
 from adapter.policy import Decision, PolicyState, Signals, decide
-from adapter.signals import QueryOutcome, Reading, SignalReader
+from adapter.reading import QueryOutcome, Reading
+from adapter.signals import SignalReader
 
 log = logging.getLogger(__name__)
 

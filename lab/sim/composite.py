@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
-from adapter.signals import Reading
+from adapter.reading import Reading
 from adapter.targets import Target
 from lab.hpa import PASS_THROUGH
 from lab.keda import FleetTarget, KedaLoop

@@ -85,3 +85,14 @@ def test_the_docs_name_only_metrics_of_the_contract_and_each_deployables_page_li
     for metrics, page in ((names.WORKER_METRICS, "WORKER.md"), (names.SCALER_METRICS, "SCALER.md"),
                           (names.EXPORTER_METRICS + tuple(names.DCGM_METRICS), "EXPORTER.md")):
         assert [m for m in metrics if m not in pages[page]] == [], page
+
+
+def test_the_query_record_is_keyed_by_the_contracts_query_names():
+    """The readers look queries up by contract name (`getattr(spec.queries, name)`): renaming a
+    signal in the contract must rename the field too."""
+    from dataclasses import fields
+
+    from adapter.promql import Queries
+    from contract import names
+
+    assert {f.name for f in fields(Queries)} == set(names.QUERIES)

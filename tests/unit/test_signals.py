@@ -11,7 +11,8 @@ import pytest
 
 from adapter.config import parse_metadata
 from adapter.prometheus import QueryError, Sample
-from adapter.signals import SignalReader, interpret, needed_queries
+from adapter.reading import interpret, needed_queries
+from adapter.signals import SignalReader
 from contract import names
 
 

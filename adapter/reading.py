@@ -1,0 +1,101 @@
+"""One refresh's reading, whatever its source (Prometheus or direct scrapes): each query's
+outcome, and the one conversion from those outcomes to the policy's `Signals`.
+
+Interpretation is where "a missing answer never becomes 0" is enforced:
+
+| query   | empty result      | NaN or +-Inf          | negative |
+| ------- | ----------------- | --------------------- | -------- |
+| queue   | 0 (no worker up)  | failure               | failure  |
+| ready   | 0 (no worker up)  | failure               | failure  |
+| gpu     | abstains          | abstains              | failure  |
+| latency | abstains          | abstains              | failure  |
+
+A latency of NaN is what `histogram_quantile` returns when no request finished inside the
+window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that
+returns more than one series is a failure (aggregate it). A failed query fails the whole
+reading: the caller keeps serving the last good value instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from adapter.config import ScalerSpec
+from adapter.policy import Signals
+from contract.names import GPU, LATENCY, QUEUE, READY_REPLICAS
+
+_COUNTS = (QUEUE, READY_REPLICAS)  # an empty answer is 0 of these, never a missing signal
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    """One query of one reading: its raw value (None when empty) or its error."""
+
+    name: str
+    duration_s: float
+    value: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The signals of one refresh (None when any needed query failed), with each query's
+    outcome and each HTTP request's duration."""
+
+    signals: Signals | None
+    outcomes: tuple[QueryOutcome, ...]
+    requests: tuple[tuple[str, float], ...] = ()  # ("combined" or a query name, seconds)
+
+    @property
+    def error(self) -> str:
+        """Each failed query and why; queries that failed alike (one joined request) share a line."""
+        failed: dict[str, list[str]] = {}
+        for outcome in self.outcomes:
+            if outcome.error:
+                failed.setdefault(outcome.error, []).append(outcome.name)
+        return "; ".join(
+            f"{', '.join(names)} {'query' if len(names) == 1 else 'queries'}: {error}" for error, names in failed.items()
+        )
+
+
+def needed_queries(spec: ScalerSpec) -> tuple[str, ...]:
+    """Queue (activity) and ready replicas always; GPU and latency when enabled."""
+    return (QUEUE, READY_REPLICAS) + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals)
+
+
+def interpret(name: str, value: float | None) -> float | None:
+    """The signal's value from a query's raw answer; raises ValueError when unusable."""
+    if value is None:
+        return 0.0 if name in _COUNTS else None
+    if not math.isfinite(value):
+        if name in _COUNTS:
+            raise ValueError(f"answered {value}; a count must be a finite number")
+        return None
+    if value < 0:
+        raise ValueError(f"answered {value:g}; it cannot be negative")
+    return value
+
+
+def outcome(name: str, value: float | None, duration_s: float) -> QueryOutcome:
+    """A query's outcome from its raw answer (None when empty): an error when `interpret` refuses it."""
+    try:
+        interpret(name, value)
+    except ValueError as e:
+        return QueryOutcome(name, duration_s, value=value, error=str(e))
+    return QueryOutcome(name, duration_s, value=value)
+
+
+def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, float], ...]) -> Reading:
+    """One refresh's Reading from its query outcomes, the one conversion every source uses:
+    the signals when every query answered usably, None when any failed."""
+    if any(o.error for o in outcomes):
+        return Reading(None, outcomes, requests)
+    values = {o.name: interpret(o.name, o.value) for o in outcomes}
+    signals = Signals(
+        queue=values[QUEUE],
+        ready_replicas=values[READY_REPLICAS],
+        gpu_util_percent=values.get(GPU),
+        p95_seconds=values.get(LATENCY),
+    )
+    return Reading(signals, outcomes, requests)
