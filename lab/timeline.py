@@ -32,8 +32,10 @@ def _values(values) -> list[float]:
     return [math.nan if v is None else v for v in values]
 
 
-def write_timeline(points: Sequence[TimelinePoint], path: Path | str, title: str, slo_s: float | None = None) -> Path:
-    """Draws `points` as a PNG at `path` (its folder is created); needs matplotlib (the `stack` extra)."""
+def write_timeline(points: Sequence[TimelinePoint], path: Path | str, title: str, slo_s: float | None = None,
+                   minutes: bool = False) -> Path:
+    """Draws `points` as a PNG at `path` (its folder is created), time in minutes or seconds, with
+    the objective `slo_s` drawn where given; needs matplotlib (the `stack` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +43,6 @@ def write_timeline(points: Sequence[TimelinePoint], path: Path | str, title: str
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    minutes = bool(points) and points[-1].t > 600
     t = [p.t / 60 if minutes else p.t for p in points]
     figure, (replicas, queue, latency) = plt.subplots(3, 1, sharex=True, figsize=(10, 7))
     replicas.step(t, [p.desired for p in points], where="post", label="replicas asked for")

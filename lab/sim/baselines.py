@@ -18,7 +18,8 @@ from collections import deque
 from collections.abc import Callable
 
 from lab.hpa import HorizontalPodAutoscaler, HpaSpec, MetricTarget
-from lab.keda import FleetTarget, KedaLoop
+from lab.keda import KedaLoop
+from lab.target import FleetTarget
 from lab.sim.controller import Controller, PeriodicController
 from lab.sim.observe import Observation
 

@@ -19,14 +19,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from adapter.config import MetadataError
+from lab.metadata import metadata_item
 from lab.sim.baselines import BASELINE_NAMES
-from lab.sim.composite import (
-    SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
-    SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S, composite_spec,
-)
+from lab.sim.composite import composite_spec
 from lab.sim.fleet import BatchProfile, FleetSpec, StartupDelay
 from lab.sim.replay import Job, Setup, run_jobs, write_timelines
 from lab.sim.report import markdown, pareto_front
+from lab.sim.shipped import (
+    SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
+    SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S,
+)
 from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
 
 PROG = "python -m lab.sim"
@@ -114,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
                     f"accepted: composite, {', '.join(BASELINE_NAMES)}")
     try:
-        overrides = dict(_assignment(a) for a in args.composite)
+        overrides = dict(metadata_item(a) for a in args.composite)
+    except argparse.ArgumentTypeError as error:
+        return fail(f"--composite {error}")
+    try:
         grid = sweep_grid(args.sweep) if args.sweep else [{}]
         for point in grid:
             composite_spec({**SHIPPED_METADATA, **overrides, **point})
@@ -152,11 +157,3 @@ def main(argv: list[str] | None = None) -> int:
             return fail("--plots needs matplotlib: pip install '.[stack]'")
         print(f"timelines: {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
-
-
-def _assignment(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--composite wants KEY=VALUE, got {text!r}")
-    return key.strip(), value.strip()
-

@@ -15,27 +15,11 @@ from adapter.config import ScalerSpec, parse_duration_seconds, parse_metadata
 from adapter.reading import Reading
 from adapter.targets import Target
 from lab.hpa import PASS_THROUGH
-from lab.keda import FleetTarget, KedaLoop
+from lab.keda import KedaLoop
+from lab.target import FleetTarget
 from lab.sim.controller import Controller
 from lab.sim.observe import Observation
-
-# The trigger metadata our ScaledObject ships (manifests/base/scaledobject.yaml, less its
-# addresses and selector); a test keeps the two equal. The simulator's composite starts here.
-SHIPPED_METADATA: dict[str, str] = {
-    "targetQueuePerReplica": "16",
-    "targetGpuUtilization": "90",
-    "targetP95Seconds": "6",
-    "scaleDownWindowSeconds": "180",
-    "minBusyReplicas": "2",
-}
-# The worker Deployment's batching (manifests/base/worker.yaml) and the ScaledObject's bounds.
-SHIPPED_MAX_BATCH = 12
-SHIPPED_MAX_WAIT_S = 0.05
-SHIPPED_MAX_QUEUE = 96
-SHIPPED_MIN_REPLICAS = 1
-SHIPPED_MAX_REPLICAS = 16
-SHIPPED_POLLING_INTERVAL_S = 15.0
-
+from lab.sim.shipped import SHIPPED_POLLING_INTERVAL_S
 
 class SimulatedScaler:
     """The scaler's refresher in process: every `refreshSeconds` the observed signals go to the

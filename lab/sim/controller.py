@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lab.keda import FleetTarget
+from lab.target import FleetTarget
 from lab.sim.observe import Observation
 
 

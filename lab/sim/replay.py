@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.keda import FleetTarget
+from lab.target import FleetTarget
 from lab.sim.baselines import baselines
 from lab.sim.composite import CompositeController
 from lab.sim.controller import Controller
@@ -75,7 +75,7 @@ def write_timelines(results: Sequence[PolicyResult], directory: Path | str, slo_
         name = result.policy.replace(" ", "_").replace("=", "-").replace("/", "_") + ".png"
         title = (f"{result.policy}: {100 * result.slo_attainment:.1f} % within {slo_s:g} s, "
                  f"{result.gpu_hours:.2f} GPU-hours, {result.scale_events} scale events")
-        written.append(write_timeline(result.timeline, Path(directory) / name, title, slo_s))
+        written.append(write_timeline(result.timeline, Path(directory) / name, title, slo_s, minutes=True))
     return written
 
 

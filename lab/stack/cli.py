@@ -27,14 +27,8 @@ import signal
 import sys
 from pathlib import Path
 
+from lab.metadata import metadata_item
 from lab.stack.run import run
-
-
-def metadata_override(item: str) -> tuple[str, str]:
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {item!r}")
-    return key.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the scaler reads the signals: Prometheus (when installed, for auto) or the "
                         "workers' /metrics scraped by the scaler itself (adapter/directscrape.py)")
     parser.add_argument("--timeline", default="stack-timeline.png", help="PNG written at the end; empty for none")
-    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", type=metadata_override,
+    parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", type=metadata_item,
                         help="trigger metadata over the stack's own (repeatable), e.g. minBusyReplicas=1")
     parser.add_argument("--record", help="write what a replay of this run needs (settings, arrivals, replicas over "
                         "time, start-up delays, batches) as JSON here, for lab.sim.replay.replay_record (tests/integration/test_stack.py)")

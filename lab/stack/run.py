@@ -18,7 +18,8 @@ from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from adapter.server import ScalerServer, ServerConfig
 from lab.hpa import PASS_THROUGH
-from lab.keda import FleetTarget, GrpcScaler, KedaLoop
+from lab.keda import GrpcScaler, KedaLoop
+from lab.target import FleetTarget
 from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from lab.stack.discovery import SELECTOR, prometheus_config, write_targets
 from lab.stack.load import LoadStats, Scenario, generate_load

@@ -10,11 +10,13 @@ import yaml
 
 from adapter.config import MetadataError
 from adapter.policy import Signals
-from lab.keda import FleetTarget
+from lab.target import FleetTarget
 from lab.sim import cli, composite
 from lab.sim.baselines import KnativeController, baselines
 from lab.sim.cli import sweep_grid
-from lab.sim.composite import SHIPPED_METADATA, CompositeController
+from lab.sim import shipped
+from lab.sim.composite import CompositeController
+from lab.sim.shipped import SHIPPED_METADATA
 from lab.sim.fleet import Fleet, FleetSpec
 from lab.sim.observe import Observation, Observer
 from lab.sim.replay import replay
@@ -120,14 +122,14 @@ def test_the_simulators_defaults_are_what_the_manifests_ship():
     metadata = scaled["spec"]["triggers"][0]["metadata"]
     assert {k: metadata[k] for k in SHIPPED_METADATA} == SHIPPED_METADATA
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"], scaled["spec"]["pollingInterval"]) == (
-        composite.SHIPPED_MIN_REPLICAS, composite.SHIPPED_MAX_REPLICAS, composite.SHIPPED_POLLING_INTERVAL_S)
+        shipped.SHIPPED_MIN_REPLICAS, shipped.SHIPPED_MAX_REPLICAS, shipped.SHIPPED_POLLING_INTERVAL_S)
     [worker] = [d for d in yaml.safe_load_all((ROOT / "manifests/base/worker.yaml").read_text())
                 if d and d["kind"] == "Deployment"]
     [container] = [c for c in worker["spec"]["template"]["spec"]["containers"] if c["name"] == "worker"]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert int(env["WORKER_MAX_BATCH_SIZE"]) == composite.SHIPPED_MAX_BATCH
-    assert float(env["WORKER_MAX_WAIT_MS"]) / 1000 == composite.SHIPPED_MAX_WAIT_S
-    assert int(env["WORKER_MAX_QUEUE"]) == composite.SHIPPED_MAX_QUEUE
+    assert int(env["WORKER_MAX_BATCH_SIZE"]) == shipped.SHIPPED_MAX_BATCH
+    assert float(env["WORKER_MAX_WAIT_MS"]) / 1000 == shipped.SHIPPED_MAX_WAIT_S
+    assert int(env["WORKER_MAX_QUEUE"]) == shipped.SHIPPED_MAX_QUEUE
 
 
 SHORT = ["--scenario", "spike", "--duration", "600", "--tail", "60", "--jobs", "2"]

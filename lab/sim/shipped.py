@@ -1,0 +1,21 @@
+"""What the manifests ship, as the simulator's defaults: the ScaledObject's trigger metadata and
+bounds, and the worker Deployment's batching. `tests/lab/test_simulate.py` keeps them equal."""
+
+from __future__ import annotations
+
+# The trigger metadata our ScaledObject ships (manifests/base/scaledobject.yaml, less its
+# addresses and selector); a test keeps the two equal. The simulator's composite starts here.
+SHIPPED_METADATA: dict[str, str] = {
+    "targetQueuePerReplica": "16",
+    "targetGpuUtilization": "90",
+    "targetP95Seconds": "6",
+    "scaleDownWindowSeconds": "180",
+    "minBusyReplicas": "2",
+}
+# The worker Deployment's batching (manifests/base/worker.yaml) and the ScaledObject's bounds.
+SHIPPED_MAX_BATCH = 12
+SHIPPED_MAX_WAIT_S = 0.05
+SHIPPED_MAX_QUEUE = 96
+SHIPPED_MIN_REPLICAS = 1
+SHIPPED_MAX_REPLICAS = 16
+SHIPPED_POLLING_INTERVAL_S = 15.0
