@@ -234,3 +234,12 @@ def test_scrape_targets_file_is_confined_to_the_scalers_directory(tmp_path):
         parse_metadata({**base, "prometheusAddress": "http://p:9090"}, scrape_targets_dir=str(tmp_path))
     with pytest.raises(MetadataError, match="query overrides need prometheusAddress"):
         parse_metadata({**base, "queueQuery": "sum(x)"}, scrape_targets_dir=str(tmp_path))
+
+
+def test_each_keys_own_check_comes_before_the_rules_between_keys():
+    """With several faults, the first reported is a key that is wrong on its own (the table's
+    parse step), not a rule between keys (the validate step): here latency without its
+    objective is the rule, burstFactor=0 the key."""
+    with pytest.raises(MetadataError) as caught:
+        parse(signals="latency", burstFactor="0")
+    assert caught.value.key == "burstFactor"
