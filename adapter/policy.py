@@ -4,7 +4,8 @@ Each enabled signal proposes a replica count, the proposals combine into one com
 (their maximum, or a weighted mean), and stabilization windows with the HPA's semantics
 smooth it: the value may rise only to the lowest recommendation of the scale-up window
 and fall only to the highest of the scale-down window. The result is in replicas, so with
-an AverageValue target of 1 the HPA asks for exactly that many.
+an AverageValue target of 1 the HPA asks for that many, once the change exceeds the HPA's
+tolerance (10 % by default: a one-replica step applies only below 10 replicas).
 """
 
 from __future__ import annotations
