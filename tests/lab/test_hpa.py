@@ -26,6 +26,15 @@ def test_within_the_tolerance_nothing_changes():
     assert metric_replicas(PER_REPLICA_10, 36, 4, 4, 0.1) == 4  # ratio 0.90: inside
 
 
+def test_the_default_tolerance_swallows_a_one_replica_step_from_ten_replicas_up():
+    """README's claim about the scaler's value in replicas (AverageValue 1) under the HPA."""
+    replicas = MetricTarget("AverageValue", 1)
+    assert hpa().sync(0, 12, [(replicas, 13)]).desired_replicas == 12  # 13 / 12 = 1.083: inside 10 %
+    assert hpa().sync(0, 12, [(replicas, 11)]).desired_replicas == 12
+    assert hpa().sync(0, 9, [(replicas, 10)]).desired_replicas == 10  # 10 / 9 = 1.111: applied
+    assert hpa(tolerance=0).sync(0, 12, [(replicas, 13)]).desired_replicas == 13
+
+
 def test_a_value_target_scales_the_ready_pods_by_the_ratio():
     total = MetricTarget("Value", 100)
     assert metric_replicas(total, 250, current_replicas=4, ready_replicas=2, tolerance=0.1) == 5  # ceil(2.5 x 2)
