@@ -202,8 +202,14 @@ class TargetRegistry:
             while True:
                 try:
                     await self.refresh(target)
-                except Exception:  # never let one target's bug stop its refreshes
-                    log.exception("ScaledObject %s/%s: refresh crashed", target.namespace, target.name)
+                except Exception as error:  # never let one target's bug stop its refreshes
+                    crashed = f"refresh crashed: {type(error).__name__}: {error}"
+                    if crashed != target.last_error:
+                        log.exception("ScaledObject %s/%s: refresh crashed", target.namespace, target.name)
+                    # Counted and named like a failed reading, so RPCs and /metrics say why
+                    # instead of "the first refresh has not finished" for ever.
+                    target.refreshes["error"] += 1
+                    target.last_error = crashed
                     target.first_attempt.set()
                 now = self._clock()
                 if self._closing:

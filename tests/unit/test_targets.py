@@ -88,3 +88,31 @@ def test_a_closed_registry_refreshes_no_more():
 
     before, after, left = asyncio.run(go())
     assert before >= 2 and after == before and left == []
+
+
+def test_a_refresh_that_crashes_every_time_is_named_not_left_pending():
+    """A reader bug must not leave a target answering "the first refresh has not finished" for
+    ever: the RPCs name the crash, and the refresh counts as failed."""
+    from adapter.targets import Unavailable
+
+    class CrashingReader:
+        async def read(self, spec):
+            raise KeyError("a reader bug")
+
+    async def go():
+        registry = TargetRegistry(CrashingReader())
+        target = registry.resolve("ns", "so", META)
+        await registry.first_refresh(target)
+        await asyncio.sleep(0.35)  # a few more refreshes at 0.1 s
+        try:
+            target.current(registry.now())
+        except Unavailable as error:
+            message = str(error)
+        else:
+            message = "served a value"
+        await registry.close()
+        return message, target.refreshes["error"]
+
+    message, failed = asyncio.run(go())
+    assert "refresh crashed: KeyError" in message and "has not finished" not in message
+    assert failed >= 2
