@@ -38,8 +38,6 @@ FROM_ENV_SUFFIX = "FromEnv"
 _DURATION = re.compile(r"^(?:[0-9]+(?:ms|s|m|h|d|w|y))+$")
 _DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
 _DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
-_MATCHER = r"""\s*[A-Za-z_][A-Za-z0-9_]*\s*(?:=~|!~|!=|=)\s*(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')\s*"""
-_SELECTOR = re.compile(rf"^(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?$")
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 _MAX_REPLICAS = 1_000_000
 _REPLICAS = "accepted: a whole number of replicas >= 0"
@@ -149,6 +147,14 @@ def _matching(pattern: re.Pattern[str]) -> Callable[[MetadataKey, str], str]:
     return parse
 
 
+def _selector(key: MetadataKey, raw: str) -> str:
+    try:
+        promql.parse_selector(raw)  # the direct-scrape source reads it with the same parser
+    except ValueError:
+        raise MetadataError(key.name, raw, key.accepted) from None
+    return raw
+
+
 def _duration(key: MetadataKey, raw: str) -> str:
     try:
         seconds = parse_duration_seconds(raw)
@@ -220,7 +226,7 @@ METADATA_KEYS: tuple[MetadataKey, ...] = (
                 "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"),
     MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", _text,
                 "accepted: a Prometheus file_sd JSON file inside the scaler's --scrape-targets-dir"),
-    MetadataKey("selector", ScalerSpec, "selector", _matching(_SELECTOR),
+    MetadataKey("selector", ScalerSpec, "selector", _selector,
                 'accepted: PromQL label matchers, e.g. namespace="ml",deployment="sd-worker"'),
     MetadataKey("queueQuery", Queries, "queue", _text, _QUERY),
     MetadataKey("gpuUtilizationQuery", Queries, "gpu", _text, _QUERY),

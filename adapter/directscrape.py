@@ -32,25 +32,11 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.config import parse_duration_seconds
+from adapter.promql import parse_selector
 from adapter.reading import QueryOutcome, Reading, needed_queries, outcome, to_reading
 from contract import names
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
-
-_MATCHER = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
-
-
-def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
-    """`namespace="ml",deployment=~"sd-.*"` -> ((label, op, value), ...); raises ValueError otherwise."""
-    matchers, position, text = [], 0, selector.strip().rstrip(",")
-    while position < len(text):
-        found = _MATCHER.match(text, position)
-        if not found:
-            raise ValueError(f"cannot read label matchers from {selector!r} at {text[position:]!r}")
-        matchers.append((found.group(1), found.group(2), found.group(3).encode().decode("unicode_escape")))
-        position = found.end()
-    return tuple(matchers)
-
 
 def matches(labels: Mapping[str, str], matchers: Iterable[tuple[str, str, str]]) -> bool:
     for name, op, value in matchers:

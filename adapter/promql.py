@@ -6,9 +6,38 @@ the exporter's dcgm-exporter-compatible GPU utilization.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from contract import names
+
+
+# One label matcher: a label name, an operator, and a double- or single-quoted value.
+_MATCHER = re.compile(
+    r"""\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)')\s*(?:,|$)"""
+)
+
+
+def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
+    """`namespace="ml",deployment=~'sd-.*'` -> ((label, op, unescaped value), ...), as PromQL reads
+    label matchers (either quote, a trailing comma). Raises ValueError on anything else, and on a
+    regular expression that does not compile, so a selector that one source could not use is
+    refused for both."""
+    matchers, position, text = [], 0, selector.strip().rstrip(",")
+    while position < len(text):
+        found = _MATCHER.match(text, position)
+        if not found:
+            raise ValueError(f"cannot read label matchers from {selector!r} at {text[position:]!r}")
+        quoted = found.group(3) if found.group(3) is not None else found.group(4)
+        value = quoted.encode().decode("unicode_escape")
+        if found.group(2) in ("=~", "!~"):
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{found.group(1)}{found.group(2)}{value!r}: not a regular expression: {error}") from None
+        matchers.append((found.group(1), found.group(2), value))
+        position = found.end()
+    return tuple(matchers)
 
 
 @dataclass(frozen=True)

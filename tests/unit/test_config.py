@@ -243,3 +243,14 @@ def test_each_keys_own_check_comes_before_the_rules_between_keys():
     with pytest.raises(MetadataError) as caught:
         parse(signals="latency", burstFactor="0")
     assert caught.value.key == "burstFactor"
+
+
+@pytest.mark.parametrize("source", ["prometheus", "direct"])
+def test_a_selector_one_source_could_not_use_is_refused_for_both(source, tmp_path):
+    """Whatever the parser accepts, both sources must be able to use: single quotes are PromQL
+    and the direct scrape reads them too; a regular expression that does not compile is refused
+    up front (INVALID_ARGUMENT) instead of failing every refresh."""
+    base = ({**BASE} if source == "prometheus" else {"scrapeTargetsFile": "w.json"})
+    parse_metadata({**base, "selector": "namespace='ml',deployment=~'sd-.*'"}, scrape_targets_dir=str(tmp_path))
+    with pytest.raises(MetadataError, match="selector"):
+        parse_metadata({**base, "selector": 'deployment=~"sd-("'}, scrape_targets_dir=str(tmp_path))

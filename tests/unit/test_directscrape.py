@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from adapter.directscrape import ScrapeStore, histogram_quantile, increase, matches, parse_selector
+from adapter.directscrape import ScrapeStore, histogram_quantile, increase, matches
+from adapter.promql import parse_selector
 from contract import names
 
 INF = math.inf
@@ -77,3 +78,9 @@ def test_a_target_not_scraped_for_the_lookback_drops_out():
     store.record(0, scrape(7, 1, 50, (1, 1, 1), pod="gone"))
     store.record(50, scrape(2, 1, 50, (1, 1, 1), pod="here"))
     assert store.answers('deployment="sd"', window_s=30, now=50)[names.QUEUE] == 2
+
+
+def test_single_quoted_matchers_read_as_promql_reads_them():
+    assert parse_selector("namespace='ml', deployment=~'sd-.*'") == (("namespace", "=", "ml"), ("deployment", "=~", "sd-.*"))
+    with pytest.raises(ValueError, match="not a regular expression"):
+        parse_selector('deployment=~"sd-("')
