@@ -5,10 +5,12 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 
 | query   | empty result      | NaN or +-Inf          | negative |
 | ------- | ----------------- | --------------------- | -------- |
-| queue   | 0 (no worker up)  | failure               | failure  |
-| ready   | 0 (no worker up)  | failure               | failure  |
+| queue   | 0 (no worker up)* | failure               | failure  |
+| ready   | 0 (no worker up)* | failure               | failure  |
 | gpu     | abstains          | abstains              | failure  |
 | latency | abstains          | abstains              | failure  |
+
+* unless the series vanished from a target that had ready replicas: `absent_is_not_zero`.
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
 window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that
@@ -19,7 +21,7 @@ reading: the caller keeps serving the last good value instead.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adapter.config import ScalerSpec
 from adapter.policy import Signals
@@ -99,3 +101,24 @@ def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, fl
         p95_seconds=values.get(LATENCY),
     )
     return Reading(signals, outcomes, requests)
+
+
+def absent_is_not_zero(reading: Reading, last_good: Signals | None) -> Reading:
+    """`reading` failed where a count query (queue, ready) answered no series at all while the
+    last good reading had ready replicas: series that vanish from a serving target are missing
+    data (a scrape or discovery outage, say), not an idle fleet, so the caller keeps its last
+    good value until it is stale instead of scaling to the zero an empty answer would read as.
+
+    An empty answer is believed as 0 only where the history allows it: no good reading yet, or
+    the last one already had no ready replica (a fleet that drained to zero reports ready 0
+    before its series go).
+    """
+    if reading.signals is None or last_good is None or last_good.ready_replicas <= 0:
+        return reading
+    empty = {o.name for o in reading.outcomes if o.name in _COUNTS and o.value is None and o.error is None}
+    if not empty:
+        return reading
+    error = (f"returned no series while {last_good.ready_replicas:g} replicas were ready: "
+             "missing data, not zero (series vanished from the target)")
+    return Reading(None, tuple(replace(o, error=error) if o.name in empty else o for o in reading.outcomes),
+                   reading.requests)

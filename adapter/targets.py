@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 from adapter.config import ScalerSpec, parse_metadata
 from adapter.policy import Decision, PolicyState, Signals, decide
-from adapter.reading import QueryOutcome, Reading
+from adapter.reading import QueryOutcome, Reading, absent_is_not_zero
 from adapter.signals import SignalReader
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,9 @@ class Target:
         self._changed = asyncio.Event()
 
     def apply(self, reading: Reading, now: float) -> None:
-        """Records a refresh; a successful one advances the policy and replaces the snapshot."""
+        """Records a refresh; a successful one advances the policy and replaces the snapshot.
+        Count series that vanished from a serving target fail the refresh (absent is not zero)."""
+        reading = absent_is_not_zero(reading, self.snapshot.signals if self.snapshot else None)
         self.last_outcomes = reading.outcomes
         for outcome in reading.outcomes:
             if outcome.error:

@@ -14,7 +14,7 @@ from contract import names
 from lab.localprom import free_port
 from lab.synthetic import PodLoad
 
-from .conftest import eventually, eventually_fails, metrics_request, ref, scaler_labels
+from .conftest import eventually, eventually_fails, metrics_request, ref, require_prometheus, scaler_labels
 from .test_scaler_with_prometheus import sample
 
 pytestmark = pytest.mark.integration
@@ -162,3 +162,40 @@ def test_arbitrary_metadata_over_grpc_is_accepted_or_invalid_argument(shared_sca
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     # the server is still healthy after every example
     assert shared_scaler.server.health()[0]
+
+
+def test_series_that_vanish_from_a_serving_fleet_are_missing_data_not_zero(fleet, deployment, scaler, tmp_path):
+    """Issue 12's case: 4 ready pods with 10 in flight each (5 replicas at 8 per replica), then the
+    pods drop out of Prometheus' discovery while they keep serving, so every query answers an
+    empty vector. The scaler serves 5 until staleAfterSeconds, then UNAVAILABLE (KEDA's fallback),
+    with scaler_stale 1; never 0 and never inactive."""
+    import json
+
+    from lab.localprom import LocalPrometheus
+
+    require_prometheus()
+    for i in range(4):
+        fleet.set_pod("ml", deployment, f"{deployment}-{i}", PodLoad(queue=10))
+    discovery = tmp_path / "pods.json"
+    discovery.write_text(json.dumps([{"targets": [fleet.address]}]))
+    config = json.dumps({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "pods", "scrape_timeout": "1s",
+                            "file_sd_configs": [{"files": [str(discovery)], "refresh_interval": "1s"}]}],
+    })
+    with LocalPrometheus([], config_text=config) as prometheus:
+        so = ref(deployment, prometheus.url, signals="queue", targetQueuePerReplica="8", scaleDownWindowSeconds="5",
+                 staleAfterSeconds="12")
+        eventually(lambda: assert_value(scaler, so, 5.0), timeout_s=30)
+        discovery.write_text("[]")  # the pods leave discovery; they keep serving
+        emptied = time.monotonic()
+        while time.monotonic() - emptied < 8:  # within staleAfterSeconds: the last good value
+            assert value_of(scaler, so) == 5.0
+            assert scaler.stub.IsActive(so).result is True
+            time.sleep(0.5)
+        error = eventually_fails(lambda: value_of(scaler, so), timeout_s=15)
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "missing data, not zero" in error.details()
+        assert sample(scaler, names.SCALER_STALE, **scaler_labels(deployment)) == 1
+    for i in range(4):
+        fleet.remove_pod("ml", deployment, f"{deployment}-{i}")

@@ -1,0 +1,48 @@
+"""Absent is not zero: count series that vanish from a serving target are missing data."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapter.config import parse_metadata
+from adapter.policy import Signals
+from adapter.reading import QueryOutcome, absent_is_not_zero, to_reading
+from adapter.targets import Target, Unavailable
+from contract import names
+
+
+def reading(queue: float | None, ready: float | None):
+    return to_reading((QueryOutcome(names.QUEUE, 0.01, queue), QueryOutcome(names.READY_REPLICAS, 0.01, ready)), ())
+
+
+@pytest.mark.parametrize(
+    ("last_good", "queue", "ready", "believed"),
+    [
+        (None, None, None, True),  # nothing known yet: an empty target is an empty target
+        (Signals(queue=0, ready_replicas=0), None, None, True),  # it had drained to zero ready first
+        (Signals(queue=40, ready_replicas=4), 0.0, 0.0, True),  # the series exist and read 0
+        (Signals(queue=40, ready_replicas=4), None, None, False),  # the issue's case: they vanished
+        (Signals(queue=40, ready_replicas=4), 40.0, None, False),  # ready vanished alone
+        (Signals(queue=40, ready_replicas=4), None, 4.0, False),  # queue vanished alone
+    ],
+)
+def test_an_empty_count_is_believed_only_where_the_history_allows(last_good, queue, ready, believed):
+    checked = absent_is_not_zero(reading(queue, ready), last_good)
+    assert (checked.signals is not None) == believed
+    if not believed:
+        assert "missing data, not zero" in checked.error
+
+
+def test_the_issues_case_serves_the_last_value_then_unavailable_never_zero():
+    """4 pods, 10 in flight each, target 8 -> 5; then every query answers an empty vector."""
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", "signals": "queue", "targetQueuePerReplica": "8",
+                           "scaleDownWindowSeconds": "5", "staleAfterSeconds": "20"})
+    target = Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+    target.apply(reading(40.0, 4.0), now=0)
+    assert target.current(1).decision.value == 5
+    for t in range(1, 20):
+        target.apply(reading(None, None), now=t)
+        assert target.current(t).decision.value == 5  # the last good value, not 0
+    assert target.refreshes["error"] == 19 and "missing data, not zero" in target.last_error
+    with pytest.raises(Unavailable, match="missing data, not zero"):
+        target.current(21)
