@@ -23,9 +23,11 @@ IMAGES = "diffusion_images"  # counter (exposed with _total), images generated
 MAX_BATCH_SIZE = "diffusion_max_batch_size"  # gauge, the batch limit in force now
 READY = "diffusion_ready"  # gauge, 1 when the model is loaded and the worker is not draining
 MODEL_LOAD = "diffusion_model_load_seconds"  # gauge, seconds the model took to load
+BATCH_SPLITS = "diffusion_batch_splits"  # counter (exposed with _total), failed batches bisected for retry
+ISOLATED_FAILURES = "diffusion_isolated_failures"  # counter (exposed with _total), failed alone after a split
 
 WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, BUSY_SECONDS,
-                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD)
+                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, BATCH_SPLITS, ISOLATED_FAILURES)
 
 OUTCOME_LABEL = "outcome"
 OUTCOMES = ("ok", "rejected", "timeout", "error", "cancelled")

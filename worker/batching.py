@@ -129,6 +129,10 @@ class Batch:
     def seeds(self) -> list[int]:
         return [seed for piece in self.slices for seed in piece.job.seeds[piece.start:piece.stop]]
 
+    def unfinished(self) -> Batch:
+        """This batch less the slices of jobs already answered (a job fails whole when one image fails)."""
+        return Batch(self.key, tuple(piece for piece in self.slices if not piece.job.finished))
+
     def split(self) -> tuple[Batch, Batch]:
         """Two batches of about half the images each, in order; needs at least two images."""
         half = self.size // 2

@@ -1,8 +1,12 @@
 """The one thread that owns the pipeline: takes batches from the queue, runs them, answers jobs.
 
-Failure isolation lives here. An out-of-memory error splits the batch in two, retries each
-half, and lowers the effective max batch for good; any other exception fails exactly the jobs
-in that batch, and the loop goes on with the next one.
+Failure isolation lives here, the same for every error. A failed batch of more than one image
+is bisected and its halves retried, down to single images, so a request fails only with an
+error that its own image raises alone. An error that the smaller batches do not raise depends
+on the batch size: the effective max batch is lowered for good to the largest batch that ran,
+so full batches do not fail again. Out-of-memory is known to depend on size, so it lowers the
+max batch at once, before the retry. Bisection calls the pipeline at most 2n - 1 times for n
+images, and a one-image batch is never retried.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from .batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job
@@ -33,7 +37,18 @@ class ImageRunner(Protocol):
 
 
 class BatchFailed(Exception):
-    """A job's batch raised; the message is the pipeline's error."""
+    """A job's image raised in a batch of its own; the message is the pipeline's error."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What running a batch, retries included, came to."""
+
+    largest_ok: int = 0  # images in the largest pipeline call that produced images
+    all_ok: bool = True  # whether every image of it was generated
+
+    def __add__(self, other: Outcome) -> Outcome:
+        return Outcome(max(self.largest_ok, other.largest_ok), self.all_ok and other.all_ok)
 
 
 class Engine:
@@ -49,8 +64,8 @@ class Engine:
     ) -> None:
         self.queue = queue
         self.runner = runner
-        # The policy in force: the configured one until an out-of-memory error replaces it
-        # with a smaller max batch; never raised again.
+        # The policy in force: the configured one until an error that depends on batch size
+        # replaces it with a smaller max batch; never raised again.
         self.batching = batching
         self.metrics = metrics
         self.clock = clock
@@ -95,7 +110,10 @@ class Engine:
                 self.metrics.queue_wait.observe(start - piece.job.arrived_at)
         self._execute(batch)
 
-    def _execute(self, batch: Batch) -> None:
+    def _execute(self, batch: Batch, retry: bool = False) -> Outcome:
+        batch = batch.unfinished()  # a retry skips the images of a job that has failed meanwhile
+        if batch.size == 0:
+            return Outcome()
         start = self.clock()
         with self._busy_lock:
             self._busy_since = start
@@ -105,16 +123,16 @@ class Engine:
                 raise RuntimeError(f"pipeline returned {len(images)} images for a batch of {batch.size}")
         except Exception as error:  # noqa: BLE001 - every failure must answer its jobs
             self._stop_busy()
-            if self.runner.is_out_of_memory(error) and batch.size > 1:
-                self._retry_split(batch)
-            else:
-                self._fail(batch, error)
-            return
+            if batch.size > 1:
+                return self._bisect(batch, error)
+            self._fail_alone(batch, error, retry)
+            return Outcome(all_ok=False)
         seconds = self._stop_busy() - start
         self.metrics.batch_size.observe(batch.size)
         self.metrics.images.inc(batch.size)
         self._note_throughput(batch.size, seconds)
         self._deliver(batch, images)
+        return Outcome(largest_ok=batch.size)
 
     def _stop_busy(self) -> float:
         with self._busy_lock:
@@ -124,25 +142,38 @@ class Engine:
             self._busy_since = None
             return now
 
-    def _retry_split(self, batch: Batch) -> None:
+    def _bisect(self, batch: Batch, error: BaseException) -> Outcome:
+        """Retries the halves of a failed batch, so that only an image that fails alone fails."""
+        self.metrics.batch_splits.inc()
+        # Whatever the error, the failed call may have left its activations cached.
         self.runner.release_memory()
         first, second = batch.split()
-        if first.size < self.max_batch_size:
-            log.warning("out of memory at batch size %d: max batch lowered to %d", batch.size, first.size)
-            self.batching = replace(self.batching, max_batch_size=first.size)
-        self._execute(first)
-        self._execute(second)
+        log.warning("batch of %d images failed (%s: %s): retrying it as %d + %d",
+                    batch.size, type(error).__name__, error, first.size, second.size)
+        if self.runner.is_out_of_memory(error):
+            self._lower_max_batch(first.size, f"out of memory at batch size {batch.size}")
+        outcome = self._execute(first, retry=True) + self._execute(second, retry=True)
+        if outcome.all_ok:
+            # Every image ran in a smaller batch: this batch failed for its size, and so would the
+            # next full one. A transient error looks the same; lowering costs throughput, not answers.
+            self._lower_max_batch(outcome.largest_ok, f"{type(error).__name__} at batch size {batch.size} only")
+        return outcome
 
-    def _fail(self, batch: Batch, error: BaseException) -> None:
-        log.error("batch of %d images failed: %s: %s", batch.size, type(error).__name__, error)
-        failure = BatchFailed(f"{type(error).__name__}: {error}")
-        for piece in batch.slices:
-            job = piece.job
-            if job.finished:
-                continue
-            self.queue.cancel(job)  # its later images would be thrown away
-            job.error = failure
-            self._finish(job)
+    def _lower_max_batch(self, size: int, why: str) -> None:
+        if 1 <= size < self.max_batch_size:
+            log.warning("%s: max batch lowered from %d to %d", why, self.max_batch_size, size)
+            self.batching = replace(self.batching, max_batch_size=size)
+
+    def _fail_alone(self, batch: Batch, error: BaseException, retry: bool) -> None:
+        """Fails the one job of a one-image batch with the error its image raised."""
+        [piece] = batch.slices
+        job = piece.job
+        if retry:
+            self.metrics.isolated_failures.inc()
+        log.error("image %d of a request failed alone: %s: %s", piece.start, type(error).__name__, error)
+        self.queue.cancel(job)  # its later images would be thrown away
+        job.error = BatchFailed(f"{type(error).__name__}: {error}")
+        self._finish(job)
 
     def _deliver(self, batch: Batch, images: Sequence[Any]) -> None:
         offset = 0

@@ -47,7 +47,7 @@ class LiveCollector:
             value=state.busy_seconds(),
         )
         yield GaugeMetricFamily(
-            names.MAX_BATCH_SIZE, "Images per batch the batcher allows now (lowered after out-of-memory)",
+            names.MAX_BATCH_SIZE, "Images per batch the batcher allows now (lowered after an error that depends on batch size)",
             value=state.max_batch_size(),
         )
         yield GaugeMetricFamily(
@@ -78,6 +78,15 @@ class WorkerMetrics:
         for outcome in names.OUTCOMES:
             self.requests.labels(outcome)
         self.images = Counter(names.IMAGES, "Images the pipeline generated", registry=registry)
+        self.batch_splits = Counter(
+            names.BATCH_SPLITS, "Failed batches of more than one image split in two, each half retried",
+            registry=registry,
+        )
+        self.isolated_failures = Counter(
+            names.ISOLATED_FAILURES,
+            "Requests failed by an image that raised alone, after the others of its batch were retried",
+            registry=registry,
+        )
         self.model_load = Gauge(
             names.MODEL_LOAD, "Seconds the model took to load onto its device", registry=registry,
         )

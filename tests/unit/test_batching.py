@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from worker.batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
+from worker.batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull, Slice
 
 SMALL = BatchKey(64, 64, steps=20, guidance_scale=7.5)
 LARGE = BatchKey(128, 128, steps=20, guidance_scale=7.5)
@@ -167,6 +167,15 @@ def test_split_keeps_every_image_once_in_order_and_halves_the_size(layout):
     assert first.size == batch.size // 2 and second.size == batch.size - batch.size // 2
     assert first.prompts() + second.prompts() == batch.prompts()
     assert first.seeds() + second.seeds() == batch.seeds()
+
+
+def test_unfinished_drops_the_slices_of_answered_jobs_and_keeps_the_rest_in_order():
+    answered, waiting = job(at=0.0, n=2, prompt="answered"), job(at=0.0, n=3, prompt="waiting")
+    batch = Batch(SMALL, (Slice(waiting, 0, 1), Slice(answered, 0, 2), Slice(waiting, 1, 3)))
+    answered.finished = True
+    assert sizes(batch.unfinished()) == [("waiting", 0, 1), ("waiting", 1, 3)]
+    waiting.finished = True
+    assert batch.unfinished().size == 0
 
 
 def test_bad_settings_are_refused_naming_the_flag_and_the_value():

@@ -16,10 +16,13 @@ class FakeOutOfMemory(Exception):
 
 
 class ScriptedRunner:
-    """Returns each image as its seed; runs out of memory above `memory_images`; raises on 'explode'."""
+    """Returns each image as its seed; runs out of memory above `memory_images`; raises a
+    RuntimeError for calls above `fails_above` images (as an upsample kernel past INT_MAX
+    elements does); raises a ValueError on 'explode', at any batch size."""
 
-    def __init__(self, memory_images: int = 1000) -> None:
+    def __init__(self, memory_images: int = 1000, fails_above: int = 1000) -> None:
         self.memory_images = memory_images
+        self.fails_above = fails_above
         self.calls: list[list[int]] = []
         self.released = 0
 
@@ -27,6 +30,8 @@ class ScriptedRunner:
         self.calls.append(list(seeds))
         if len(seeds) > self.memory_images:
             raise FakeOutOfMemory(f"{len(seeds)} images do not fit")
+        if len(seeds) > self.fails_above:
+            raise RuntimeError(f"input too large for upsample at {len(seeds)} images")
         if "explode" in prompts:
             raise ValueError("the pipeline blew up")
         return [("image", seed) for seed in seeds]
@@ -68,6 +73,10 @@ def value(metrics: WorkerMetrics, name: str, labels: dict | None = None) -> floa
     return metrics.registry.get_sample_value(name, labels or {})
 
 
+def run_due_batch(engine: Engine, queue: BatchQueue) -> None:
+    engine.run_batch(queue.poll(engine.batching, now=200.0))
+
+
 def test_every_image_reaches_its_own_job_in_order():
     runner = ScriptedRunner()
     engine, queue, metrics = make_engine(runner, max_batch=4)
@@ -101,6 +110,8 @@ def test_out_of_memory_splits_the_batch_retries_the_halves_and_lowers_the_max_ba
     assert value(metrics, "diffusion_batch_size_count") == 4
     assert value(metrics, "diffusion_images_total") == 8
     assert value(metrics, "diffusion_queue_wait_seconds_count") == 4  # once per request, retries or not
+    assert value(metrics, "diffusion_batch_splits_total") == 3
+    assert value(metrics, "diffusion_isolated_failures_total") == 0
 
 
 def test_later_batches_respect_the_lowered_max_batch():
@@ -124,20 +135,78 @@ def test_out_of_memory_at_one_image_fails_that_request_only():
     drain(engine, queue)
     assert isinstance(job.error, BatchFailed) and "FakeOutOfMemory" in str(job.error)
     assert done == [job]
+    assert runner.calls == [[5]]  # a one-image batch is not retried
 
 
-def test_an_error_fails_exactly_the_jobs_of_its_batch_and_the_loop_goes_on():
-    runner = ScriptedRunner()
-    engine, queue, metrics = make_engine(runner, max_batch=2)
+def test_an_error_only_at_larger_batches_splits_them_and_lowers_the_max_batch():
+    """Issue 12, case 3: max batch 4, a pipeline that raises for more than 2 images, 4 concurrent
+    single-image requests twice: all 8 succeed and the second round runs in batches of 2."""
+    runner = ScriptedRunner(fails_above=2)
+    engine, queue, metrics = make_engine(runner, max_batch=4)
     done: list[Job] = []
-    doomed = [submit(queue, "explode", (1,), done), submit(queue, "ok-in-same-batch", (2,), done)]
-    after = submit(queue, "after", (3,), done)
+    first_round = [submit(queue, f"first{index}", (index,), done) for index in range(4)]
+    run_due_batch(engine, queue)
+    assert engine.max_batch_size == 2
+    second_round = [submit(queue, f"second{index}", (10 + index,), done) for index in range(4)]
     drain(engine, queue)
-    for job in doomed:
-        assert isinstance(job.error, BatchFailed)
-        assert "ValueError: the pipeline blew up" in str(job.error)
-    assert after.error is None and after.images == [("image", 3)]
-    assert value(metrics, "diffusion_images_total") == 1
+    assert [job.error for job in first_round + second_round] == [None] * 8
+    assert [job.images for job in first_round + second_round] == [
+        [("image", seed)] for seed in (0, 1, 2, 3, 10, 11, 12, 13)
+    ]
+    assert [len(call) for call in runner.calls] == [4, 2, 2, 2, 2]  # only the first full batch failed
+    assert engine.batching == BatchPolicy(max_batch_size=2, max_wait_s=0.0)
+    assert value(metrics, "diffusion_batch_splits_total") == 1
+    assert value(metrics, "diffusion_isolated_failures_total") == 0
+    assert value(metrics, "diffusion_images_total") == 8
+
+
+def test_a_poison_request_fails_alone_and_the_others_of_its_batch_succeed():
+    runner = ScriptedRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=4)
+    done: list[Job] = []
+    before = submit(queue, "before", (1,), done)
+    poison = submit(queue, "explode", (2,), done)
+    others = [submit(queue, "other", (3,), done), submit(queue, "other", (4,), done)]
+    after = submit(queue, "after", (5,), done)
+    drain(engine, queue)
+    assert isinstance(poison.error, BatchFailed) and str(poison.error) == "ValueError: the pipeline blew up"
+    for job in [before, *others, after]:
+        assert job.error is None and job.images == [("image", job.seeds[0])]
+    assert sorted(done, key=id) == sorted([before, poison, *others, after], key=id)  # each answered once
+    assert runner.calls == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [5]]
+    assert engine.max_batch_size == 4  # an error that also fails alone says nothing about batch size
+    assert value(metrics, "diffusion_batch_splits_total") == 2
+    assert value(metrics, "diffusion_isolated_failures_total") == 1
+
+
+def test_a_request_that_fails_alone_gets_its_own_error_not_the_one_its_batch_raised():
+    runner = ScriptedRunner(fails_above=2)
+    engine, queue, _ = make_engine(runner, max_batch=4)
+    done: list[Job] = []
+    poison = submit(queue, "explode", (1,), done)
+    others = [submit(queue, "other", (seed,), done) for seed in (2, 3, 4)]
+    drain(engine, queue)
+    assert str(poison.error) == "ValueError: the pipeline blew up"  # the batch of 4 raised a RuntimeError
+    assert [job.error for job in others] == [None] * 3
+
+
+def test_a_batch_that_fails_at_every_size_costs_at_most_two_calls_per_image():
+    class BrokenRunner(ScriptedRunner):
+        def generate(self, key, prompts, negative_prompts, seeds):
+            self.calls.append(list(seeds))
+            raise RuntimeError(f"broken for {list(seeds)}")
+
+    runner = BrokenRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=4)
+    done: list[Job] = []
+    jobs = [submit(queue, "p", (seed,), done) for seed in (1, 2, 3, 4)]
+    drain(engine, queue)
+    assert [len(call) for call in runner.calls] == [4, 2, 1, 1, 2, 1, 1]  # 2n - 1 calls, then the loop ends
+    assert [str(job.error) for job in jobs] == [f"RuntimeError: broken for [{seed}]" for seed in (1, 2, 3, 4)]
+    assert len(done) == 4
+    assert engine.max_batch_size == 4  # nothing ran, so nothing says smaller batches would
+    assert value(metrics, "diffusion_batch_splits_total") == 3
+    assert value(metrics, "diffusion_isolated_failures_total") == 4
 
 
 def test_a_failed_job_spanning_batches_is_answered_once_and_its_rest_not_computed():
@@ -147,10 +216,10 @@ def test_a_failed_job_spanning_batches_is_answered_once_and_its_rest_not_compute
     spanning = submit(queue, "explode", (1, 2, 3, 4, 5), done)
     drain(engine, queue)
     assert done == [spanning]
-    assert runner.calls == [[1, 2]]
+    assert runner.calls == [[1, 2], [1]]  # its second image is not retried once its first failed alone
 
 
-def test_a_runner_returning_the_wrong_count_fails_the_batch_instead_of_misdelivering():
+def test_a_runner_returning_the_wrong_count_fails_the_job_instead_of_misdelivering():
     class ShortRunner(ScriptedRunner):
         def generate(self, key, prompts, negative_prompts, seeds):
             return super().generate(key, prompts, negative_prompts, seeds)[:-1]
@@ -159,7 +228,8 @@ def test_a_runner_returning_the_wrong_count_fails_the_batch_instead_of_misdelive
     done: list[Job] = []
     job = submit(queue, "p", (1, 2), done)
     drain(engine, queue)
-    assert "returned 1 images for a batch of 2" in str(job.error)
+    assert "returned 0 images for a batch of 1" in str(job.error)
+    assert job.images == [None, None]
 
 
 def test_busy_seconds_count_the_running_batch_up_to_now():

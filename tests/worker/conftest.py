@@ -1,7 +1,8 @@
 """Real parts for worker tests: a tiny random-weight pipeline built by the CLI, served over real HTTP.
 
 Faults are injected at the pipeline boundary only (`BoundaryRunner` wraps the real runner):
-holding a batch to let a queue build, running out of memory above a batch size, raising.
+holding a batch to let a queue build, running out of memory above a batch size, raising above
+a batch size, raising on a prompt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class BoundaryRunner:
         self.inner = inner
         self.calls: list[tuple[BatchKey, list[str], list[int]]] = []
         self.oom_above: int | None = None
+        self.fail_above: int | None = None
         self.explode_on: str | None = None
         self._gate = threading.Event()
         self._gate.set()
@@ -76,6 +78,8 @@ class BoundaryRunner:
             import torch
 
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected above {self.oom_above} images)")
+        if self.fail_above is not None and len(seeds) > self.fail_above:
+            raise RuntimeError(f"input too large for upsample_nearest2d (injected above {self.fail_above} images)")
         if self.explode_on is not None and self.explode_on in prompts:
             raise RuntimeError("injected pipeline failure")
         return self.inner.generate(key, prompts, negative_prompts, seeds)

@@ -175,6 +175,35 @@ def test_out_of_memory_splits_the_batch_and_lowers_the_max_batch_gauge(start_wor
     pool.shutdown(), pool2.shutdown()
 
 
+def test_an_error_only_at_larger_batches_is_retried_in_halves_and_lowers_the_max_batch(start_worker):
+    # Issue 12, case 3: the batch is cut when 4 images wait (the deadline is far), twice.
+    worker = start_worker(max_batch_size=4, max_wait_s=30)
+    worker.runner.fail_above = 2
+    for round_ in range(2):
+        pool, futures = in_background(worker, [{"prompt": f"r{round_}-{index}"} for index in range(4)])
+        assert [f.result().status_code for f in futures] == [200] * 4
+        pool.shutdown()
+    assert [len(seeds) for _, _, seeds in worker.runner.calls] == [4, 2, 2, 2, 2]
+    assert worker.metric("diffusion_max_batch_size") == 2
+    assert worker.metric("diffusion_batch_splits_total") == 1
+    assert worker.metric("diffusion_requests_total", outcome="ok") == 8
+
+
+def test_a_poison_request_gets_500_with_its_own_error_and_its_batch_mates_get_images(start_worker):
+    worker = start_worker(max_batch_size=4, max_wait_s=30)
+    worker.runner.explode_on = "explode"
+    bodies = [{"prompt": "fine-a"}, {"prompt": "explode"}, {"prompt": "fine-b"}, {"prompt": "fine-c"}]
+    pool, futures = in_background(worker, bodies)
+    statuses = {body["prompt"]: f.result() for body, f in zip(bodies, futures, strict=True)}
+    pool.shutdown()
+    assert statuses["explode"].status_code == 500
+    assert "RuntimeError: injected pipeline failure" in statuses["explode"].json()["detail"]
+    assert [statuses[p].status_code for p in ("fine-a", "fine-b", "fine-c")] == [200] * 3
+    assert len(worker.runner.calls[0][2]) == 4  # they did share a batch
+    assert worker.metric("diffusion_isolated_failures_total") == 1
+    assert worker.metric("diffusion_max_batch_size") == 4
+
+
 def test_a_pipeline_error_fails_its_batch_with_500_and_the_worker_keeps_serving(start_worker):
     worker = start_worker()
     worker.runner.explode_on = "explode"
