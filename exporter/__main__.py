@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
+from contract import names
 from contract.cli import LOG_LEVELS, Environment, configure_logging, positive_float
 from contract.httpserver import MetricsServer
 
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemonset: seconds a GPU -> pod mapping is reused (env EXPORTER_POD_RESOURCES_TTL)")
     add("--per-process", action="store_true", default=ENV.flag("PER_PROCESS", default.per_process),
         help="also export GPU memory per process (pods sharing a GPU) (env EXPORTER_PER_PROCESS)")
+    add("--xid-quiet-period", type=positive_float, default=ENV.get("XID_QUIET_PERIOD", f"{default.xid_quiet_s:g}"),
+        help=f"seconds without a new XID after which {names.XID_ERRORS} returns to 0 (it also does when the GPU "
+        f"re-attaches); {names.EXPORTER_XID_EVENTS}_total counts every event (env EXPORTER_XID_QUIET_PERIOD)")
     add("--hostname", default=ENV.get("HOSTNAME_LABEL") or os.environ.get("NODE_NAME"),
         help="the Hostname label; default NODE_NAME, else this host's name (env EXPORTER_HOSTNAME_LABEL)")
     add("--log-level", choices=LOG_LEVELS, default=ENV.get("LOG_LEVEL", default.log_level),
@@ -100,13 +104,13 @@ class Exporter:
         elif environ.get("POD_NAME"):
             pod = PodRef(environ["POD_NAME"], environ.get("POD_NAMESPACE", ""), environ.get("CONTAINER_NAME", ""))
         self.reader = NvmlReader(nvml, visible=device_filter(config, environ), per_process=config.per_process,
-                                 hostname=config.hostname)
+                                 hostname=config.hostname, xid_quiet_s=config.xid_quiet_s)
         self.poller = Poller(self.reader, interval_s=config.interval_s, timeout_s=config.collect_timeout_s,
                              attribution=self._owners_of if self.podresources else None)
         self.registry = CollectorRegistry()
         self.registry.register(GpuCollector(
             lambda: self.poller.state, lambda: dict(self.reader.errors), stale_after_s=config.stale_after_s,
-            pod=pod, extra=self._podresources_metrics,
+            pod=pod, extra=self._podresources_metrics, xid_events=self.reader.xids.counts,
         ))
         self.server = MetricsServer(self.registry, self._health, config.listen_address, config.port, render=render)
 

@@ -41,12 +41,14 @@ class GpuCollector:
         stale_after_s: float,
         pod: PodRef | None = None,
         extra: Callable[[], Iterable[Metric]] | None = None,
+        xid_events: Callable[[], Mapping[tuple[str, str, int], int]] | None = None,
     ) -> None:
         self._state = state
         self._errors = errors
         self.stale_after_s = stale_after_s
         self._pod = pod
         self._extra = extra
+        self._xid_events = xid_events
 
     def collect(self) -> Iterable[Metric]:
         state = self._state()
@@ -95,9 +97,12 @@ class GpuCollector:
         snapshot = state.snapshot
         yield GaugeMetricFamily(names.EXPORTER_NVML_UP, "1 when NVML initialised and answers",
                                 value=float(bool(snapshot and snapshot.nvml_up)))
+        # Stale means "no current device values": a collection that overran, is too old, or
+        # found NVML not answering all leave the same gap, and an alert needs only this one gauge.
+        current = fresh and snapshot is not None and snapshot.nvml_up
         yield GaugeMetricFamily(names.EXPORTER_SNAPSHOT_STALE,
-                                "1 when the latest collection overran or is too old: device series are withheld",
-                                value=float(not fresh))
+                                "1 when device series are withheld: the latest collection overran, is too old, "
+                                "or NVML did not answer", value=float(not current))
         up = GaugeMetricFamily(names.EXPORTER_GPU_UP, "1 when the GPU answers NVML; 0 when lost or unreachable",
                                labels=GPU_LABELS)
         for reading in snapshot.devices if snapshot else ():
@@ -119,6 +124,12 @@ class GpuCollector:
         for (gpu, call), count in sorted(self._errors().items()):
             errors.add_metric((gpu, call), count)
         yield errors
+        # Served whatever NVML's state: a count of past events stays true while the GPU is down.
+        xids = CounterMetricFamily(names.EXPORTER_XID_EVENTS, "XID events reported by the driver, by GPU and XID code",
+                                   labels=(*GPU_LABELS, names.EXPORTER_XID_LABEL))
+        for (gpu, uuid, code), count in sorted((self._xid_events or dict)().items()):
+            xids.add_metric((gpu, uuid, str(code)), count)
+        yield xids
 
 
 def podresources_metrics(cache: PodResourcesCache) -> Iterable[Metric]:

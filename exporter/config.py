@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from contract.cli import LOG_LEVELS
 
 from .podresources import DEFAULT_SOCKET
+from .xid import DEFAULT_QUIET_S
 
 MODES = ("sidecar", "daemonset")
 
@@ -25,6 +26,7 @@ FLAGS = {
     "collect_timeout_s": "--collect-timeout",
     "stale_after_s": "--stale-after",
     "pod_resources_ttl_s": "--pod-resources-ttl",
+    "xid_quiet_s": "--xid-quiet-period",
     "log_level": "--log-level",
 }
 
@@ -45,6 +47,7 @@ class ExporterConfig:
     kubelet_socket: str = DEFAULT_SOCKET  # daemonset: the PodResources socket
     pod_resources_ttl_s: float = 10.0  # daemonset: how long a GPU -> pod mapping is reused
     per_process: bool = False  # also export GPU memory per process
+    xid_quiet_s: float = DEFAULT_QUIET_S  # DCGM_FI_DEV_XID_ERRORS returns to 0 after this long without an XID
     hostname: str | None = None  # the Hostname label; None: this host's name
     log_level: str = "info"  # one of contract.cli.LOG_LEVELS
 
@@ -54,7 +57,7 @@ class ExporterConfig:
         for name, value, accepted in (("mode", self.mode, MODES), ("log_level", self.log_level, LOG_LEVELS)):
             if value not in accepted:
                 raise ValueError(f"{FLAGS[name]} must be one of {', '.join(accepted)}, got {value!r}")
-        for name in ("interval_s", "collect_timeout_s", "stale_after_s", "pod_resources_ttl_s"):
+        for name in ("interval_s", "collect_timeout_s", "stale_after_s", "pod_resources_ttl_s", "xid_quiet_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{FLAGS[name]} must be above 0 seconds, got {value:g}")
@@ -80,6 +83,7 @@ class ExporterConfig:
             kubelet_socket=args.kubelet_socket,
             pod_resources_ttl_s=args.pod_resources_ttl,
             per_process=args.per_process,
+            xid_quiet_s=args.xid_quiet_period,
             hostname=args.hostname,
             log_level=args.log_level,
         )

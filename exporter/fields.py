@@ -2,8 +2,10 @@
 
 Each read returns {metric name: value}. A read NVML does not support on a device is
 remembered in the device's state and never tried again (the value is omitted, not zero); any
-other NVML error is counted by GPU and call and the value omitted; a lost GPU raises
-`DeviceLost` for the session (`exporter/nvml.py`) to handle.
+other NVML error is counted by GPU and call and the value omitted. Three faults end the read
+for the session (`exporter/nvml.py`) to handle: a lost GPU raises `DeviceLost`, a GPU whose
+every read failed raises `DeviceUnreachable`, and an error that means the library or driver is
+gone raises `LibraryGone`.
 """
 
 from __future__ import annotations
@@ -20,14 +22,24 @@ from .snapshot import DeviceReading, ProcessMemory
 
 # pynvml's return codes and constants, by value (tests/exporter/test_fake_boundary.py checks them).
 NVML_SUCCESS = 0
+ERROR_UNINITIALIZED = 1
 ERROR_NOT_SUPPORTED = 3
 ERROR_NOT_FOUND = 6
+ERROR_DRIVER_NOT_LOADED = 9
 ERROR_TIMEOUT = 10
+ERROR_LIBRARY_NOT_FOUND = 12
 ERROR_FUNCTION_NOT_FOUND = 13
 ERROR_GPU_IS_LOST = 15
 ERROR_RESET_REQUIRED = 16
+ERROR_LIB_RM_VERSION_MISMATCH = 18
+ERROR_UNKNOWN = 999
 LOST_ERRORS = frozenset({ERROR_GPU_IS_LOST, ERROR_RESET_REQUIRED})
 UNSUPPORTED_ERRORS = frozenset({ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND})
+# Codes no single device explains: the session is gone (a driver unloaded or upgraded under us,
+# the library shut down). Only a new nvmlInit can help. UNKNOWN is not among them: on one call
+# it is that call's error; when it is every call of every GPU, `NvmlReader` reaches the same end.
+LIBRARY_ERRORS = frozenset({ERROR_UNINITIALIZED, ERROR_DRIVER_NOT_LOADED, ERROR_LIBRARY_NOT_FOUND,
+                            ERROR_LIB_RM_VERSION_MISMATCH})
 
 GPU_UTILIZATION_SAMPLES = 1
 MEMORY_UTILIZATION_SAMPLES = 2
@@ -45,6 +57,14 @@ class DeviceLost(Exception):
     """NVML says the GPU is lost or needs a reset."""
 
 
+class DeviceUnreachable(Exception):
+    """Every read of the GPU failed in this collection (none was merely unsupported or answered)."""
+
+
+class LibraryGone(Exception):
+    """NVML answered with an error that means the library or the driver is gone (`LIBRARY_ERRORS`)."""
+
+
 @dataclass
 class DeviceState:
     """One GPU within an NVML session: its handle, the calls it does not support, and what reads carry over."""
@@ -55,7 +75,7 @@ class DeviceState:
     last_sample_us: dict[int, int] = field(default_factory=dict)
     gpm_previous: Any = None
     xid_events: Any = None
-    last_xid: int = 0
+    new_xids: list[int] = field(default_factory=list)  # drained from the event set, not yet recorded
 
 
 def start_device(nvml: Any, state: DeviceState) -> None:
@@ -79,13 +99,19 @@ def read_device(nvml: Any, state: DeviceState, errors: Counter[tuple[str, str]],
     """Every supported field of one GPU; NVML errors other than unsupported are counted in `errors` by (gpu, call)."""
     gpu = str(state.identity.index)
     values: dict[str, float] = {}
+    answered, failure = False, None
     for call, read in READS:
         if call in state.unsupported:
             continue
         try:
-            values.update(read(nvml, state))
+            read_values = read(nvml, state)
+            values.update(read_values)
+            answered = answered or bool(read_values)  # an empty XID drain says nothing of the GPU
         except nvml.NVMLError as error:
-            _note_error(error, state, errors, gpu, call)
+            if _note_error(error, state, errors, gpu, call):
+                failure = error
+    if failure is not None and not answered:
+        raise DeviceUnreachable(str(failure))
     processes: tuple[ProcessMemory, ...] = ()
     if per_process and "processes" not in state.unsupported:
         try:
@@ -99,14 +125,18 @@ def read_device(nvml: Any, state: DeviceState, errors: Counter[tuple[str, str]],
     return DeviceReading(state.identity, up=True, values=values, processes=processes)
 
 
-def _note_error(error: Exception, state: DeviceState, errors: Counter[tuple[str, str]], gpu: str, call: str) -> None:
+def _note_error(error: Exception, state: DeviceState, errors: Counter[tuple[str, str]], gpu: str, call: str) -> bool:
+    """Records one failed read; True when it counts as a failure (not merely unsupported)."""
     code = getattr(error, "value", None)
     if code in LOST_ERRORS:
         raise DeviceLost(str(error)) from None
     if code in UNSUPPORTED_ERRORS:
         state.unsupported.add(call)
-    else:
-        errors[(gpu, call)] += 1
+        return False
+    errors[(gpu, call)] += 1
+    if code in LIBRARY_ERRORS:
+        raise LibraryGone(str(error)) from None
+    return True
 
 
 def _clocks(nvml, state):
@@ -221,8 +251,8 @@ def _clock_events(nvml, state):
 
 
 def _xid(nvml, state):
-    # Drain the device's event set without waiting; the value is the last XID seen, 0 for none
-    # (dcgm-exporter's semantics).
+    # Drain the device's event set without waiting. The events are left in the state for the
+    # session, which keeps them across NVML re-inits and owns the gauge's way back to 0.
     while True:
         try:
             event = nvml.nvmlEventSetWait_v2(state.xid_events, 0)
@@ -230,8 +260,8 @@ def _xid(nvml, state):
             if getattr(error, "value", None) == ERROR_TIMEOUT:
                 break
             raise
-        state.last_xid = int(event.eventData)
-    return {names.XID_ERRORS: state.last_xid}
+        state.new_xids.append(int(event.eventData))
+    return {}
 
 
 # GPM metric -> the DCGM profiling field it stands for, in the order they are requested.

@@ -16,6 +16,7 @@ from typing import Any
 import pynvml as real
 
 NOT_SUPPORTED, NOT_FOUND, TIMEOUT, LIBRARY_NOT_FOUND, GPU_IS_LOST, UNINITIALIZED, UNKNOWN = 3, 6, 10, 12, 15, 1, 999
+DRIVER_NOT_LOADED, LIB_RM_VERSION_MISMATCH = 9, 18
 
 
 class NVMLError(Exception):
@@ -25,7 +26,8 @@ class NVMLError(Exception):
 
     def __str__(self) -> str:
         return {NOT_SUPPORTED: "Not Supported", GPU_IS_LOST: "GPU is lost", LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
-                TIMEOUT: "Timeout", NOT_FOUND: "Not Found", UNINITIALIZED: "Uninitialized"}.get(self.value, f"Unknown Error {self.value}")
+                TIMEOUT: "Timeout", NOT_FOUND: "Not Found", UNINITIALIZED: "Uninitialized",
+                DRIVER_NOT_LOADED: "Driver Not Loaded", LIB_RM_VERSION_MISMATCH: "RM has detected an NVML/RM version mismatch"}.get(self.value, f"Unknown Error {self.value}")
 
 
 @dataclass
@@ -74,6 +76,10 @@ class FakeNvml:
         self.gpus = gpus
         self.driver = driver
         self.library_present = library_present
+        # Library-wide faults: every device call (events included) answers `device_error`, and
+        # nvmlInit answers `init_error`; None is healthy. A driver that goes away sets both.
+        self.device_error: int | None = None
+        self.init_error: int | None = None
         self.initialized = False
         self.init_calls = 0
         self.calls: dict[str, int] = {}
@@ -86,6 +92,8 @@ class FakeNvml:
         self.init_calls += 1
         if not self.library_present:
             raise NVMLError(LIBRARY_NOT_FOUND)
+        if self.init_error is not None:
+            raise NVMLError(self.init_error)
         self.initialized = True
 
     def nvmlShutdown(self) -> None:
@@ -97,6 +105,8 @@ class FakeNvml:
 
     def nvmlDeviceGetCount(self) -> int:
         self._require_init()
+        if self.device_error is not None:
+            raise NVMLError(self.device_error)
         return len(self.gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
@@ -113,6 +123,8 @@ class FakeNvml:
         if name in self.hangs:
             self.hung.set()
             self.hangs[name].wait(30)
+        if self.device_error is not None:
+            raise NVMLError(self.device_error)
         if gpu.lost:
             raise NVMLError(GPU_IS_LOST)
         if name in gpu.unsupported:
@@ -242,6 +254,8 @@ class FakeNvml:
 
     def nvmlEventSetWait_v2(self, eventSet, timeoutms):
         self._require_init()
+        if self.device_error is not None:
+            raise NVMLError(self.device_error)
         for gpu in eventSet.devices:
             if gpu.xids:
                 return SimpleNamespace(device=gpu, eventType=8, eventData=gpu.xids.pop(0))
