@@ -5,7 +5,7 @@ Each enabled signal proposes a replica count, the proposals combine into one com
 smooth it: the value may rise only to the lowest recommendation of the scale-up window
 and fall only to the highest of the scale-down window. The result is in replicas, so with
 an AverageValue target of 1 the HPA asks for that many, once the change exceeds the HPA's
-tolerance (10 % by default: a one-replica step applies only below 10 replicas).
+tolerance (10 % by default, so the shipped ScaledObject sets it to 0: README).
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ class ScalingRules:
     stabilization_window_seconds: int
     policies: tuple[ScalingPolicy, ...]
     select_policy: SelectPolicy = "Max"
+    # This direction's tolerance (autoscaling/v2 `tolerance`, Kubernetes 1.33+ behind the
+    # HPAConfigurableTolerance gate, beta in 1.35); None: the cluster-wide one (HpaSpec's).
+    tolerance: float | None = None
 
 
 # Kubernetes' defaults (autoscaling/v2 SetDefaults_HorizontalPodAutoscalerBehavior).
@@ -72,14 +75,28 @@ def _rules(spec: Mapping[str, Any] | None, default: ScalingRules) -> ScalingRule
     select = spec.get("selectPolicy", "Max")
     if select not in ("Max", "Min", "Disabled"):
         raise ValueError(f"selectPolicy must be Max, Min or Disabled, got {select!r}")
-    return ScalingRules(int(window), policies, select)
+    tolerance = _quantity(spec["tolerance"]) if "tolerance" in spec else default.tolerance
+    if tolerance is not None and not tolerance >= 0:
+        raise ValueError(f"tolerance must be >= 0, got {spec['tolerance']!r}")
+    return ScalingRules(int(window), policies, select, tolerance)
+
+
+def _quantity(value: Any) -> float:
+    """A Kubernetes quantity as the tolerance field takes it: 0, 0.05, "0.05" or "50m"."""
+    text = str(value).strip()
+    try:
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ValueError(f"tolerance must be a quantity such as 0.05 or 50m, got {value!r}") from None
 
 
 # The behavior our ScaledObject sets (manifests/base/scaledobject.yaml): the HPA passes the
-# scaler's value through at once, so the scaler's stabilization windows are the only ones.
+# scaler's value through at once, so the scaler's stabilization windows are the only ones, and
+# with tolerance 0 a one-replica step applies at any fleet size (where the cluster honours the
+# field: Kubernetes 1.33+ with HPAConfigurableTolerance; elsewhere the cluster-wide 10 % holds).
 PASS_THROUGH = Behavior(
-    scale_up=ScalingRules(0, (ScalingPolicy("Percent", 1000, 15),)),
-    scale_down=ScalingRules(0, (ScalingPolicy("Percent", 100, 15),)),
+    scale_up=ScalingRules(0, (ScalingPolicy("Percent", 1000, 15),), tolerance=0.0),
+    scale_down=ScalingRules(0, (ScalingPolicy("Percent", 100, 15),), tolerance=0.0),
 )
 
 
@@ -114,16 +131,30 @@ class SyncResult:
     reason: str
 
 
+@dataclass(frozen=True)
+class Tolerances:
+    """The band of usage ratios inside which nothing changes: [1 - scale_down, 1 + scale_up]
+    (replica_calculator.go `Tolerances.isWithin`)."""
+
+    scale_down: float
+    scale_up: float
+
+    def within(self, usage_ratio: float) -> bool:
+        return 1.0 - self.scale_down <= usage_ratio <= 1.0 + self.scale_up
+
+
 def metric_replicas(target: MetricTarget, value: float, current_replicas: int, ready_replicas: int,
-                    tolerance: float) -> int:
-    """One External metric's proposal (GetExternalPerPodMetricReplicas / GetExternalMetricReplicas)."""
+                    tolerance: float | Tolerances) -> int:
+    """One External metric's proposal (GetExternalPerPodMetricReplicas / GetExternalMetricReplicas);
+    a plain `tolerance` applies to both directions."""
+    band = tolerance if isinstance(tolerance, Tolerances) else Tolerances(tolerance, tolerance)
     if target.type == "AverageValue":
         usage_ratio = value / (target.value * current_replicas)
-        if abs(1.0 - usage_ratio) <= tolerance:
+        if band.within(usage_ratio):
             return current_replicas
         return math.ceil(value / target.value)
     usage_ratio = value / target.value
-    if abs(1.0 - usage_ratio) <= tolerance:
+    if band.within(usage_ratio):
         return current_replicas
     return math.ceil(usage_ratio * ready_replicas)
 
@@ -148,7 +179,12 @@ class HorizontalPodAutoscaler:
             return self._record(now, current_replicas, spec.max_replicas, None, "TooManyReplicas")
         if current_replicas < spec.min_replicas:
             return self._record(now, current_replicas, spec.min_replicas, None, "TooFewReplicas")
-        proposals = [metric_replicas(t, v, current_replicas, ready, spec.tolerance) for t, v in metrics if v is not None]
+        behavior = spec.behavior
+        band = Tolerances(
+            spec.tolerance if behavior.scale_down.tolerance is None else behavior.scale_down.tolerance,
+            spec.tolerance if behavior.scale_up.tolerance is None else behavior.scale_up.tolerance,
+        )
+        proposals = [metric_replicas(t, v, current_replicas, ready, band) for t, v in metrics if v is not None]
         if not proposals:
             return SyncResult(current_replicas, None, "FailedGetExternalMetric")
         proposal = max(proposals)

@@ -35,6 +35,26 @@ def test_the_default_tolerance_swallows_a_one_replica_step_from_ten_replicas_up(
     assert hpa(tolerance=0).sync(0, 12, [(replicas, 13)]).desired_replicas == 13
 
 
+def test_the_shipped_behavior_applies_the_scalers_one_replica_steps_at_any_size():
+    """Issue 12's case: the scaler decides 13 with 12 ready (AverageValue 1, max 16)."""
+    from lab.hpa import PASS_THROUGH
+
+    replicas = MetricTarget("AverageValue", 1)
+    for current, decided in ((12, 13), (13, 14), (16, 15)):
+        controller = hpa(max_replicas=16, behavior=PASS_THROUGH)
+        assert controller.sync(0, current, [(replicas, decided)]).desired_replicas == decided
+
+
+def test_each_direction_has_its_own_tolerance_and_the_cluster_default_fills_the_other():
+    replicas = MetricTarget("AverageValue", 1)
+    up_only = Behavior.from_spec({"scaleUp": {"tolerance": 0}, "scaleDown": {"stabilizationWindowSeconds": 0}})
+    assert hpa(behavior=up_only).sync(0, 12, [(replicas, 13)]).desired_replicas == 13
+    assert hpa(behavior=up_only).sync(0, 12, [(replicas, 11)]).desired_replicas == 12  # 10 % down still
+    assert Behavior.from_spec({"scaleUp": {"tolerance": "50m"}}).scale_up.tolerance == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="tolerance"):
+        Behavior.from_spec({"scaleDown": {"tolerance": "-1"}})
+
+
 def test_a_value_target_scales_the_ready_pods_by_the_ratio():
     total = MetricTarget("Value", 100)
     assert metric_replicas(total, 250, current_replicas=4, ready_replicas=2, tolerance=0.1) == 5  # ceil(2.5 x 2)
