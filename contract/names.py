@@ -119,11 +119,13 @@ EXPORTER_PODRESOURCES_ERRORS = "gpu_exporter_podresources_errors"
 EXPORTER_PODRESOURCES_REFRESHES = "gpu_exporter_podresources_refreshes"
 EXPORTER_XID_EVENTS = "gpu_exporter_xid_events"  # counter (exposed with _total): XID events by gpu, UUID, xid
 EXPORTER_XID_LABEL = "xid"  # EXPORTER_XID_EVENTS: the XID code
+EXPORTER_GPU_HOLDERS = "gpu_exporter_gpu_holders"  # gauge by gpu, UUID: containers holding the GPU (DaemonSet)
 
 EXPORTER_METRICS = (EXPORTER_NVML_UP, EXPORTER_SNAPSHOT_STALE, EXPORTER_GPU_UP, EXPORTER_COLLECTION_DURATION,
                     EXPORTER_LAST_COLLECTION, EXPORTER_COLLECTIONS, EXPORTER_COLLECTION_TIMEOUTS,
                     EXPORTER_COLLECTIONS_SKIPPED, EXPORTER_NVML_ERRORS, EXPORTER_PROCESS_MEMORY,
-                    EXPORTER_PODRESOURCES_ERRORS, EXPORTER_PODRESOURCES_REFRESHES, EXPORTER_XID_EVENTS)
+                    EXPORTER_PODRESOURCES_ERRORS, EXPORTER_PODRESOURCES_REFRESHES, EXPORTER_XID_EVENTS,
+                    EXPORTER_GPU_HOLDERS)
 
 # The self-metrics' labels besides the device labels' `gpu` and `UUID`.
 EXPORTER_PID_LABEL = "pid"  # EXPORTER_PROCESS_MEMORY: the process

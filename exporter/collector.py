@@ -64,34 +64,48 @@ class GpuCollector:
             names.EXPORTER_PROCESS_MEMORY, "GPU memory used by each process (--per-process)",
             labels=(*GPU_LABELS, names.EXPORTER_PID_LABEL),
         )
+        holders = GaugeMetricFamily(
+            names.EXPORTER_GPU_HOLDERS, "Containers the kubelet lists as holding the GPU (DaemonSet mode); "
+            "each gets its own copy of the GPU's device series", labels=GPU_LABELS,
+        )
         for reading in snapshot.devices:
             if not reading.up:
                 continue
-            labels = self._labels(reading, snapshot.hostname, snapshot.driver_version, state.owners)
+            if reading.identity.uuid in state.owners:
+                holders.add_metric((str(reading.identity.index), reading.identity.uuid),
+                                   len(state.owners[reading.identity.uuid]))
+            series = self._labels(reading, snapshot.hostname, snapshot.driver_version, state.owners)
             for name, value in reading.values.items():
                 family = families.get(name)
                 if family is None:
                     kind, help_text = DEVICE_METRICS[name]
                     family = families[name] = Metric(name, help_text, kind)
-                family.add_sample(name, labels, float(value))
+                for labels in series:
+                    family.add_sample(name, labels, float(value))
             for process in reading.processes:
                 processes.add_metric((str(reading.identity.index), reading.identity.uuid, str(process.pid)),
                                      process.used_bytes)
         yield from families.values()
+        if holders.samples:
+            yield holders
         if processes.samples:
             yield processes
 
-    def _labels(self, reading: DeviceReading, hostname: str, driver: str, owners: Owners) -> dict[str, str]:
+    def _labels(self, reading: DeviceReading, hostname: str, driver: str, owners: Owners) -> list[dict[str, str]]:
+        """The label sets a GPU's device series are served under: one per holder.
+
+        A GPU shared by time-slicing (or by several containers) is held by each of them, and
+        each must find it under its own `namespace` and `pod`, or a selector on one of them
+        silently matches nothing. So, as dcgm-exporter does, every holder gets a copy of the
+        whole-GPU values. A GPU nobody holds keeps one series without pod labels.
+        """
         identity = reading.identity
-        labels = dict(zip(DEVICE_LABELS, (str(identity.index), identity.uuid, identity.pci_bus_id, identity.device,
+        device = dict(zip(DEVICE_LABELS, (str(identity.index), identity.uuid, identity.pci_bus_id, identity.device,
                                           identity.model, hostname, driver), strict=True))
-        pod = self._pod
-        held = owners.get(identity.uuid)
-        if held:
-            pod = held[0]  # a GPU shared by time-slicing is labelled with the first holder, sorted
-        if pod is not None:
-            labels.update(zip(POD_LABELS, (pod.container, pod.namespace, pod.pod), strict=True))
-        return labels
+        held = owners.get(identity.uuid) or ((self._pod,) if self._pod is not None else ())
+        if not held:
+            return [device]
+        return [device | dict(zip(POD_LABELS, (pod.container, pod.namespace, pod.pod), strict=True)) for pod in held]
 
     def _self_metrics(self, state: PollState, fresh: bool) -> Iterable[Metric]:
         snapshot = state.snapshot

@@ -134,3 +134,54 @@ def test_daemonset_mode_labels_each_gpu_with_the_pod_holding_it(kubelet, start_e
     temps = {s.labels["UUID"]: s.labels["pod"] for s in running.samples() if s.name == names.GPU_TEMP}
     assert temps == {H100: "worker-a", SECOND: "worker-b"}  # every GPU of the node, not the exporter's own pod
     assert running.value(names.EXPORTER_PODRESOURCES_REFRESHES + "_total") >= 1
+
+
+def series_of(running, name: str) -> list[dict[str, str]]:
+    return [s.labels for s in running.samples() if s.name == name]
+
+
+def test_a_time_sliced_gpu_is_served_under_every_pod_holding_a_replica(kubelet, start_exporter):
+    # the case: two time-slicing replicas of one GPU, held by pods of two namespaces
+    fake, socket = kubelet
+    fake.pods = [
+        pod("batch-eval", "research", "eval", "nvidia.com/gpu", "GPU-X::0"),
+        pod("sd-worker", "ml", "worker", "nvidia.com/gpu", "GPU-X::1"),
+    ]
+    running = start_exporter([FakeGpu("GPU-X", samples=[(1, 73)])],
+                             flags=["--mode", "daemonset", "--kubelet-socket", socket])
+    for namespace, name in (("research", "batch-eval"), ("ml", "sd-worker")):
+        # the whole GPU's value, repeated for each holder: a share is not measured here
+        assert running.value(names.GPU_UTIL, namespace=namespace, pod=name) == 73
+    assert len(series_of(running, names.GPU_UTIL)) == 2
+    assert running.value(names.EXPORTER_GPU_HOLDERS, UUID="GPU-X") == 2
+
+
+def test_an_unshared_gpu_has_one_series_and_a_gpu_nobody_holds_keeps_one_without_pod_labels(
+        kubelet, start_exporter):
+    fake, socket = kubelet
+    fake.pods = [pod("worker-a", "diffusion", "worker", "nvidia.com/gpu", H100)]
+    running = start_exporter([FakeGpu(H100, samples=[(1, 50)]), FakeGpu(SECOND, minor=1, samples=[(1, 20)])],
+                             flags=["--mode", "daemonset", "--kubelet-socket", socket])
+    held = [s for s in series_of(running, names.GPU_UTIL) if s["UUID"] == H100]
+    free = [s for s in series_of(running, names.GPU_UTIL) if s["UUID"] == SECOND]
+    assert [(s["namespace"], s["pod"], s["container"]) for s in held] == [("diffusion", "worker-a", "worker")]
+    assert len(free) == 1 and not set(names.POD_LABELS) & set(free[0])
+    assert running.value(names.EXPORTER_GPU_HOLDERS, UUID=H100) == 1
+    assert running.value(names.EXPORTER_GPU_HOLDERS, UUID=SECOND) == 0
+
+
+def test_two_containers_of_one_pod_sharing_a_gpu_get_a_series_each(kubelet, start_exporter):
+    fake, socket = kubelet
+    fake.pods = [pb.PodResources(name="pair", namespace="ml", containers=[
+        pb.ContainerResources(name=container, devices=[
+            pb.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=[f"{H100}::{replica}"])])
+        for replica, container in enumerate(("infer", "warmup"))])]
+    running = start_exporter([FakeGpu(H100, samples=[(1, 50)])], flags=["--mode", "daemonset", "--kubelet-socket", socket])
+    assert sorted(s["container"] for s in series_of(running, names.GPU_TEMP)) == ["infer", "warmup"]
+
+
+def test_the_sidecar_labels_its_gpus_with_its_own_pod_and_serves_no_holder_count(start_exporter):
+    running = start_exporter([FakeGpu(H100, samples=[(1, 50)])],
+                             environ={"POD_NAME": "worker-0", "POD_NAMESPACE": "ml", "CONTAINER_NAME": "exporter"})
+    assert [(s["namespace"], s["pod"]) for s in series_of(running, names.GPU_UTIL)] == [("ml", "worker-0")]
+    assert series_of(running, names.EXPORTER_GPU_HOLDERS) == []
