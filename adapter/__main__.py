@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         "unset, scrapeTargetsFile is refused (env SCALER_SCRAPE_TARGETS_DIR)",
     )
     prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", _DEFAULTS.max_concurrent_queries), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
+    add(
+        "--kubernetes-api",
+        default=ENV.get("KUBERNETES_API", _DEFAULTS.kubernetes_api),
+        choices=["auto", "off"],
+        help="auto: where the in-cluster configuration loads, read each scale target's replicas from the API "
+        "(ScaledObject, then its scale subresource), so an empty answer from Prometheus while it has replicas is "
+        "missing data, not 0; off, outside a cluster or without RBAC, the last good reading decides "
+        "(env SCALER_KUBERNETES_API)",
+    )
     add("--idle-forget-seconds", type=float, default=ENV.get("IDLE_FORGET_SECONDS", f"{_DEFAULTS.idle_forget_s:g}"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
     add("--max-scaled-objects", type=int, default=ENV.get("MAX_SCALED_OBJECTS", _DEFAULTS.max_scaled_objects), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
     add("--shutdown-grace-seconds", type=float, default=ENV.get("SHUTDOWN_GRACE_SECONDS", f"{_DEFAULTS.shutdown_grace_s:g}"), help="on SIGTERM, time given to RPCs in flight (env SCALER_SHUTDOWN_GRACE_SECONDS)")
@@ -104,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         idle_forget_s=args.idle_forget_seconds,
         max_scaled_objects=args.max_scaled_objects,
         shutdown_grace_s=args.shutdown_grace_seconds,
+        kubernetes_api=args.kubernetes_api,
     )
 
 

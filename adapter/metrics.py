@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from adapter.kube import FALLBACK_REASONS
 from adapter.reading import Reading
 from adapter.targets import Target
 from contract import names
@@ -47,6 +48,20 @@ class ScalerMetrics:
             buckets=_QUERY_BUCKETS,
             registry=registry,
         )
+
+        self.kubernetes_fallback = Gauge(
+            names.SCALER_KUBERNETES_API_FALLBACK,
+            "1 for why the Kubernetes API gives no replica count, so the history rule decides whether an "
+            "empty answer is 0; all 0 while the API answers",
+            [names.REASON],
+            registry=registry,
+        )
+        self.kubernetes_api_fallback(None)
+
+    def kubernetes_api_fallback(self, reason: str | None) -> None:
+        """Why the API was last unusable (one of adapter.kube.FALLBACK_REASONS), None when it answered."""
+        for each in FALLBACK_REASONS:
+            self.kubernetes_fallback.labels(each).set(1.0 if each == reason else 0.0)
 
     def observe_reading(self, reading: Reading) -> None:
         for query, duration_s in reading.requests:

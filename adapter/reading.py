@@ -10,7 +10,8 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 | gpu     | abstains          | abstains              | failure  |
 | latency | abstains          | abstains              | failure  |
 
-* unless the series vanished from a target that had ready replicas: `absent_is_not_zero`.
+* unless the target has replicas (the Kubernetes API says so, or, where it cannot say, the last
+  good reading had ready replicas): `absent_is_not_zero`.
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
 window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that
@@ -103,22 +104,32 @@ def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, fl
     return Reading(signals, outcomes, requests)
 
 
-def absent_is_not_zero(reading: Reading, last_good: Signals | None) -> Reading:
+def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas: int | None = None) -> Reading:
     """`reading` failed where a count query (queue, ready) answered no series at all while the
-    last good reading had ready replicas: series that vanish from a serving target are missing
-    data (a scrape or discovery outage, say), not an idle fleet, so the caller keeps its last
-    good value until it is stale instead of scaling to the zero an empty answer would read as.
+    target has replicas: series that vanish from a serving target are missing data (a scrape
+    or discovery outage, say), not an idle fleet, so the caller keeps its last good value until
+    it is stale instead of scaling to the zero an empty answer would read as.
 
-    An empty answer is believed as 0 only where the history allows it: no good reading yet, or
-    the last one already had no ready replica (a fleet that drained to zero reports ready 0
-    before its series go).
+    `api_replicas` is the scale target's replica count from the Kubernetes API, None when the
+    API cannot say. When it says, it decides: N > 0 makes an empty answer missing data, even
+    with no history; 0 makes it believed (a fleet scaled to zero has no series). When it cannot
+    say, the history decides: an empty answer is believed as 0 when there is no good reading
+    yet, or the last one already had no ready replica (a fleet that drained to zero reports
+    ready 0 before its series go).
     """
-    if reading.signals is None or last_good is None or last_good.ready_replicas <= 0:
+    if reading.signals is None:
         return reading
+    if api_replicas is not None:
+        if api_replicas <= 0:
+            return reading
+        why = f"the Kubernetes API reports {api_replicas} replica{'s' if api_replicas != 1 else ''}"
+    elif last_good is None or last_good.ready_replicas <= 0:
+        return reading
+    else:
+        why = f"{last_good.ready_replicas:g} replicas were ready"
     empty = {o.name for o in reading.outcomes if o.name in _COUNTS and o.value is None and o.error is None}
     if not empty:
         return reading
-    error = (f"returned no series while {last_good.ready_replicas:g} replicas were ready: "
-             "missing data, not zero (series vanished from the target)")
+    error = f"returned no series while {why}: missing data, not zero (series vanished from the target)"
     return Reading(None, tuple(replace(o, error=error) if o.name in empty else o for o in reading.outcomes),
                    reading.requests)

@@ -21,6 +21,7 @@ from adapter.metrics import ScalerMetrics, TargetCollector
 from adapter.prometheus import PrometheusAuth, PrometheusClient
 from adapter.service import SERVICE_NAME, ExternalScalerService
 from adapter.directscrape import DirectSignalReader, SignalRouter
+from adapter.kube import MODES, OFF, KubernetesReplicas, in_cluster_configuration
 from adapter.signals import SignalReader
 from adapter.targets import TargetRegistry
 
@@ -47,6 +48,9 @@ class ServerConfig:
     idle_forget_s: float = 900.0
     max_scaled_objects: int = 2000
     shutdown_grace_s: float = 5.0
+    kubernetes_api: str = "auto"  # auto: read scale targets' replicas where in-cluster config loads; off: never
+    kubernetes_api_ttl_s: float = 30.0  # a target's replica count is read at most this often
+    kubernetes_api_timeout_s: float = 2.0  # per API request
 
     def __post_init__(self):
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -56,6 +60,8 @@ class ServerConfig:
         for name in ("grpc_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"{name.replace('_', '-')} must be a port number, 0 to 65535")
+        if self.kubernetes_api not in MODES:
+            raise ValueError(f"--kubernetes-api must be one of {', '.join(MODES)}, not {self.kubernetes_api!r}")
         if self.max_concurrent_queries < 1 or self.max_scaled_objects < 1:
             raise ValueError("--max-concurrent-queries and --max-scaled-objects must be at least 1")
 
@@ -100,8 +106,16 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
 class ScalerServer:
     """One scaler process's servers; `start` binds the ports, `stop` drains and closes them."""
 
-    def __init__(self, config: ServerConfig, metrics_registry: CollectorRegistry | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        metrics_registry: CollectorRegistry | None = None,
+        kubernetes_configuration: object | None = None,
+    ):
+        """`kubernetes_configuration` (a `kubernetes.client.Configuration`) replaces the in-cluster
+        one: an API server elsewhere (tests use a fake one on loopback)."""
         self.config = config
+        self._kubernetes_configuration = kubernetes_configuration
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
@@ -113,6 +127,17 @@ class ScalerServer:
         config = self.config
         metrics = ScalerMetrics(self.metrics_registry)
         self._direct = DirectSignalReader()
+        if config.kubernetes_api == OFF:
+            kubernetes, unavailable = None, OFF
+        else:
+            kubernetes, unavailable = self._kubernetes_configuration or in_cluster_configuration(), None
+        self._kube = KubernetesReplicas(
+            kubernetes,
+            ttl_s=config.kubernetes_api_ttl_s,
+            timeout_s=config.kubernetes_api_timeout_s,
+            on_fallback=metrics.kubernetes_api_fallback,
+            **({"unavailable": unavailable} if unavailable else {}),
+        )
         reader = SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct)
         self.registry = TargetRegistry(
             reader,
@@ -121,6 +146,7 @@ class ScalerServer:
             idle_forget_s=config.idle_forget_s,
             max_targets=config.max_scaled_objects,
             on_reading=metrics.observe_reading,
+            replicas=self._kube,
         )
         self.metrics_registry.register(TargetCollector(self.registry.targets, self.registry.now))
 
@@ -181,4 +207,5 @@ class ScalerServer:
         self._http.stop()
         await self._client.close()
         await self._direct.close()
+        self._kube.close()
         return clean

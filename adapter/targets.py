@@ -3,7 +3,8 @@
 A trigger is registered on first contact, keyed by namespace, name and the whole metadata
 map, so an edited ScaledObject becomes a new target and the old one is forgotten once idle.
 Each target refreshes on its own task every `refreshSeconds`; RPCs read the last good
-snapshot and never wait on Prometheus, except for a target's very first call.
+snapshot and never wait on Prometheus or the Kubernetes API, except for a target's very
+first call.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from adapter.config import ScalerSpec, parse_metadata
 from adapter.policy import Decision, PolicyState, Signals, decide
@@ -24,6 +25,14 @@ from adapter.signals import SignalReader
 log = logging.getLogger(__name__)
 
 TargetKey = tuple[str, str, tuple[tuple[str, str], ...]]
+
+
+class ReplicaCounter(Protocol):
+    """The scale target's replica count from the Kubernetes API (`adapter.kube.KubernetesReplicas`)."""
+
+    async def replicas(self, namespace: str, name: str, now: float) -> int | None:
+        """The ScaledObject's target's replicas; None when the API cannot say. Never raises."""
+        ...
 
 
 class Unavailable(Exception):
@@ -63,10 +72,11 @@ class Target:
         self.first_attempt = asyncio.Event()
         self._changed = asyncio.Event()
 
-    def apply(self, reading: Reading, now: float) -> None:
+    def apply(self, reading: Reading, now: float, api_replicas: int | None = None) -> None:
         """Records a refresh; a successful one advances the policy and replaces the snapshot.
-        Count series that vanished from a serving target fail the refresh (absent is not zero)."""
-        reading = absent_is_not_zero(reading, self.snapshot.signals if self.snapshot else None)
+        Count series that vanished from a target with replicas fail the refresh (absent is not
+        zero); `api_replicas` is the Kubernetes API's count, None when it cannot say."""
+        reading = absent_is_not_zero(reading, self.snapshot.signals if self.snapshot else None, api_replicas)
         self.last_outcomes = reading.outcomes
         for outcome in reading.outcomes:
             if outcome.error:
@@ -122,8 +132,10 @@ class TargetRegistry:
         idle_forget_s: float = 900.0,
         max_targets: int = 2000,
         on_reading: Callable[[Reading], None] | None = None,
+        replicas: ReplicaCounter | None = None,
     ):
         self._reader = reader
+        self._replicas = replicas
         self._clock = clock
         self._allowed_prefixes = allowed_prefixes
         self._scrape_targets_dir = scrape_targets_dir
@@ -182,9 +194,15 @@ class TargetRegistry:
         return target
 
     async def refresh(self, target: Target) -> None:
-        reading = await self._reader.read(target.spec)
+        if self._replicas is None:
+            reading, api_replicas = await self._reader.read(target.spec), None
+        else:
+            # Side by side: the API read (cached, bounded, on a thread) adds no latency.
+            reading, api_replicas = await asyncio.gather(
+                self._reader.read(target.spec), self._replicas.replicas(target.namespace, target.name, self._clock())
+            )
         previous_error = target.last_error
-        target.apply(reading, self._clock())
+        target.apply(reading, self._clock(), api_replicas)
         if self._on_reading is not None:
             self._on_reading(reading)
         # Log changes, not every refresh: a Prometheus outage would otherwise log once per

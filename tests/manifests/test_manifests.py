@@ -140,10 +140,26 @@ def test_the_daemonset_overlay_replaces_the_sidecar_and_mounts_pod_resources_wri
     assert mount["mountPath"] == "/var/lib/kubelet/pod-resources" and not mount.get("readOnly")
 
 
-def test_the_scaler_has_no_kubernetes_api_access():
+def test_the_scaler_can_only_read_scaledobjects_and_the_scale_of_deployments_and_statefulsets():
     [account] = objects("ServiceAccount")
+    [scaler] = [d for d in objects("Deployment") if d["metadata"]["name"] == account["metadata"]["name"]]
+    # The token is mounted into the scaler's pods only, not into anything else using the account.
     assert account["automountServiceAccountToken"] is False
-    assert not objects("RoleBinding") and not objects("ClusterRoleBinding")
+    assert scaler["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert scaler["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    assert not objects("RoleBinding") and not objects("Role")
+    [binding] = objects("ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]}
+    ]
+    [role] = objects("ClusterRole")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {("keda.sh", "scaledobjects", "get"), ("apps", "deployments/scale", "get"),
+                       ("apps", "statefulsets/scale", "get")}
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no nonResourceURLs
 
 
 def test_rules_pass_promtool_check_and_every_alert_has_a_unit_test():
