@@ -17,7 +17,7 @@ from adapter.kube import FALLBACK_REASONS
 from adapter.reading import Reading
 from adapter.targets import Target
 from contract import names
-from contract.names import QUERIES, SIGNALS
+from contract.names import GPU, QUERIES, SIGNALS
 
 LABELS = names.SCALER_LABELS
 HELD_BY = ("scale_up_window", "scale_down_window", "restart_hold", "min_replicas", "max_replicas")
@@ -97,6 +97,8 @@ class TargetCollector:
         age = target.age(now)
         stale = age is None or age > target.spec.stale_after_s
         g.stale.add_metric(labels, 1.0 if stale else 0.0)
+        if GPU in target.spec.policy.signals:
+            g.silent.add_metric(labels + [GPU], 1.0 if GPU in target.silent else 0.0)
         if age is not None:
             g.age.add_metric(labels, age)
         g.refreshes.add_metric(labels + ["ok"], target.refreshes["ok"])
@@ -149,6 +151,9 @@ class _Families:
         self.limiting = gauge(names.SCALER_LIMITING, "1 for the signal whose proposal is the composite", (names.SIGNAL,))
         self.held = gauge(names.SCALER_HOLD, "1 for what holds the value away from the composite", (names.REASON,))
         self.age = gauge(names.SCALER_VALUE_AGE, "Age of the value being served")
+        self.silent = gauge(names.SCALER_SIGNAL_SILENT,
+                            "1 when an enabled signal matches no series while replicas are ready (it abstains)",
+                            (names.SIGNAL,))
         self.stale = gauge(names.SCALER_STALE, "1 when no value can be served (none yet, or older than staleAfterSeconds)")
         self.query_duration = gauge(
             names.SCALER_QUERY_LAST_DURATION, "Duration of each query in the last refresh", (names.QUERY,)

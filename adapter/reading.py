@@ -133,3 +133,13 @@ def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas
     error = f"returned no series while {why}: missing data, not zero (series vanished from the target)"
     return Reading(None, tuple(replace(o, error=error) if o.name in empty else o for o in reading.outcomes),
                    reading.requests)
+
+
+def silent_signals(reading: Reading) -> tuple[str, ...]:
+    """The enabled GPU signal when it answered no series while replicas are ready. It abstains
+    (no evidence, no proposal), but a GPU query that matches nothing on a serving fleet is a
+    fault to name, not an idle GPU: no exporter, its series labelled with another pod (a
+    shared GPU), or a selector label the exporter does not set."""
+    if reading.signals is None or reading.signals.ready_replicas <= 0:
+        return ()
+    return tuple(o.name for o in reading.outcomes if o.name == GPU and o.value is None and o.error is None)

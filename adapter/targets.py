@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Protocol
 
 from adapter.config import ScalerSpec, parse_metadata
 from adapter.policy import Decision, PolicyState, Signals, decide
-from adapter.reading import QueryOutcome, Reading, absent_is_not_zero
+from adapter.reading import QueryOutcome, Reading, absent_is_not_zero, silent_signals
 from adapter.signals import SignalReader
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Target:
         self.last_outcomes: tuple[QueryOutcome, ...] = ()
         self.refreshes: Counter[str] = Counter()  # by result: ok, error
         self.query_failures: Counter[str] = Counter()  # by query name
+        self.silent: tuple[str, ...] = ()  # enabled signals answering no series on a serving fleet
         self.open_streams = 0
         self.first_attempt = asyncio.Event()
         self._changed = asyncio.Event()
@@ -88,6 +89,7 @@ class Target:
             decision = decide(self.spec.policy, reading.signals, self.state, now)
             self.state = decision.state
             self.snapshot = Snapshot(decision, reading.signals, now)
+            self.silent = silent_signals(reading)
             self.refreshes["ok"] += 1
             self.last_error = None
         self.first_attempt.set()
@@ -201,7 +203,7 @@ class TargetRegistry:
             reading, api_replicas = await asyncio.gather(
                 self._reader.read(target.spec), self._replicas.replicas(target.namespace, target.name, self._clock())
             )
-        previous_error = target.last_error
+        previous_error, previously_silent = target.last_error, target.silent
         target.apply(reading, self._clock(), api_replicas)
         if self._on_reading is not None:
             self._on_reading(reading)
@@ -211,6 +213,15 @@ class TargetRegistry:
             log.warning("ScaledObject %s/%s: refresh failed: %s", target.namespace, target.name, target.last_error)
         elif previous_error and not target.last_error:
             log.info("ScaledObject %s/%s: refreshes succeed again", target.namespace, target.name)
+        if target.silent and target.silent != previously_silent:
+            log.warning(
+                "ScaledObject %s/%s: the %s signal matches no series while %g replicas are ready, so it "
+                "abstains; check the selector, and that the GPU exporter labels the series with the pod",
+                target.namespace, target.name, ", ".join(target.silent), target.snapshot.signals.ready_replicas,
+            )  # fmt: skip
+        elif previously_silent and not target.silent and target.snapshot is not None:
+            log.info("ScaledObject %s/%s: the %s signal has series again", target.namespace, target.name,
+                     ", ".join(previously_silent))
 
     async def _refresh_loop(self, target: Target) -> None:
         period = target.spec.refresh_s

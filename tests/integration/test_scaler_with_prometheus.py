@@ -143,6 +143,8 @@ def test_a_gpu_without_series_abstains_and_a_quiet_window_has_no_latency(prometh
     scaler.stub.GetMetricSpec(so)
     eventually(only_queue_proposes)
     assert scaler.stub.GetMetrics(metrics_request(so)).metricValues[0].metricValueFloat == 3
+    # abstaining on a serving fleet is named, not silent (issue 12, section 4)
+    assert sample(scaler, names.SCALER_SIGNAL_SILENT, signal=names.GPU, **scaler_labels(deployment)) == 1
 
 
 def test_a_nan_queue_keeps_the_last_good_value_until_it_is_stale(prometheus, fleet, scaler, deployment):

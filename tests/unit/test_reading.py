@@ -46,3 +46,25 @@ def test_the_issues_case_serves_the_last_value_then_unavailable_never_zero():
     assert target.refreshes["error"] == 19 and "missing data, not zero" in target.last_error
     with pytest.raises(Unavailable, match="missing data, not zero"):
         target.current(21)
+
+
+def test_a_gpu_signal_that_matches_nothing_on_a_serving_fleet_is_named_not_silent():
+    """Issue 12, section 4's other place: the GPU query answering no series while replicas are
+    ready abstains (no proposal), but the target says so (scaler_signal_silent, a log line);
+    with no ready replica, or with GPU series present, it is not flagged."""
+    from adapter.reading import silent_signals
+
+    def gpu_reading(ready: float, gpu: float | None):
+        outcomes = (QueryOutcome(names.QUEUE, 0.01, 8.0), QueryOutcome(names.READY_REPLICAS, 0.01, ready),
+                    QueryOutcome(names.GPU, 0.01, gpu))
+        return to_reading(outcomes, ())
+
+    assert silent_signals(gpu_reading(2.0, None)) == (names.GPU,)
+    assert silent_signals(gpu_reading(2.0, 55.0)) == ()
+    assert silent_signals(gpu_reading(0.0, None)) == ()
+    spec = parse_metadata({"prometheusAddress": "http://p:9090"})  # queue and gpu by default
+    target = Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+    target.apply(gpu_reading(2.0, None), now=0)
+    assert target.silent == (names.GPU,) and names.GPU not in target.snapshot.decision.proposals
+    target.apply(gpu_reading(2.0, 55.0), now=1)
+    assert target.silent == ()
