@@ -114,8 +114,10 @@ def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas
     API cannot say. When it says, it decides: N > 0 makes an empty answer missing data, even
     with no history; 0 makes it believed (a fleet scaled to zero has no series). When it cannot
     say, the history decides: an empty answer is believed as 0 when there is no good reading
-    yet, or the last one already had no ready replica (a fleet that drained to zero reports
-    ready 0 before its series go).
+    yet, when the last one had no ready replica, or when it had nothing in flight. KEDA takes a
+    fleet to zero only after IsActive has been false (an empty queue) for its cooldown, and an
+    idle worker exits at once on SIGTERM, so a fleet scaled to zero was idle when its series
+    went; series that vanish from a busy fleet are the outage this rule is for.
     """
     if reading.signals is None:
         return reading
@@ -123,10 +125,10 @@ def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas
         if api_replicas <= 0:
             return reading
         why = f"the Kubernetes API reports {api_replicas} replica{'s' if api_replicas != 1 else ''}"
-    elif last_good is None or last_good.ready_replicas <= 0:
+    elif last_good is None or last_good.ready_replicas <= 0 or last_good.queue <= 0:
         return reading
     else:
-        why = f"{last_good.ready_replicas:g} replicas were ready"
+        why = f"{last_good.ready_replicas:g} replicas were ready with {last_good.queue:g} requests in flight"
     empty = {o.name for o in reading.outcomes if o.name in _COUNTS and o.value is None and o.error is None}
     if not empty:
         return reading

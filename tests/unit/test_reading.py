@@ -20,6 +20,9 @@ def reading(queue: float | None, ready: float | None):
     [
         (None, None, None, True),  # nothing known yet: an empty target is an empty target
         (Signals(queue=0, ready_replicas=0), None, None, True),  # it had drained to zero ready first
+        # scaled to zero by KEDA: idle (IsActive false for the cooldown), the last worker exits at
+        # once on SIGTERM and its series go while it still read ready 1
+        (Signals(queue=0, ready_replicas=1), None, None, True),
         (Signals(queue=40, ready_replicas=4), 0.0, 0.0, True),  # the series exist and read 0
         (Signals(queue=40, ready_replicas=4), None, None, False),  # the case: they vanished
         (Signals(queue=40, ready_replicas=4), 40.0, None, False),  # ready vanished alone
