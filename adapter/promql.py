@@ -18,6 +18,12 @@ _MATCHER = re.compile(
 )
 
 
+_ESCAPE = re.compile(r"\\(.)")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+# What Python's re accepts and RE2 (Prometheus) refuses: lookaround and backreferences.
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]")
+
+
 def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
     """`namespace="ml",deployment=~'sd-.*'` -> ((label, op, unescaped value), ...), as PromQL reads
     label matchers (either quote, a trailing comma). Raises ValueError on anything else, and on a
@@ -29,12 +35,16 @@ def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
         if not found:
             raise ValueError(f"cannot read label matchers from {selector!r} at {text[position:]!r}")
         quoted = found.group(3) if found.group(3) is not None else found.group(4)
-        value = quoted.encode().decode("unicode_escape")
+        value = _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), quoted)  # UTF-8 text stays as it is
         if found.group(2) in ("=~", "!~"):
+            if _NOT_RE2.search(value):
+                raise ValueError(f"{found.group(1)}{found.group(2)}{value!r}: lookaround and backreferences are not "
+                                 "RE2, which Prometheus uses")
             try:
                 re.compile(value)
             except re.error as error:
-                raise ValueError(f"{found.group(1)}{found.group(2)}{value!r}: not a regular expression: {error}") from None
+                raise ValueError(f"{found.group(1)}{found.group(2)}{value!r}: not a regular expression both sources "
+                                 f"can read (Prometheus' RE2 and the direct scrape's Python re): {error}") from None
         matchers.append((found.group(1), found.group(2), value))
         position = found.end()
     return tuple(matchers)

@@ -111,9 +111,11 @@ class NvmlReader:
             self._shutdown()
             self._note_failure(f"NVML stopped answering: {error}")
             return self._unavailable(taken_at, started)
-        if self._known and not answered:
+        if self._devices and not answered:
             # Every GPU failed without NVML naming a device fault (UNKNOWN on every call, say):
-            # the library or driver is the common cause, and only a new session can tell.
+            # the library or driver is the common cause, and only a new session can tell. (No
+            # device at all after a re-init is not that: NVML answered init and the count, and
+            # a GPU skipped at enumeration is reported down below.)
             self._shutdown()
             self._note_failure("; ".join(["NVML answers for none of the GPUs", *problems]))
             return self._unavailable(taken_at, started)

@@ -96,7 +96,9 @@ async def run(args: argparse.Namespace) -> int:
                                       "--max-queue", str(QUEUE_BATCHES * profile.max_batch), "--drain-timeout", "30"),
                         log_dir=workdir, device=profile.device, gpus=profile.gpus, exporters=bool(profile.gpus))
     direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
-    scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0,
+    # kubernetes_api off: the stack has no cluster, and a machine with a service-account token
+    # must not have the stack read a real one.
+    scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0, kubernetes_api="off",
                                        scrape_targets_dir=str(workdir) if direct else None))
     balancer = Balancer(fleet)
     prometheus: LocalPrometheus | None = None

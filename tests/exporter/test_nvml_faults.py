@@ -109,11 +109,17 @@ def test_the_issue_case_unknown_on_every_call_then_driver_not_loaded_then_recove
 
 def test_every_gpu_lost_is_gpus_down_but_nvml_up():
     gpu = FakeGpu(H100)
-    reader, nvml, _ = reader_for(gpu)
+    reader, nvml, clock = reader_for(gpu)
     reader.collect()
     gpu.lost = True  # NVML names the device's fault: the library itself answers
     snapshot = reader.collect()
     assert snapshot.nvml_up and ups(snapshot) == [False]
+    # After the re-init (the sidecar's one GPU is skipped at enumeration), NVML still answers:
+    # a lost GPU is the GPU's fault, not the library's.
+    for _ in range(3):
+        clock.now += 61
+        snapshot = reader.collect()
+        assert snapshot.nvml_up and ups(snapshot) == [False]
 
 
 def test_served_gauges_follow_a_broken_then_returning_driver(start_exporter):

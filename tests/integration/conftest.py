@@ -124,7 +124,9 @@ def start_scaler():
     started: list[RunningScaler] = []
 
     def start(**overrides) -> RunningScaler:
-        config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0, **overrides})
+        # No real cluster is ever read: tests of the API pass their own fake (test_kube_api.py).
+        config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0,
+                                 "kubernetes_api": "off", **overrides})
         scaler = RunningScaler(config)
         started.append(scaler)
         return scaler

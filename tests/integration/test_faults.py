@@ -132,7 +132,7 @@ def shared_scaler():
     from .conftest import RunningScaler
     from adapter.server import ServerConfig
 
-    scaler = RunningScaler(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0))
+    scaler = RunningScaler(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0, kubernetes_api="off"))
     yield scaler
     scaler.close()
 

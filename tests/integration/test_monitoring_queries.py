@@ -117,7 +117,8 @@ def worker(tmp_path):
 
 @pytest.fixture
 def exporter():
-    gpu = FakeGpu("GPU-6a0f7ad8-5b8a-4c1b-9b3c-1f0e2d3c4b5a", samples=[(t, 60) for t in range(1, 4000)])
+    # One XID event, so the XID alert's counter has a series to read.
+    gpu = FakeGpu("GPU-6a0f7ad8-5b8a-4c1b-9b3c-1f0e2d3c4b5a", samples=[(t, 60) for t in range(1, 4000)], xids=[31])
     args = build_parser().parse_args(["--listen-address", "127.0.0.1", "--port", str(free_port()), "--interval", "0.5"])
     running = Exporter(ExporterConfig.from_args(args), environ={"POD_NAME": "sd-worker-0", "POD_NAMESPACE": "ml", "CONTAINER_NAME": "worker"},
                        nvml=FakeNvml([gpu]))

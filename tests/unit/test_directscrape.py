@@ -84,3 +84,24 @@ def test_single_quoted_matchers_read_as_promql_reads_them():
     assert parse_selector("namespace='ml', deployment=~'sd-.*'") == (("namespace", "=", "ml"), ("deployment", "=~", "sd-.*"))
     with pytest.raises(ValueError, match="not a regular expression"):
         parse_selector('deployment=~"sd-("')
+
+
+@pytest.mark.parametrize(
+    ("selector", "parsed"),
+    [
+        ('pod="café"', (("pod", "=", "café"),)),  # UTF-8 stays UTF-8
+        (r'a=~"x\\.y"', (("a", "=~", r"x\.y"),)),  # PromQL's escaped backslash
+        (r'b="q\"z"', (("b", "=", 'q"z'),)),  # an escaped quote
+    ],
+)
+def test_label_values_unescape_as_promql_strings_do(selector, parsed):
+    assert parse_selector(selector) == parsed
+
+
+@pytest.mark.parametrize("regex", ["x(?=y)", "(?<!x)y", r"(x)\\1", r"\\pL+"])
+def test_a_regex_one_source_cannot_read_is_refused(regex):
+    """RE2 (Prometheus) has no lookaround or backreferences; Python's re (the direct scrape) has
+    no \\p classes: either source failing it for ever is refused up front instead."""
+    with pytest.raises(ValueError, match="RE2|both sources"):
+        parse_selector(f'a=~"{regex}"')
+
