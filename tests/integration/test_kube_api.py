@@ -144,7 +144,7 @@ def test_without_the_api_the_history_rule_decides_said_once_in_the_log_and_the_m
         for i in range(4):
             fleet.remove_pod("ml", deployment, f"{deployment}-{i}")
         error = eventually_fails(lambda: value_of(scaler, so), timeout_s=15)
-        assert "while 4 replicas were ready: missing data, not zero" in error.details()
+        assert "while 4 replicas were ready with 40 requests in flight: missing data, not zero" in error.details()
         assert fallback(scaler, reason) == 1
         assert sum(fallback(scaler, r) for r in kube.FALLBACK_REASONS) == 1
         said = [r for r in caplog.records if r.name == kube.__name__ and "history rule" in r.getMessage()]
