@@ -97,11 +97,11 @@ def own_prometheus(fleet):
 class RunningScaler:
     """A ScalerServer on its own event loop thread, with a real gRPC client."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, kubernetes_configuration=None):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = ScalerServer(config)
+        self.server = ScalerServer(config, kubernetes_configuration=kubernetes_configuration)
         self.call(self.server.start())
         self.address = f"127.0.0.1:{self.server.grpc_port}"
         self.channel = grpc.insecure_channel(self.address) if not config.tls_cert_file else None

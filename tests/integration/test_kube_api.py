@@ -3,56 +3,34 @@ boundary: the API's replica count decides whether an empty answer is 0."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 
 import grpc
 import pytest
 
 from adapter import kube
-from adapter._proto import externalscaler_pb2_grpc as pb_grpc
-from adapter.server import ScalerServer, ServerConfig
+from adapter.server import ServerConfig
 from contract import names
 from lab.synthetic import PodLoad
 from tests.unit.test_kube import FakeApiServer, down_configuration
 
-from .conftest import eventually, eventually_fails, ref, require_prometheus, scaler_labels
+from .conftest import RunningScaler, eventually, eventually_fails, ref, require_prometheus, scaler_labels
 from .test_faults import assert_value, value_of
 from .test_scaler_with_prometheus import sample
 
 pytestmark = pytest.mark.integration
 
 
-class KubeScaler:
-    """A ScalerServer with its Kubernetes API pointed at `configuration`, on its own loop thread."""
-
-    def __init__(self, configuration, **overrides):
-        config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0,
-                                 "kubernetes_api_ttl_s": 0.2, "kubernetes_api_timeout_s": 1.0, **overrides})
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = ScalerServer(config, kubernetes_configuration=configuration)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.grpc_port}")
-        self.stub = pb_grpc.ExternalScalerStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 @pytest.fixture
 def start_kube_scaler():
-    started: list[KubeScaler] = []
+    started: list[RunningScaler] = []
 
-    def start(configuration, **overrides) -> KubeScaler:
-        scaler = KubeScaler(configuration, **overrides)
+    def start(configuration, **overrides) -> RunningScaler:
+        """A scaler whose Kubernetes API is the fake at `configuration`."""
+        config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0,
+                                 "kubernetes_api_ttl_s": 0.2, "kubernetes_api_timeout_s": 1.0, **overrides})
+        scaler = RunningScaler(config, kubernetes_configuration=configuration)
         started.append(scaler)
         return scaler
 
