@@ -3,10 +3,16 @@
 Failure isolation lives here, the same for every error. A failed batch of more than one image
 is bisected and its halves retried, down to single images, so a request fails only with an
 error that its own image raises alone. An error that the smaller batches do not raise depends
-on the batch size: the effective max batch is lowered for good to the largest batch that ran,
-so full batches do not fail again. Out-of-memory is known to depend on size, so it lowers the
-max batch at once, before the retry. Bisection calls the pipeline at most 2n - 1 times for n
-images, and a one-image batch is never retried.
+on the batch size: the effective max batch is lowered to the largest batch that ran, so full
+batches do not fail again. Out-of-memory is known to depend on size, so it lowers the max batch
+at once, before the retry. Bisection calls the pipeline at most 2n - 1 times for n images, and a
+one-image batch is never retried.
+
+A lowered max batch is probed back up: a transient error (another process's memory on a shared
+GPU, a driver hiccup) must not cost throughput for the life of the pod. After `probe_after`
+full batches at the lowered size, the max batch doubles (up to the configured one); if the
+error returns at the probed size it is lowered again and the wait before the next probe doubles,
+so a size that always fails costs one failed call per 100, 200, 400, ... full batches.
 """
 
 from __future__ import annotations
@@ -61,12 +67,20 @@ class Engine:
         batching: BatchPolicy,
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.monotonic,
+        probe_after: int = 100,
     ) -> None:
+        """`probe_after`: full batches at a lowered max batch before it is tried twice as large."""
+        if probe_after < 1:
+            raise ValueError(f"probe_after must be at least 1 batch, not {probe_after}")
         self.queue = queue
         self.runner = runner
         # The policy in force: the configured one until an error that depends on batch size
-        # replaces it with a smaller max batch; never raised again.
+        # replaces it with a smaller max batch; probed back up towards `_configured_max`.
         self.batching = batching
+        self._configured_max = batching.max_batch_size
+        self._probe_after = probe_after
+        self._full_since_lowered = 0  # full batches run at the lowered max batch
+        self._probing = False  # the max batch in force was raised by a probe that has not yet run full
         self.metrics = metrics
         self.clock = clock
         self._busy_total_s = 0.0
@@ -132,7 +146,23 @@ class Engine:
         self.metrics.images.inc(batch.size)
         self._note_throughput(batch.size, seconds)
         self._deliver(batch, images)
+        if not retry and batch.size >= self.max_batch_size:  # a bisection's halves are not evidence
+            self._ran_full()
         return Outcome(largest_ok=batch.size)
+
+    def _ran_full(self) -> None:
+        """A batch of the max batch in force ran: a probe succeeded, or one more toward the next."""
+        self._probing = False
+        if self.max_batch_size >= self._configured_max:
+            return
+        self._full_since_lowered += 1
+        if self._full_since_lowered >= self._probe_after:
+            size = min(self._configured_max, 2 * self.max_batch_size)
+            log.info("%d full batches ran at max batch %d: probing %d", self._full_since_lowered,
+                     self.max_batch_size, size)
+            self.batching = replace(self.batching, max_batch_size=size)
+            self._full_since_lowered = 0
+            self._probing = True
 
     def _stop_busy(self) -> float:
         with self._busy_lock:
@@ -155,14 +185,20 @@ class Engine:
         outcome = self._execute(first, retry=True) + self._execute(second, retry=True)
         if outcome.all_ok:
             # Every image ran in a smaller batch: this batch failed for its size, and so would the
-            # next full one. A transient error looks the same; lowering costs throughput, not answers.
+            # next full one. A transient error looks the same: lowering costs throughput, not
+            # answers, and the probe gives the throughput back.
             self._lower_max_batch(outcome.largest_ok, f"{type(error).__name__} at batch size {batch.size} only")
         return outcome
 
     def _lower_max_batch(self, size: int, why: str) -> None:
         if 1 <= size < self.max_batch_size:
-            log.warning("%s: max batch lowered from %d to %d", why, self.max_batch_size, size)
+            if self._probing:  # the probed size fails again: wait twice as long before the next
+                self._probe_after *= 2
+                self._probing = False
+            log.warning("%s: max batch lowered from %d to %d (probed again after %d full batches)",
+                        why, self.max_batch_size, size, self._probe_after)
             self.batching = replace(self.batching, max_batch_size=size)
+            self._full_since_lowered = 0
 
     def _fail_alone(self, batch: Batch, error: BaseException, retry: bool) -> None:
         """Fails the one job of a one-image batch with the error its image raised."""

@@ -51,11 +51,13 @@ class Clock:
         return self.now
 
 
-def make_engine(runner: ScriptedRunner, max_batch: int = 8) -> tuple[Engine, BatchQueue, WorkerMetrics]:
+def make_engine(
+    runner: ScriptedRunner, max_batch: int = 8, probe_after: int = 100
+) -> tuple[Engine, BatchQueue, WorkerMetrics]:
     queue = BatchQueue(capacity_images=64)
     metrics = WorkerMetrics(CollectorRegistry())
     batching = BatchPolicy(max_batch_size=max_batch, max_wait_s=0.0)
-    return Engine(queue, runner, batching, metrics, clock=Clock()), queue, metrics
+    return Engine(queue, runner, batching, metrics, clock=Clock(), probe_after=probe_after), queue, metrics
 
 
 def submit(queue: BatchQueue, prompt: str, seeds: tuple[int, ...], done: list[Job]) -> Job:
@@ -261,3 +263,67 @@ def test_queue_wait_is_observed_once_per_request_when_its_first_image_starts():
     drain(engine, queue)
     assert value(metrics, "diffusion_queue_wait_seconds_count") == 1
     assert value(metrics, "diffusion_queue_wait_seconds_sum") == 1.0  # arrived 99.0, started 100.0
+
+
+class FlakyRunner(ScriptedRunner):
+    """Raises a RuntimeError for calls of more than 2 images while `failing` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = True
+
+    def generate(self, key, prompts, negative_prompts, seeds):
+        if self.failing and len(seeds) > 2:
+            self.calls.append(list(seeds))
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+        return super().generate(key, prompts, negative_prompts, seeds)
+
+
+def run_full_batches(engine: Engine, queue: BatchQueue, count: int, size: int) -> None:
+    done: list[Job] = []
+    for index in range(count):
+        submit(queue, f"p{index}", tuple(range(size)), done)
+        run_due_batch(engine, queue)
+    assert all(job.error is None for job in done)
+
+
+def test_a_lowered_max_batch_is_probed_back_up_once_the_error_is_gone():
+    """A transient error must not cost throughput for the life of the pod."""
+    runner = FlakyRunner()
+    engine, queue, _ = make_engine(runner, max_batch=4, probe_after=3)
+    run_full_batches(engine, queue, 1, 4)
+    assert engine.max_batch_size == 2
+    runner.failing = False
+    run_full_batches(engine, queue, 2, 2)
+    assert engine.max_batch_size == 2  # not yet: 2 of 3 full batches
+    run_full_batches(engine, queue, 1, 2)
+    assert engine.max_batch_size == 4  # probed back up
+    run_full_batches(engine, queue, 1, 4)
+    assert engine.max_batch_size == 4 and [len(call) for call in runner.calls[-1:]] == [4]
+
+
+def test_a_size_that_keeps_failing_is_probed_ever_more_rarely():
+    runner = FlakyRunner()
+    engine, queue, metrics = make_engine(runner, max_batch=4, probe_after=2)
+    run_full_batches(engine, queue, 1, 4)
+    run_full_batches(engine, queue, 2, 2)
+    assert engine.max_batch_size == 4  # probing
+    run_full_batches(engine, queue, 1, 4)  # the probe fails, and is retried as 2 + 2
+    assert engine.max_batch_size == 2
+    run_full_batches(engine, queue, 3, 2)
+    assert engine.max_batch_size == 2  # the wait doubled to 4 full batches
+    run_full_batches(engine, queue, 1, 2)
+    assert engine.max_batch_size == 4
+    assert value(metrics, "diffusion_batch_splits_total") == 2
+
+
+def test_probing_never_exceeds_the_configured_max_batch():
+    runner = ScriptedRunner(memory_images=2)
+    engine, queue, _ = make_engine(runner, max_batch=3, probe_after=1)
+    run_full_batches(engine, queue, 1, 3)
+    assert engine.max_batch_size == 1  # out of memory at 3: halves of 1 and 2
+    runner.memory_images = 1000
+    run_full_batches(engine, queue, 1, 1)
+    assert engine.max_batch_size == 2
+    run_full_batches(engine, queue, 1, 2)
+    assert engine.max_batch_size == 3
