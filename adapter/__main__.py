@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=ENV.get("KUBERNETES_API", _DEFAULTS.kubernetes_api),
         choices=["auto", "off"],
         help="auto: where the in-cluster configuration loads, read each scale target's replicas from the API "
-        "(ScaledObject, then its scale subresource), so an empty answer from Prometheus while it has replicas is "
+        "(ScaledObject, then its target's readyReplicas), so an empty answer from Prometheus while it has ready replicas is "
         "missing data, not 0; off, outside a cluster or without RBAC, the last good reading decides "
         "(env SCALER_KUBERNETES_API)",
     )

@@ -1,17 +1,21 @@
-"""The Kubernetes API, read-only: how many replicas a ScaledObject's scale target has.
+"""The Kubernetes API, read-only: how many ready replicas a ScaledObject's scale target has.
 
-`KubernetesReplicas` reads the ScaledObject (keda.sh/v1alpha1) for its `scaleTargetRef`,
-then the target's `scale` subresource for `status.replicas`, with the blocking `kubernetes`
-client on a worker thread, bounded by a timeout and cached for a TTL per ScaledObject. It
-answers None when the API cannot say (off, outside a cluster, 403, unreachable, any other
-error): the caller then falls back to the history rule. Why it cannot say is reported once
-per change, in the log and through `on_fallback` (a metric).
+`KubernetesReplicas` reads the ScaledObject (keda.sh/v1alpha1) for its `scaleTargetRef`, then
+the target itself for `status.readyReplicas`, with the blocking `kubernetes` client on a worker
+thread, both requests inside one timeout, cached for a TTL per ScaledObject. It answers None
+when the API cannot say (off, outside a cluster, 403, unreachable, any other error): the caller
+then falls back to the history rule. Why it cannot say is kept per ScaledObject: the log says
+so once per change of a ScaledObject's reason, and `on_fallback` gets how many ScaledObjects
+fall back for each reason (a metric).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +35,10 @@ FALLBACK_REASONS = (OFF, NOT_IN_CLUSTER, FORBIDDEN, UNREACHABLE, ERROR)
 MODES = ("auto", "off")
 
 KEDA_GROUP, KEDA_VERSION, SCALEDOBJECTS = "keda.sh", "v1alpha1", "scaledobjects"
+# Kinds whose API omits status.readyReplicas when it is 0; any other kind must set it.
+OMITS_ZERO_READY = {("apps", "Deployment"), ("apps", "StatefulSet"), ("apps", "ReplicaSet")}
+
+Key = tuple[str, str]  # a ScaledObject's namespace and name
 
 
 class CannotSay(Exception):
@@ -64,7 +72,7 @@ def _plural(kind: str) -> str:
 
 
 class KubernetesReplicas:
-    """Replica counts of scale targets, from the API, cached `ttl_s` per ScaledObject."""
+    """Ready replica counts of scale targets, from the API, cached `ttl_s` per ScaledObject."""
 
     def __init__(
         self,
@@ -73,40 +81,47 @@ class KubernetesReplicas:
         ttl_s: float = 30.0,
         timeout_s: float = 2.0,
         unavailable: str = NOT_IN_CLUSTER,
-        on_fallback: Callable[[str | None], None] = lambda reason: None,
+        on_fallback: Callable[[Mapping[str, int]], None] = lambda counts: None,
     ):
-        """`configuration` None: the API is never asked, and `unavailable` says why."""
+        """`configuration` None: the API is never asked, and `unavailable` says why.
+        `timeout_s` bounds one read, both of its requests together."""
         self._ttl_s = ttl_s
         self._timeout_s = timeout_s
         self._on_fallback = on_fallback
-        self._cache: dict[tuple[str, str], _Cached] = {}
-        self._reason: str | None = None
+        self._cache: dict[Key, _Cached] = {}
+        self._reasons: dict[Key, str | None] = {}  # each known ScaledObject's reason, None: the API answered
         self._api: client.CustomObjectsApi | None = None
         self._fixed: str | None = unavailable if configuration is None else None
         if configuration is not None:
-            # One attempt per read: the refresher retries on its own schedule, and urllib3's
+            # One attempt per request: the refresher retries on its own schedule, and urllib3's
             # default retries would stretch a dead API past the timeout.
             configuration.retries = 0
             self._api_client = client.ApiClient(configuration)
             self._api = client.CustomObjectsApi(self._api_client)
-        self._report(self._fixed, "the Kubernetes API is " + ("turned off (--kubernetes-api off)" if self._fixed == OFF
-                                                           else "not configured (not running in a cluster)"))
+        else:
+            log.warning("the Kubernetes API is %s; the history rule decides whether an empty answer from "
+                        "Prometheus is 0 (%s)", "turned off (--kubernetes-api off)" if self._fixed == OFF
+                        else "not configured (not running in a cluster)", self._fixed)
 
     async def replicas(self, namespace: str, name: str, now: float) -> int | None:
-        """The scale target's `status.replicas`, or None when the API cannot say. Never raises;
+        """The scale target's ready replicas, or None when the API cannot say. Never raises;
         asks the API at most once per `ttl_s` per ScaledObject, off the event loop thread."""
-        if self._api is None:
-            return None
         key = (namespace, name)
+        if self._api is None:
+            self._note(key, self._fixed, "")
+            return None
         cached = self._cache.get(key)
         if cached is None or now - cached.at >= self._ttl_s:
             cached = await self._ask(namespace, name, now)
             self._cache[key] = cached
-            self._report(cached.reason, cached.detail)
+            self._note(key, cached.reason, cached.detail)
         return cached.replicas
 
     def forget(self, namespace: str, name: str) -> None:
+        """Drops a ScaledObject the scaler no longer serves: its cached count and its reason."""
         self._cache.pop((namespace, name), None)
+        if self._reasons.pop((namespace, name), None) is not None:
+            self._report()
 
     def close(self) -> None:
         if self._api is not None:
@@ -125,27 +140,33 @@ class KubernetesReplicas:
         return _Cached(now, replicas, None, "")
 
     def _read(self, namespace: str, name: str) -> int:
-        """Blocking: the ScaledObject's scaleTargetRef, then that target's scale subresource."""
+        """Blocking: the ScaledObject's scaleTargetRef, then that target's status.readyReplicas."""
         assert self._api is not None
-        so = self._get(f"ScaledObject {namespace}/{name}", self._api.get_namespaced_custom_object,
+        deadline = time.monotonic() + self._timeout_s
+        so = self._get("the ScaledObject", deadline, self._api.get_namespaced_custom_object,
                        KEDA_GROUP, KEDA_VERSION, namespace, SCALEDOBJECTS, name)
         ref = (so.get("spec") or {}).get("scaleTargetRef") or {}
         kind = ref.get("kind") or "Deployment"
         api_version = ref.get("apiVersion") or "apps/v1"
         if not ref.get("name") or "/" not in api_version:
-            raise CannotSay(ERROR, f"ScaledObject {namespace}/{name}: unsupported scaleTargetRef {ref}")
+            raise CannotSay(ERROR, f"unsupported scaleTargetRef {ref}")
         group, version = api_version.split("/", 1)
         what = f"{kind} {namespace}/{ref['name']}"
-        scale = self._get(f"the scale of {what}", self._api.get_namespaced_custom_object_scale,
-                          group, version, namespace, _plural(kind), ref["name"])
-        replicas = (scale.get("status") or {}).get("replicas", 0)
-        if not isinstance(replicas, int) or replicas < 0:
-            raise CannotSay(ERROR, f"the scale of {what} has status.replicas {replicas!r}")
-        return replicas
+        target = self._get(what, deadline, self._api.get_namespaced_custom_object,
+                           group, version, namespace, _plural(kind), ref["name"])
+        status = target.get("status") or {}
+        ready = status.get("readyReplicas", 0 if (group, kind) in OMITS_ZERO_READY else None)
+        if not isinstance(ready, int) or isinstance(ready, bool) or ready < 0:
+            raise CannotSay(ERROR, f"{what} has status.readyReplicas {ready!r}")
+        return ready
 
-    def _get(self, what: str, call: Callable[..., dict], *args: str) -> dict:
+    def _get(self, what: str, deadline: float, call: Callable[..., dict], *args: str) -> dict:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise CannotSay(UNREACHABLE, f"no time left within {self._timeout_s:g}s to read {what}")
         try:
-            return call(*args, _request_timeout=self._timeout_s)
+            # (connect, read): the client ignores a float, and an int would round 0.4 s to 0 (none)
+            return call(*args, _request_timeout=(remaining, remaining))
         except ApiException as e:
             if e.status == 0 or e.status is None:
                 raise CannotSay(UNREACHABLE, f"reading {what}: {e.reason}") from e
@@ -154,16 +175,24 @@ class KubernetesReplicas:
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise CannotSay(UNREACHABLE, f"reading {what}: {type(e).__name__}: {e}") from e
 
-    def _report(self, reason: str | None, detail: str) -> None:
-        """Logs and reports why the history rule is in use, once per change of reason."""
-        if reason == self._reason and reason is not None:
+    def _note(self, key: Key, reason: str | None, detail: str) -> None:
+        """Keeps a ScaledObject's reason; logs and reports only a change of it."""
+        known = key in self._reasons
+        if known and self._reasons[key] == reason:
             return
-        changed = reason != self._reason
-        self._reason = reason
-        self._on_fallback(reason)
-        if reason is None:
-            if changed:
-                log.info("the Kubernetes API answers: an empty answer while it reports replicas is missing data")
-            return
-        log.warning("%s; the history rule decides whether an empty answer from Prometheus is 0 (%s)",
-                    detail, reason)
+        previous = self._reasons.get(key)
+        self._reasons[key] = reason
+        self._report()
+        namespace, name = key
+        if self._api is None:
+            return  # said once, at start-up
+        if reason is not None:
+            log.warning("ScaledObject %s/%s: %s; the history rule decides whether an empty answer from "
+                        "Prometheus is 0 (%s)", namespace, name, detail, reason)
+        elif known and previous is not None:
+            log.info("ScaledObject %s/%s: the Kubernetes API answers again: an empty answer while its "
+                     "target has ready replicas is missing data", namespace, name)
+
+    def _report(self) -> None:
+        counts = Counter(reason for reason in self._reasons.values() if reason is not None)
+        self._on_fallback({reason: counts.get(reason, 0) for reason in FALLBACK_REASONS})

@@ -8,6 +8,7 @@ prometheus_client's own state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -51,17 +52,17 @@ class ScalerMetrics:
 
         self.kubernetes_fallback = Gauge(
             names.SCALER_KUBERNETES_API_FALLBACK,
-            "1 for why the Kubernetes API gives no replica count, so the history rule decides whether an "
-            "empty answer is 0; all 0 while the API answers",
+            "ScaledObjects whose scale target's ready replicas the Kubernetes API did not give at the last "
+            "read, by why, so the history rule decides whether an empty answer is 0 for them",
             [names.REASON],
             registry=registry,
         )
-        self.kubernetes_api_fallback(None)
+        self.kubernetes_api_fallback({})
 
-    def kubernetes_api_fallback(self, reason: str | None) -> None:
-        """Why the API was last unusable (one of adapter.kube.FALLBACK_REASONS), None when it answered."""
-        for each in FALLBACK_REASONS:
-            self.kubernetes_fallback.labels(each).set(1.0 if each == reason else 0.0)
+    def kubernetes_api_fallback(self, counts: Mapping[str, int]) -> None:
+        """How many ScaledObjects fall back for each of adapter.kube.FALLBACK_REASONS (absent: 0)."""
+        for reason in FALLBACK_REASONS:
+            self.kubernetes_fallback.labels(reason).set(counts.get(reason, 0))
 
     def observe_reading(self, reading: Reading) -> None:
         for query, duration_s in reading.requests:

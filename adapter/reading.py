@@ -10,7 +10,7 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 | gpu     | abstains          | abstains              | failure  |
 | latency | abstains          | abstains              | failure  |
 
-* unless the target has replicas (the Kubernetes API says so, or, where it cannot say, the last
+* unless the target has ready replicas (the Kubernetes API says so, or, where it cannot say, the last
   good reading had ready replicas): `absent_is_not_zero`.
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
@@ -110,7 +110,7 @@ def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas
     or discovery outage, say), not an idle fleet, so the caller keeps its last good value until
     it is stale instead of scaling to the zero an empty answer would read as.
 
-    `api_replicas` is the scale target's replica count from the Kubernetes API, None when the
+    `api_replicas` is the scale target's ready replicas from the Kubernetes API, None when the
     API cannot say. When it says, it decides: N > 0 makes an empty answer missing data, even
     with no history; 0 makes it believed (a fleet scaled to zero has no series). When it cannot
     say, the history decides: an empty answer is believed as 0 when there is no good reading
@@ -124,7 +124,7 @@ def absent_is_not_zero(reading: Reading, last_good: Signals | None, api_replicas
     if api_replicas is not None:
         if api_replicas <= 0:
             return reading
-        why = f"the Kubernetes API reports {api_replicas} replica{'s' if api_replicas != 1 else ''}"
+        why = f"the Kubernetes API reports {api_replicas} ready replica{'s' if api_replicas != 1 else ''}"
     elif last_good is None or last_good.ready_replicas <= 0 or last_good.queue <= 0:
         return reading
     else:

@@ -31,7 +31,11 @@ class ReplicaCounter(Protocol):
     """The scale target's replica count from the Kubernetes API (`adapter.kube.KubernetesReplicas`)."""
 
     async def replicas(self, namespace: str, name: str, now: float) -> int | None:
-        """The ScaledObject's target's replicas; None when the API cannot say. Never raises."""
+        """The ScaledObject's target's ready replicas; None when the API cannot say. Never raises."""
+        ...
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The scaler no longer serves this ScaledObject."""
         ...
 
 
@@ -253,6 +257,10 @@ class TargetRegistry:
         finally:
             self._targets.pop(target.key, None)
             self._tasks.pop(target.key, None)
+            if self._replicas is not None and not any(
+                (t.namespace, t.name) == (target.namespace, target.name) for t in self._targets.values()
+            ):
+                self._replicas.forget(target.namespace, target.name)
 
     async def close(self, timeout_s: float = 5.0) -> bool:
         """Stops every refresher; returns within `timeout_s` even if one ignores its

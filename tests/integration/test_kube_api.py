@@ -52,14 +52,28 @@ def test_the_api_saying_4_replicas_makes_an_empty_answer_missing_data_even_on_th
         so = ref(deployment, prometheus.url, signals="queue", staleAfterSeconds="3")  # no pod has these labels
         error = eventually_fails(lambda: value_of(scaler, so), timeout_s=10)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "while the Kubernetes API reports 4 replicas: missing data, not zero" in error.details()
+        assert "while the Kubernetes API reports 4 ready replicas: missing data, not zero" in error.details()
         assert eventually_fails(lambda: scaler.stub.IsActive(so), timeout_s=1).code() == grpc.StatusCode.UNAVAILABLE
         for _ in range(5):  # it stays so: never a 0 to serve
             assert eventually_fails(lambda: value_of(scaler, so), timeout_s=1).code() == grpc.StatusCode.UNAVAILABLE
             time.sleep(0.3)
         assert sample(scaler, names.SCALER_STALE, **scaler_labels(deployment)) == 1
         assert all(fallback(scaler, reason) == 0 for reason in kube.FALLBACK_REASONS)
-        assert f"/apis/apps/v1/namespaces/ml/deployments/{deployment}/scale" in api.paths
+        assert f"/apis/apps/v1/namespaces/ml/deployments/{deployment}" in api.paths
+
+
+def test_replicas_the_api_reports_created_but_not_ready_leave_an_empty_answer_0(
+    prometheus, start_kube_scaler, deployment
+):
+    """Replicas still loading their model have no series yet; that is not an outage."""
+    require_prometheus()
+    with FakeApiServer(replicas=4, ready=0, scale_target_ref={"name": deployment}) as api:
+        scaler = start_kube_scaler(api.configuration())
+        so = ref(deployment, prometheus.url, signals="queue", staleAfterSeconds="3")  # no pod has these labels
+        eventually(lambda: assert_value(scaler, so, 0.0), timeout_s=15)
+        api.ready = 1  # one became ready, and its series are still missing
+        error = eventually_fails(lambda: value_of(scaler, so), timeout_s=15)
+        assert "while the Kubernetes API reports 1 ready replica: missing data" in error.details()
 
 
 def test_the_last_good_value_is_served_then_unavailable_while_the_api_says_4(
@@ -79,7 +93,7 @@ def test_the_last_good_value_is_served_then_unavailable_while_the_api_says_4(
             time.sleep(0.2)
         error = eventually_fails(lambda: value_of(scaler, so), timeout_s=15)
         assert error.code() == grpc.StatusCode.UNAVAILABLE
-        assert "the Kubernetes API reports 4 replicas" in error.details()
+        assert "the Kubernetes API reports 4 ready replicas" in error.details()
 
 
 def test_the_api_saying_0_makes_an_empty_answer_0_and_inactive(fleet, prometheus, start_kube_scaler, deployment):
@@ -123,12 +137,13 @@ def test_without_the_api_the_history_rule_decides_said_once_in_the_log_and_the_m
             fleet.remove_pod("ml", deployment, f"{deployment}-{i}")
         error = eventually_fails(lambda: value_of(scaler, so), timeout_s=15)
         assert "while 4 replicas were ready with 40 requests in flight: missing data, not zero" in error.details()
-        assert fallback(scaler, reason) == 1
-        assert sum(fallback(scaler, r) for r in kube.FALLBACK_REASONS) == 1
-        said = [r for r in caplog.records if r.name == kube.__name__ and "history rule" in r.getMessage()]
-        assert len(said) == 1, [r.getMessage() for r in said]  # once, though asked every 0.2 s for two targets
+        assert fallback(scaler, reason) == 2  # both ScaledObjects
+        assert sum(fallback(scaler, r) for r in kube.FALLBACK_REASONS) == 2
+        said = [r.getMessage() for r in caplog.records if r.name == kube.__name__ and "history rule" in r.getMessage()]
+        # once per ScaledObject, though each is asked every 0.2 s
+        assert sorted(m.split(":")[0] for m in said) == [f"ScaledObject ml/{deployment}", f"ScaledObject ml/{deployment}-empty"]
         if broken == "forbidden":
-            assert "HTTP 403" in said[0].getMessage()
+            assert all("HTTP 403" in m for m in said)
             assert len(api.paths) >= 5
 
 

@@ -21,14 +21,18 @@ from lab.localprom import free_port
 
 
 class FakeApiServer:
-    """The few REST paths the scaler reads: a ScaledObject, and the scale of its target.
+    """The few REST paths the scaler reads: a ScaledObject, and its scale target.
 
-    `replicas` is every target's status.replicas; `status` other than 200 answers every request
-    with that code (a 403 as the API server words it); `delay_s` holds each answer back."""
+    `replicas` is every target's status.replicas and `ready` its status.readyReplicas (left out
+    when 0, as the API server does; `replicas` when None); ScaledObjects named in `missing`
+    answer 404; `status` other than 200 answers every request with that code (a 403 as the API
+    server words it); `delay_s` holds each answer back."""
 
-    def __init__(self, replicas: int = 4, scale_target_ref: dict | None = None):
+    def __init__(self, replicas: int = 4, scale_target_ref: dict | None = None, ready: int | None = None):
         self.replicas = replicas
+        self.ready = ready
         self.scale_target_ref = scale_target_ref if scale_target_ref is not None else {"name": "sd"}
+        self.missing: set[str] = set()
         self.status = 200
         self.delay_s = 0.0
         self.paths: list[str] = []
@@ -62,14 +66,18 @@ class FakeApiServer:
         parts = path.strip("/").split("/")
         # /apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects/{name}
         if parts[:3] == ["apis", "keda.sh", "v1alpha1"] and parts[3] == "namespaces" and parts[5] == "scaledobjects":
+            if parts[6] in self.missing:
+                return 404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": f"{path} not found"}
             return 200, {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
                          "metadata": {"namespace": parts[4], "name": parts[6]},
                          "spec": {"scaleTargetRef": self.scale_target_ref}}
-        # /apis/apps/v1/namespaces/{ns}/{deployments|statefulsets}/{name}/scale
-        if parts[:3] == ["apis", "apps", "v1"] and parts[3] == "namespaces" and parts[-1] == "scale":
-            return 200, {"apiVersion": "autoscaling/v1", "kind": "Scale",
+        # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}: the scale target
+        if parts[0] == "apis" and parts[3] == "namespaces" and len(parts) == 7:
+            ready = self.replicas if self.ready is None else self.ready
+            status = {"replicas": self.replicas, **({"readyReplicas": ready} if ready else {})}
+            return 200, {"apiVersion": f"{parts[1]}/{parts[2]}", "kind": parts[5][:-1].capitalize(),
                          "metadata": {"namespace": parts[4], "name": parts[6]},
-                         "spec": {"replicas": self.replicas}, "status": {"replicas": self.replicas}}
+                         "spec": {"replicas": self.replicas}, "status": status}
         return 404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": f"{path} not found"}
 
     def configuration(self) -> client.Configuration:
@@ -92,21 +100,48 @@ def down_configuration() -> client.Configuration:
     return configuration
 
 
+def counts(**by_reason: int) -> dict[str, int]:
+    """What on_fallback gets: ScaledObjects per fallback reason, every reason present."""
+    return {**dict.fromkeys(kube.FALLBACK_REASONS, 0), **by_reason}
+
+
 def ask(source: kube.KubernetesReplicas, now: float = 0.0, namespace: str = "ml", name: str = "sd-so"):
     return asyncio.run(source.replicas(namespace, name, now))
 
 
-def test_the_replicas_come_from_the_scaledobjects_target_scale_subresource():
-    with FakeApiServer(replicas=4) as api:
-        assert ask(kube.KubernetesReplicas(api.configuration())) == 4
+def test_the_count_is_the_scaledobjects_targets_ready_replicas():
+    with FakeApiServer(replicas=4, ready=3) as api:
+        assert ask(kube.KubernetesReplicas(api.configuration())) == 3
     assert api.paths == ["/apis/keda.sh/v1alpha1/namespaces/ml/scaledobjects/sd-so",
-                         "/apis/apps/v1/namespaces/ml/deployments/sd/scale"]
+                         "/apis/apps/v1/namespaces/ml/deployments/sd"]
 
 
-def test_a_statefulset_target_is_read_through_its_own_scale_subresource():
+def test_replicas_created_but_not_ready_count_0_as_the_api_omits_a_zero_ready_count():
+    """A replica still loading its model has no series yet: that empty answer is not an outage."""
+    with FakeApiServer(replicas=2, ready=0) as api:
+        assert ask(kube.KubernetesReplicas(api.configuration())) == 0
+
+
+def test_a_statefulset_target_is_read_as_itself():
     with FakeApiServer(replicas=3, scale_target_ref={"name": "sd", "kind": "StatefulSet", "apiVersion": "apps/v1"}) as api:
         assert ask(kube.KubernetesReplicas(api.configuration())) == 3
-    assert api.paths[-1] == "/apis/apps/v1/namespaces/ml/statefulsets/sd/scale"
+    assert api.paths[-1] == "/apis/apps/v1/namespaces/ml/statefulsets/sd"
+
+
+ROLLOUT = {"name": "sd", "kind": "Rollout", "apiVersion": "argoproj.io/v1alpha1"}
+
+
+def test_another_kind_is_read_at_its_own_path_and_without_ready_replicas_gives_no_count():
+    """Only the apps kinds are known to leave out a zero readyReplicas; elsewhere its absence
+    says nothing, and the history rule decides instead."""
+    reported: list = []
+    with FakeApiServer(replicas=5, ready=5, scale_target_ref=ROLLOUT) as api:
+        source = kube.KubernetesReplicas(api.configuration(), ttl_s=1, on_fallback=reported.append)
+        assert ask(source, now=0) == 5
+        assert api.paths[-1] == "/apis/argoproj.io/v1alpha1/namespaces/ml/rollouts/sd"
+        api.ready = 0
+        assert ask(source, now=1) is None
+    assert reported[-1] == {**dict.fromkeys(kube.FALLBACK_REASONS, 0), kube.ERROR: 1}
 
 
 def test_a_count_is_cached_for_the_ttl_per_scaledobject():
@@ -135,16 +170,36 @@ def test_an_error_answer_gives_no_count_and_says_why_once(status, reason, caplog
         assert len(api.paths) == 5  # asked on every TTL, not given up on
         api.status = 200
         assert ask(source, now=5) == 4
-    assert reported == [None, reason, None]
+    assert reported == [counts(**{reason: 1}), counts()]
     [record] = [r for r in caplog.records if r.name == kube.__name__]
     assert f"HTTP {status}" in record.getMessage() and "history rule" in record.getMessage()
+    assert "ScaledObject ml/sd-so" in record.getMessage()
+
+
+def test_each_scaledobject_keeps_its_own_reason_logged_once_per_change_and_forgotten_with_it(caplog):
+    """One ScaledObject that cannot be read must neither flap another's state nor log each refresh."""
+    reported: list[dict] = []
+    with FakeApiServer(replicas=2) as api, caplog.at_level(logging.INFO, logger=kube.__name__):
+        api.missing = {"gone"}
+        source = kube.KubernetesReplicas(api.configuration(), ttl_s=1, on_fallback=reported.append)
+        for t in range(4):
+            assert ask(source, now=t, name="sd-so") == 2
+            assert ask(source, now=t, name="gone") is None
+        assert reported[-1] == counts(error=1)
+        [record] = [r for r in caplog.records if r.name == kube.__name__]
+        assert "ScaledObject ml/gone" in record.getMessage() and "HTTP 404" in record.getMessage()
+        source.forget("ml", "gone")
+        assert reported[-1] == counts()
+        asked = len(api.paths)
+        assert ask(source, now=3.5, name="sd-so") == 2  # the other's cache is kept
+        assert len(api.paths) == asked
 
 
 def test_an_unreachable_api_gives_no_count_within_the_timeout():
     reported: list[str | None] = []
     source = kube.KubernetesReplicas(down_configuration(), timeout_s=1, on_fallback=reported.append)
     assert ask(source) is None
-    assert reported == [None, kube.UNREACHABLE]
+    assert reported == [counts(unreachable=1)]
 
 
 def test_a_hung_api_gives_no_count_after_the_timeout_and_the_event_loop_keeps_running():
@@ -170,16 +225,28 @@ def test_a_hung_api_gives_no_count_after_the_timeout_and_the_event_loop_keeps_ru
             return replicas, elapsed, ticks
 
         replicas, elapsed, ticks = asyncio.run(scenario())
-    assert replicas is None and reported[-1] == kube.UNREACHABLE
+    assert replicas is None and reported[-1] == counts(unreachable=1)
     assert elapsed < 1.5
     assert ticks >= 20  # the loop ran while the client blocked (on its thread)
+
+
+def test_the_timeout_bounds_both_requests_together():
+    """0.4 s per answer, 0.6 s for the read: the second request gets what the first left."""
+    with FakeApiServer() as api:
+        api.delay_s = 0.4
+        source = kube.KubernetesReplicas(api.configuration(), timeout_s=0.6)
+        started = time.monotonic()
+        assert ask(source) is None
+        assert time.monotonic() - started < 1.0  # two 0.6 s timeouts would take 1.0 s
+        assert len(api.paths) == 2
 
 
 def test_without_a_configuration_the_api_is_never_asked_and_the_reason_is_reported():
     reported: list[str | None] = []
     source = kube.KubernetesReplicas(None, unavailable=kube.OFF, on_fallback=reported.append)
     assert ask(source) is None
-    assert reported == [kube.OFF]
+    assert ask(source, name="other") is None
+    assert reported == [counts(off=1), counts(off=2)]
 
 
 def test_outside_a_cluster_there_is_no_in_cluster_configuration(monkeypatch):
@@ -208,4 +275,4 @@ def test_the_api_count_decides_whether_an_empty_answer_is_zero(api_replicas, las
     if not believed:
         assert "missing data, not zero" in checked.error
     if api_replicas:
-        assert f"the Kubernetes API reports {api_replicas} replicas" in checked.error
+        assert f"the Kubernetes API reports {api_replicas} ready replicas" in checked.error

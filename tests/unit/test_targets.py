@@ -116,3 +116,36 @@ def test_a_refresh_that_crashes_every_time_is_named_not_left_pending():
     message, failed = asyncio.run(go())
     assert "refresh crashed: KeyError" in message and "has not finished" not in message
     assert failed >= 2
+
+
+def test_an_idle_target_forgotten_is_forgotten_by_the_kubernetes_api_reader_too():
+    """Its cached count and its fallback reason go with it, so the metric counts only targets served."""
+
+    class Replicas:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, str]] = []
+            self.forgotten: list[tuple[str, str]] = []
+
+        async def replicas(self, namespace, name, now):
+            self.asked.append((namespace, name))
+            return None
+
+        def forget(self, namespace, name):
+            self.forgotten.append((namespace, name))
+
+    replicas = Replicas()
+
+    async def go():
+        registry = TargetRegistry(SignalReader(quick_answer, max_concurrent=4), idle_forget_s=0.25, replicas=replicas)
+        registry.resolve("ns", "idle", META)
+        kept = registry.resolve("ns", "kept", META)
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            kept.last_used_at = registry.now()
+        left = [t.name for t in registry.targets()]
+        await registry.close()
+        return left
+
+    assert asyncio.run(go()) == ["kept"]
+    assert ("ns", "idle") in replicas.asked
+    assert replicas.forgotten[0] == ("ns", "idle")
