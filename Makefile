@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo evaluate protos bench clean prometheus
+.PHONY: test demo evaluate protos bench clean prometheus redis
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +15,13 @@ $(STAMP): pyproject.toml
 prometheus:
 	bash tools/ensure-prometheus.sh
 
-test: $(STAMP) prometheus
+redis:
+	bash tools/ensure-redis.sh
+
+test: $(STAMP) prometheus redis
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP) prometheus
+demo: $(STAMP) prometheus redis
 	$(BIN)/python -m lab.stack
 
 evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 15 s

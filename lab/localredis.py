@@ -1,0 +1,116 @@
+"""A real Redis server (Debian's `redis-server`, 7.x) on loopback, with persistence.
+
+Used by the tests, the benchmark and the local stack: a private directory, append-only file
+with `appendfsync always` (an accepted job survives a crash of the server, not just a clean
+restart), no RDB snapshots, and start/stop/kill/restart for fault injection. The data directory
+outlives a restart, so what was acknowledged before it is there after it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from lab.localprom import free_port
+
+
+class RedisNotFound(RuntimeError):
+    pass
+
+
+def find_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        raise RedisNotFound(
+            "the redis-server binary is not on PATH; on Debian or Ubuntu: sudo apt-get install -y redis-server"
+        )
+    return path
+
+
+class LocalRedis:
+    """One redis-server process on 127.0.0.1:`port`, its data in a private directory."""
+
+    def __init__(self, port: int | None = None, password: str | None = None):
+        self.binary = find_binary()
+        self.port = port or free_port()
+        self.password = password
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = Path(tempfile.mkdtemp(prefix="localredis-"))
+        self._process: subprocess.Popen | None = None
+
+    def _config(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f"dir {self.dir}",
+            "appendonly yes",
+            "appendfsync always",
+            'save ""',
+            "daemonize no",
+            "protected-mode yes",
+            f"logfile {self.dir / 'redis.log'}",
+        ]
+        if self.password:
+            lines.append(f"requirepass {self.password}")
+        return "\n".join(lines) + "\n"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, password=self.password)
+
+    def start(self, timeout_s: float = 15.0) -> LocalRedis:
+        config = self.dir / "redis.conf"
+        config.write_text(self._config())
+        self._process = subprocess.Popen([self.binary, str(config)], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    if self._process.poll() is not None:
+                        raise RuntimeError(f"redis-server exited with {self._process.returncode}; "
+                                           f"see {self.dir / 'redis.log'}") from None
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"redis-server on port {self.port} did not answer within {timeout_s:g}s") from None
+                time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """A clean shutdown (SIGTERM: the append-only file is flushed)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; with appendfsync always, every acknowledged write is on disk."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def restart(self, down_s: float = 0.0, crash: bool = False) -> None:
+        """Stops (or kills) the server, waits `down_s`, and starts it on the same port and data."""
+        self.kill() if crash else self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
