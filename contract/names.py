@@ -26,8 +26,29 @@ MODEL_LOAD = "diffusion_model_load_seconds"  # gauge, seconds the model took to 
 BATCH_SPLITS = "diffusion_batch_splits"  # counter (exposed with _total), failed batches bisected for retry
 ISOLATED_FAILURES = "diffusion_isolated_failures"  # counter (exposed with _total), failed alone after a split
 
+# pull mode (worker/queue.py): jobs taken off the Redis stream
+QUEUE_JOBS = "diffusion_queue_jobs"  # counter (exposed with _total), jobs ended by this worker, by JOB_OUTCOME_LABEL
+QUEUE_RECLAIMED = "diffusion_queue_reclaimed"  # counter (exposed with _total), jobs taken over from a dead consumer
+QUEUE_IN_HAND = "diffusion_queue_jobs_in_hand"  # gauge, jobs pulled off the stream and not yet acknowledged
+
 WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, BUSY_SECONDS,
-                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, BATCH_SPLITS, ISOLATED_FAILURES)
+                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, BATCH_SPLITS, ISOLATED_FAILURES,
+                  QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND)
+
+JOB_OUTCOME_LABEL = "outcome"  # QUEUE_JOBS: done, failed, expired, cancelled, dead_lettered, duplicate
+JOB_OUTCOMES = ("done", "failed", "expired", "cancelled", "dead_lettered", "duplicate")
+
+# -- the gateway (gateway/): the front door that holds requests on the queue ---------------------
+
+GATEWAY_ACCEPTED = "gateway_jobs_accepted"  # counter (exposed with _total), jobs enqueued, by API_LABEL
+GATEWAY_REJECTED = "gateway_requests_rejected"  # counter (exposed with _total), refused, by REJECT_REASON_LABEL
+GATEWAY_QUEUE_WAIT = "gateway_queue_wait_seconds"  # histogram, enqueue to a worker's start, of jobs seen to end
+GATEWAY_LATENCY = "gateway_request_duration_seconds"  # histogram, arrival to answer of the synchronous API
+GATEWAY_BACKLOG = "gateway_backlog_jobs"  # gauge, the stream's backlog when last read
+GATEWAY_METRICS = (GATEWAY_ACCEPTED, GATEWAY_REJECTED, GATEWAY_QUEUE_WAIT, GATEWAY_LATENCY, GATEWAY_BACKLOG)
+API_LABEL = "api"  # GATEWAY_ACCEPTED: sync (/v1/images/generations) or async (/v1/jobs)
+REJECT_REASON_LABEL = "reason"  # GATEWAY_REJECTED: invalid, backlog_full, redis_unavailable
+REJECT_REASONS = ("invalid", "backlog_full", "redis_unavailable")
 
 OUTCOME_LABEL = "outcome"
 OUTCOMES = ("ok", "rejected", "timeout", "error", "cancelled")
@@ -176,4 +197,4 @@ SCALER_METRICS = (SCALER_SCALEDOBJECTS, SCALER_QUEUE, SCALER_READY, SCALER_GPU, 
                   SCALER_QUERY_FAILURES, SCALER_GRPC_REQUESTS, SCALER_GRPC_DURATION, SCALER_QUERY_DURATION,
                   SCALER_KUBERNETES_API_FALLBACK, SCALER_SIGNAL_SILENT)
 
-ALL_METRICS = frozenset(WORKER_METRICS + tuple(DCGM_METRICS) + EXPORTER_METRICS + SCALER_METRICS)
+ALL_METRICS = frozenset(WORKER_METRICS + tuple(DCGM_METRICS) + EXPORTER_METRICS + SCALER_METRICS + GATEWAY_METRICS)
