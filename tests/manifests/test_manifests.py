@@ -20,7 +20,8 @@ from adapter.config import parse_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
-KUSTOMIZATIONS = ["base", "monitoring", "overlays/prometheus-operator", "overlays/exporter-daemonset"]
+KUSTOMIZATIONS = ["base", "monitoring", "overlays/prometheus-operator", "overlays/exporter-daemonset",
+                  "overlays/queue", "overlays/queue-with-redis"]
 KEDA_CRD = ROOT.parent / "shared" / "reference" / "keda" / "keda.sh_scaledobjects.yaml"
 KUBERNETES_VERSION = "1.34.0"
 RULES = MANIFESTS / "monitoring" / "rules"
@@ -63,7 +64,8 @@ def test_every_core_object_validates_against_the_kubernetes_schemas(kustomizatio
     assert checked
 
 
-@pytest.mark.parametrize("kustomization", ["base", "overlays/prometheus-operator", "overlays/exporter-daemonset"])
+@pytest.mark.parametrize("kustomization", ["base", "overlays/prometheus-operator", "overlays/exporter-daemonset",
+                                           "overlays/queue"])
 def test_the_scaledobject_validates_against_kedas_crd_and_the_scalers_parser(kustomization):
     if not KEDA_CRD.exists():
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{KEDA_CRD} is missing")
@@ -108,6 +110,7 @@ def test_the_worker_pod_drains_inside_its_grace_period_and_probes_real_paths():
 def test_every_environment_variable_names_a_real_flag():
     from adapter.__main__ import build_parser as scaler_parser
     from exporter.__main__ import build_parser as exporter_parser
+    from gateway.__main__ import build_parser as gateway_parser
     from worker.__main__ import build_parser as worker_parser
 
     def flags(parser) -> set[str]:
@@ -119,15 +122,42 @@ def test_every_environment_variable_names_a_real_flag():
                     found |= flags(subparser)
         return found
 
-    known = {"WORKER_": flags(worker_parser()), "EXPORTER_": flags(exporter_parser()), "SCALER_": flags(scaler_parser())}
-    for kustomization in ("base", "overlays/exporter-daemonset"):
+    known = {"WORKER_": flags(worker_parser()), "EXPORTER_": flags(exporter_parser()), "SCALER_": flags(scaler_parser()),
+             "GATEWAY_": flags(gateway_parser())}
+    # a password's value comes from the environment only, never a flag (contract.jobqueue.password_from)
+    values_only = {"WORKER_REDIS_PASSWORD", "GATEWAY_REDIS_PASSWORD", "SCALER_REDIS_PASSWORD"}
+    for kustomization in ("base", "overlays/exporter-daemonset", "overlays/queue-with-redis"):
         for workload in objects("Deployment", kustomization) + objects("DaemonSet", kustomization):
             for c in workload["spec"]["template"]["spec"]["containers"]:
-                for name in env(c):
+                for name in set(env(c)) - values_only:
                     for prefix, options in known.items():
                         if name.startswith(prefix):
                             flag = "--" + name.removeprefix(prefix).lower().replace("_", "-")
                             assert flag in options, f"{name} in {c['name']} sets no flag ({flag})"
+
+
+def test_the_queue_overlay_scales_the_workers_from_zero_on_the_streams_backlog():
+    [scaled_object] = objects("ScaledObject", "overlays/queue")
+    spec = scaled_object["spec"]
+    assert spec["minReplicaCount"] == 0 and spec["cooldownPeriod"] == 300
+    metadata = spec["triggers"][0]["metadata"]
+    [worker] = [d for d in objects("Deployment", "overlays/queue") if d["metadata"]["name"] == "sd-worker"]
+    [gateway] = [d for d in objects("Deployment", "overlays/queue") if d["metadata"]["name"] == "diffusion-gateway"]
+    worker_env, gateway_env = env(container(worker, "worker")), env(container(gateway, "gateway"))
+    # one stream: the gateway writes it, the workers read it, the scaler counts it
+    assert metadata["stream"] == worker_env["WORKER_STREAM"] == gateway_env["GATEWAY_STREAM"]
+    assert parse_metadata(metadata).policy.min_replicas == 0
+    for c in (container(worker, "worker"), container(gateway, "gateway")):
+        secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e
+                   and "secretKeyRef" in e["valueFrom"]}
+        assert {ref["name"] for ref in secrets.values()} == {"diffusion-redis"}
+        assert {ref["key"] for ref in secrets.values()} == {"address", "password"}
+    # the throwaway Redis is reachable only from the pods that use it
+    [policy] = objects("NetworkPolicy", "overlays/queue-with-redis")
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    clients = [d for d in objects("Deployment", "overlays/queue-with-redis") if d["metadata"]["name"] != "redis"]
+    assert {d["metadata"]["name"] for d in clients} == {"sd-worker", "diffusion-gateway", "diffusion-scaler"}
+    assert all(allowed.items() <= d["spec"]["template"]["metadata"]["labels"].items() for d in clients)
 
 
 def test_the_daemonset_overlay_replaces_the_sidecar_and_mounts_pod_resources_writable():
@@ -140,7 +170,7 @@ def test_the_daemonset_overlay_replaces_the_sidecar_and_mounts_pod_resources_wri
     assert mount["mountPath"] == "/var/lib/kubelet/pod-resources" and not mount.get("readOnly")
 
 
-def test_the_scaler_can_only_read_scaledobjects_and_the_scale_of_deployments_and_statefulsets():
+def test_the_scaler_can_only_get_scaledobjects_deployments_and_statefulsets():
     [account] = objects("ServiceAccount")
     [scaler] = [d for d in objects("Deployment") if d["metadata"]["name"] == account["metadata"]["name"]]
     # The token is mounted into the scaler's pods only, not into anything else using the account.
@@ -157,8 +187,8 @@ def test_the_scaler_can_only_read_scaledobjects_and_the_scale_of_deployments_and
                                   "name": role["metadata"]["name"]}
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
-    assert granted == {("keda.sh", "scaledobjects", "get"), ("apps", "deployments/scale", "get"),
-                       ("apps", "statefulsets/scale", "get")}
+    assert granted == {("keda.sh", "scaledobjects", "get"), ("apps", "deployments", "get"),
+                       ("apps", "statefulsets", "get")}
     assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no nonResourceURLs
 
 
