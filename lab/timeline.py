@@ -33,9 +33,10 @@ def _values(values) -> list[float]:
 
 
 def write_timeline(points: Sequence[TimelinePoint], path: Path | str, title: str, slo_s: float | None = None,
-                   minutes: bool = False) -> Path:
+                   minutes: bool = False, queue_label: str = "requests in flight") -> Path:
     """Draws `points` as a PNG at `path` (its folder is created), time in minutes or seconds, with
-    the objective `slo_s` drawn where given; needs matplotlib (the `stack` extra)."""
+    the objective `slo_s` drawn where given; `queue_label` names what the queue signal counted
+    (the workers' requests in flight, or a job stream's backlog); needs matplotlib (the `stack` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +53,7 @@ def write_timeline(points: Sequence[TimelinePoint], path: Path | str, title: str
     rate = replicas.twinx()
     rate.plot(t, [p.arrivals_per_s for p in points], color="0.6", linewidth=0.7)
     rate.set_ylabel("arrivals/s")
-    queue.plot(t, _values(p.signals.queue for p in points), label="requests in flight")
+    queue.plot(t, _values(p.signals.queue for p in points), label=queue_label)
     if any(p.decision is not None for p in points):
         for signal in SIGNALS:
             queue.plot(t, _values(p.decision.proposals.get(signal) if p.decision else None for p in points), "--",

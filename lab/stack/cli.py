@@ -11,7 +11,13 @@ Real parts, all of them:
   gRPC on KEDA's schedule and scales the worker processes: new workers start, surplus ones
   get SIGTERM and drain.
 
-A load generator plays a scenario (idle, ramp, burst, cool-down) against the balancer; a line
+Queue mode (the default, `--mode queue`) puts Redis (append-only) and the gateway in front:
+clients post to the gateway, which holds each request on a Redis stream; the workers pull
+from it, and the scaler reads the stream's backlog, so the fleet starts at zero workers, the
+first requests wake it (KEDA's activation), and a quiet end takes it back to zero after the
+cool-down. `--mode direct` is the earlier loop: workers behind a balancer, at least one always.
+
+A load generator plays a scenario (idle, ramp, burst, cool-down) against the front; a line
 a second shows replicas desired and ready, queue, p95, busy fraction and each signal's
 proposal; at the end a PNG timeline is written. Everything started is stopped on exit,
 Ctrl-C or failure.
@@ -36,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=150.0, help="length of the scenario")
     parser.add_argument("--model", type=Path, help="a pipeline directory; default: build the tiny model")
-    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--mode", choices=["queue", "direct"], default="direct",
+                        help="queue: gateway + Redis stream + pull-mode workers, from zero; direct: a balancer in "
+                        "front of the workers")
+    parser.add_argument("--min-replicas", type=int, help="default 0 in queue mode, 1 in direct mode")
+    parser.add_argument("--cooldown", type=float, default=15.0,
+                        help="KEDA cooldownPeriod (compressed): idle this long before 1 -> 0, with --min-replicas 0")
     parser.add_argument("--max-replicas", type=int, default=4, help="at most one per GPU on GPUs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: one worker per GPU with the sd15 model and an exporter each when NVML sees "

@@ -12,7 +12,8 @@ import aiohttp
 
 @dataclass(frozen=True)
 class Scenario:
-    """Offered load in requests per second over a run of `length_s`: idle, a ramp, a burst, a cool-down."""
+    """Offered load in requests per second over a run of `length_s`: idle, a ramp, a burst, a cool-down
+    (the idle phases at `idle_rps`, 0 for a scenario that opens and ends quiet)."""
 
     length_s: float
     idle_rps: float = 0.5
@@ -60,6 +61,9 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
 
         while not stop.is_set():
             rate = scenario.rate(time.monotonic() - started)
+            if rate <= 0:  # an idle phase: nothing arrives; look again shortly
+                await asyncio.sleep(0.2)
+                continue
             await asyncio.sleep(rng.expovariate(rate))
             if stop.is_set():
                 break

@@ -23,6 +23,7 @@ from lab.target import FleetTarget
 from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
 from lab.stack.discovery import SELECTOR, prometheus_config, write_targets
 from lab.stack.load import LoadStats, Scenario, generate_load
+from lab.stack.queue import QueueFront
 from lab.stack.record import write_record
 from lab.stack.sample import Sampler, view_header, view_line
 from lab.stack.workers import Balancer, WorkerFleet
@@ -92,8 +93,12 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.to_thread(make_model, model, profile.arch, 0, profile.device == "cuda")
     targets_file = workdir / "workers.json"
     exporters_file = workdir / "exporters.json"
+    queued = args.mode == "queue"
+    min_replicas = args.min_replicas if args.min_replicas is not None else (0 if queued else 1)
+    front = QueueFront(workdir) if queued else None
     fleet = WorkerFleet(model, flags=("--max-batch-size", str(profile.max_batch), "--max-wait-ms", str(MAX_WAIT_MS),
-                                      "--max-queue", str(QUEUE_BATCHES * profile.max_batch), "--drain-timeout", "30"),
+                                      "--max-queue", str(QUEUE_BATCHES * profile.max_batch), "--drain-timeout", "30",
+                                      *(front.worker_flags() if front else ())),
                         log_dir=workdir, device=profile.device, gpus=profile.gpus, exporters=bool(profile.gpus))
     direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
     # kubernetes_api off: the stack has no cluster, and a machine with a service-account token
@@ -108,8 +113,10 @@ async def run(args: argparse.Namespace) -> int:
     stats = LoadStats()
     stop = asyncio.Event()
     try:
+        if front is not None:
+            await asyncio.to_thread(front.start)
         await scaler.start()
-        fleet.scale_to(args.min_replicas)
+        fleet.scale_to(min_replicas)
         write_targets(targets_file, exporters_file, fleet, direct)
         if direct:
             source = {"scrapeTargetsFile": targets_file.name}
@@ -122,7 +129,9 @@ async def run(args: argparse.Namespace) -> int:
                 print(f"stack: {error}", file=sys.stderr)
                 return 2
             source = {"prometheusAddress": prometheus.url}
-        sampler = Sampler(scaler, prometheus.url if prometheus else None)
+        if front is not None:
+            source.update(front.scaler_metadata())
+        sampler = Sampler(scaler, prometheus.url if prometheus else None, queue_from_scaler=queued)
         await balancer.start()
         policy_metadata = {
             "window": "10s",
@@ -131,29 +140,34 @@ async def run(args: argparse.Namespace) -> int:
             "targetP95Seconds": str(profile.target_p95_s),
             "scaleDownWindowSeconds": str(args.scale_down_window),
             "refreshSeconds": "1",
-            "minReplicas": str(args.min_replicas),
+            "minReplicas": str(min_replicas),
             "maxReplicas": str(max_replicas),
             **dict(args.metadata),
         }
         ref = pb.ScaledObjectRef(name="sd-worker", namespace="local", scalerMetadata={
             **source, "selector": SELECTOR, **policy_metadata})
         channel = grpc.insecure_channel(f"127.0.0.1:{scaler.grpc_port}")
-        keda = KedaLoop(GrpcScaler(pb_grpc.ExternalScalerStub(channel), ref), args.min_replicas, max_replicas, PASS_THROUGH,
-                         polling_interval_s=args.polling_interval, sync_period_s=args.sync_period)
+        keda = KedaLoop(GrpcScaler(pb_grpc.ExternalScalerStub(channel), ref), min_replicas, max_replicas, PASS_THROUGH,
+                         polling_interval_s=args.polling_interval, sync_period_s=args.sync_period,
+                         cooldown_s=args.cooldown)
 
         target = FleetTarget(fleet, lambda: write_targets(targets_file, exporters_file, fleet, direct))
-        print(f"stack: waiting for {args.min_replicas} worker(s) to load the model ...", flush=True)
-        while len(fleet.ready) < args.min_replicas:
+        print(f"stack: waiting for {min_replicas} worker(s) to load the model ...", flush=True)
+        while len(fleet.ready) < min_replicas:
             await asyncio.to_thread(fleet.refresh)
             await asyncio.sleep(0.5)
         await asyncio.to_thread(keda.start, time.monotonic())
-        scenario = Scenario(args.seconds, peak_rps=profile.peak_rps, burst_rps=profile.burst_rps)
+        # Queue mode opens and ends quiet: the fleet starts at zero and must return there.
+        scenario = Scenario(args.seconds, idle_rps=0.0 if queued else 0.5, peak_rps=profile.peak_rps,
+                            burst_rps=profile.burst_rps)
         where = f"Prometheus {prometheus.url}" if prometheus else "no Prometheus: the scaler scrapes the workers itself"
-        print(f"stack: {args.seconds:.0f} s scenario through http://127.0.0.1:{balancer.port}; {where}; "
+        front_url = front.url if front else f"http://127.0.0.1:{balancer.port}"
+        through = f"the gateway {front_url} (Redis {front.redis.url})" if front else front_url
+        print(f"stack: {args.seconds:.0f} s scenario through {through}; {where}; "
               f"scaler gRPC 127.0.0.1:{scaler.grpc_port}; logs in {workdir}")
         print(view_header())
         started = time.monotonic()
-        load = asyncio.create_task(generate_load(f"http://127.0.0.1:{balancer.port}/v1/images/generations", scenario,
+        load = asyncio.create_task(generate_load(f"{front_url}/v1/images/generations", scenario,
                                                  profile.steps, stats, stop, started))
         while (elapsed := time.monotonic() - started) < args.seconds:
             await asyncio.to_thread(fleet.refresh)
@@ -166,12 +180,13 @@ async def run(args: argparse.Namespace) -> int:
         stop.set()
         await load
         if args.timeline and points:
-            write_timeline(points, args.timeline, "diffusion-autoscaler local stack")
+            write_timeline(points, args.timeline, "diffusion-autoscaler local stack" + (" (queue mode)" if queued else ""),
+                           queue_label="backlog (Redis stream)" if queued else "requests in flight")
             print(f"stack: timeline written to {args.timeline}")
         if args.record:
             settings = {"max_batch": profile.max_batch, "max_wait_ms": MAX_WAIT_MS,
                         "max_queue": QUEUE_BATCHES * profile.max_batch, "steps": profile.steps,
-                        "min_replicas": args.min_replicas, "max_replicas": max_replicas,
+                        "min_replicas": min_replicas, "max_replicas": max_replicas, "mode": args.mode,
                         "polling_interval_s": args.polling_interval, "sync_period_s": args.sync_period,
                         "seconds": args.seconds, "device": profile.device}
             write_record(Path(args.record), settings, policy_metadata, points, stats, fleet,
@@ -192,3 +207,5 @@ async def run(args: argparse.Namespace) -> int:
         await scaler.stop()
         if prometheus is not None:
             prometheus.close()
+        if front is not None:
+            await asyncio.to_thread(front.close)

@@ -19,11 +19,14 @@ WINDOW = "10s"
 
 
 class Sampler:
-    """One timeline point a call; `prometheus_url` None reads the scaler's own last snapshot."""
+    """One timeline point a call; `prometheus_url` None reads the scaler's own last snapshot, and
+    `queue_from_scaler` takes the queue from that snapshot too (a job stream's backlog, which
+    the scaler reads from Redis and Prometheus does not have)."""
 
-    def __init__(self, scaler: ScalerServer, prometheus_url: str | None) -> None:
+    def __init__(self, scaler: ScalerServer, prometheus_url: str | None, queue_from_scaler: bool = False) -> None:
         self._scaler = scaler
         self._url = prometheus_url
+        self._queue_from_scaler = queue_from_scaler
         self._client = PrometheusClient() if prometheus_url else None
         self._queries = builtin_queries(SELECTOR, WINDOW)
 
@@ -47,6 +50,8 @@ class Sampler:
             busy = await self.value(f"avg(rate({names.BUSY_SECONDS}_total{{{SELECTOR}}}[{WINDOW}]))")
         elif snapshot is not None:  # what the scaler itself read from the workers
             queue, p95 = snapshot.signals.queue, snapshot.signals.p95_seconds
+        if self._queue_from_scaler:
+            queue = snapshot.signals.queue if snapshot is not None else None
         signals = Signals(queue=math.nan if queue is None else queue, ready_replicas=fleet.ready_count(), p95_seconds=p95)
         return TimelinePoint(t, fleet.desired, offered_rps, signals, busy, decision)
 

@@ -62,7 +62,8 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
                    cwd=ROOT, check=True, capture_output=True, timeout=180)
     timeline, record = tmp_path / "timeline.png", tmp_path / "record.json"
     result = subprocess.run(
-        [sys.executable, "-m", "lab.stack", "--seconds", "100", "--scale-down-window", "10", "--model", str(model),
+        [sys.executable, "-m", "lab.stack", "--mode", "direct", "--seconds", "100", "--scale-down-window", "10",
+         "--model", str(model),
          "--steps", "24", "--max-replicas", "3", "--metadata", "minBusyReplicas=1",
          "--timeline", str(timeline), "--record", str(record)],
         cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -98,7 +99,8 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
     import time
 
     require_prometheus()
-    process = subprocess.Popen([sys.executable, "-m", "lab.stack", "--seconds", "300", "--timeline", ""],
+    process = subprocess.Popen([sys.executable, "-m", "lab.stack", "--mode", "direct", "--seconds", "300",
+                                "--timeline", ""],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -124,7 +126,8 @@ def test_ctrl_c_mid_run_stops_everything_it_started():
 @pytest.mark.timeout(300)
 def test_without_prometheus_the_scaler_scrapes_the_workers_itself_and_still_scales():
     result = subprocess.run(
-        [sys.executable, "-m", "lab.stack", "--seconds", "120", "--metrics-source", "direct", "--steps", "24",
+        [sys.executable, "-m", "lab.stack", "--mode", "direct", "--seconds", "120", "--metrics-source", "direct",
+         "--steps", "24",
          "--scale-down-window", "8", "--timeline", "", "--metadata", "minBusyReplicas=1", "--burst-rps", "6"],
         cwd=ROOT, capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
