@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("adapter", "contract", "exporter", "lab", "worker")
+PACKAGES = ("adapter", "contract", "exporter", "gateway", "lab", "worker")
 
 
 def test_the_import_contracts_in_pyproject_hold():
@@ -57,7 +57,7 @@ def test_metric_names_are_written_only_in_the_contract():
 
 def test_no_module_of_a_deployable_is_over_about_400_lines():
     long = {str(p.relative_to(ROOT)): n for p in source_files()
-            if p.parts[len(ROOT.parts)] in ("adapter", "exporter", "worker", "contract")
+            if p.parts[len(ROOT.parts)] in ("adapter", "exporter", "gateway", "worker", "contract")
             and (n := len(p.read_text().splitlines())) > 420}
     assert long == {}
 
@@ -77,13 +77,14 @@ def test_the_docs_name_only_metrics_of_the_contract_and_each_deployables_page_li
     not_exported = {"DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"}
     known = set(names.ALL_METRICS) | labels | not_exported
     pages = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")} | {"README.md": (ROOT / "README.md").read_text()}
-    token = re.compile(r"\b((?:diffusion|scaler|gpu_exporter)_[a-z0-9_]*[a-z0-9]|DCGM_FI_[A-Z0-9_]*[A-Z0-9])\b(?!\.py)")
+    token = re.compile(r"\b((?:diffusion|scaler|gpu_exporter|gateway)_[a-z0-9_]*[a-z0-9]|DCGM_FI_[A-Z0-9_]*[A-Z0-9])\b(?!\.py)")
     unknown = {page: sorted(name for name in set(token.findall(text))
                             if name not in known and re.sub(r"_(bucket|sum|count|total)$", "", name) not in known)
                for page, text in pages.items()}
     assert {page: found for page, found in unknown.items() if found} == {}
     for metrics, page in ((names.WORKER_METRICS, "WORKER.md"), (names.SCALER_METRICS, "SCALER.md"),
-                          (names.EXPORTER_METRICS + tuple(names.DCGM_METRICS), "EXPORTER.md")):
+                          (names.EXPORTER_METRICS + tuple(names.DCGM_METRICS), "EXPORTER.md"),
+                          (names.GATEWAY_METRICS, "GATEWAY.md")):
         assert [m for m in metrics if m not in pages[page]] == [], page
 
 

@@ -1,0 +1,66 @@
+"""The gateway's settings, parsed once: where the queue lives and how long things may take."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from contract.jobqueue import DEFAULT_GROUP, DEFAULT_STREAM, QueueKeys
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Every setting of one gateway process; `validate` names the flag of a bad value.
+
+    Times are seconds. `request_timeout_s` is both a job's lifetime (its deadline is its
+    enqueue time plus this) and the longest the synchronous API waits.
+    """
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_password: str | None = None  # from a file or the environment, never from the URL
+    stream: str = DEFAULT_STREAM
+    group: str = DEFAULT_GROUP
+    request_timeout_s: float = 300.0
+    result_ttl_s: int = 3600
+    max_backlog: int = 1000
+    idempotency_ttl_s: int = 86400
+    access_log: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag when a value is out of bounds."""
+        check_redis_url(self.redis_url)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0 to 65535, not {self.port}")
+        for flag, value in (("--request-timeout", self.request_timeout_s), ("--result-ttl", self.result_ttl_s),
+                            ("--max-backlog", self.max_backlog), ("--idempotency-ttl", self.idempotency_ttl_s)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be above 0, not {value}")
+        for flag, value in (("--stream", self.stream), ("--group", self.group)):
+            try:
+                QueueKeys(stream=value) if flag == "--stream" else QueueKeys(group=value)
+            except ValueError as error:
+                raise ValueError(f"{flag}: {error}") from None
+
+    @property
+    def keys(self) -> QueueKeys:
+        return QueueKeys(stream=self.stream, group=self.group)
+
+
+def check_redis_url(url: str) -> None:
+    """Raises ValueError for a URL redis-py cannot use or one that carries a password: a
+    password in a URL ends up in process listings, manifests and logs."""
+    parts = urlsplit(url)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ValueError("--redis-url carries a password; give it with --redis-password-file "
+                         "(env GATEWAY_REDIS_PASSWORD_FILE) or the GATEWAY_REDIS_PASSWORD variable")
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"--redis-url must start with redis://, rediss:// or unix://, not {parts.scheme}://")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"--redis-url names no host: {url!r}")
