@@ -10,6 +10,7 @@ import signal
 import sys
 
 from adapter.prometheus import PrometheusAuth
+from contract.jobqueue import password_from
 from contract.cli import LOG_LEVELS, Environment, configure_logging
 from adapter.server import ScalerServer, ServerConfig
 
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "unset, scrapeTargetsFile is refused (env SCALER_SCRAPE_TARGETS_DIR)",
     )
     prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", _DEFAULTS.max_concurrent_queries), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
+    queue = parser.add_argument_group("Redis access (for ScaledObjects with redisAddress; credentials never in metadata)")
+    queue.add_argument(
+        "--redis-password-file",
+        default=ENV.get("REDIS_PASSWORD_FILE"),
+        help="the password sent to every redisAddress, read from this file; unset, the environment variable "
+        "SCALER_REDIS_PASSWORD, else no AUTH (env SCALER_REDIS_PASSWORD_FILE)",
+    )
     add(
         "--kubernetes-api",
         default=ENV.get("KUBERNETES_API", _DEFAULTS.kubernetes_api),
@@ -110,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_prometheus_urls=tuple(u.strip() for u in args.allowed_prometheus_urls.split(",") if u.strip()),
         scrape_targets_dir=args.scrape_targets_dir,
         max_concurrent_queries=args.max_concurrent_queries,
+        redis_password=password_from("SCALER_REDIS_PASSWORD", args.redis_password_file),
         idle_forget_s=args.idle_forget_seconds,
         max_scaled_objects=args.max_scaled_objects,
         shutdown_grace_s=args.shutdown_grace_seconds,

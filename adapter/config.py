@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 from adapter import promql
 from adapter.policy import COMBINE_MODES, PolicySpec
 from adapter.promql import Queries
+from contract.jobqueue import DEFAULT_STREAM, QueueKeys
 from contract.names import LATENCY, SIGNALS
 
 # Keys KEDA's external scaler reads for itself and forwards to us as part of the metadata.
@@ -66,7 +67,8 @@ class ScalerSpec:
 
     Exactly one source is set: `prometheus_address` (a base URL without a trailing slash), or
     `scrape_targets_file` (an absolute path inside the scaler's --scrape-targets-dir), in which
-    case `prometheus_address` is "". Times are in seconds; `window` is a PromQL duration text.
+    case `prometheus_address` is "". With `redis_address` (a URL without credentials) the queue
+    signal is `stream`'s backlog in Redis. Times are in seconds; `window` a PromQL duration.
     """
 
     prometheus_address: str
@@ -81,6 +83,8 @@ class ScalerSpec:
     unknown_keys: tuple[str, ...] = ()  # metadata keys neither ours nor KEDA's, sorted
     # Set instead of prometheus_address: scrape the pods in this file_sd file directly.
     scrape_targets_file: str | None = None
+    redis_address: str | None = None  # set: the queue is `stream`'s backlog (adapter/redisqueue.py)
+    stream: str = DEFAULT_STREAM  # the job stream's name (contract/jobqueue.py)
 
 
 def parse_duration_seconds(text: str) -> float:
@@ -136,6 +140,30 @@ def _url(key: MetadataKey, raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise MetadataError(key.name, raw, key.accepted)
     return raw.rstrip("/")
+
+
+def _redis_url(key: MetadataKey, raw: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise MetadataError(key.name, raw, key.accepted) from None
+    if "@" in parts.netloc:  # shown without what precedes the @: a password never reaches a log
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise MetadataError(key.name, shown, "credentials never go in metadata; the scaler reads the password "
+                            "from --redis-password-file or SCALER_REDIS_PASSWORD")
+    if (parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment
+            or not re.fullmatch(r"/?|/[0-9]{1,5}", parts.path)):
+        raise MetadataError(key.name, raw, key.accepted)
+    return raw
+
+
+def _stream(key: MetadataKey, raw: str) -> str:
+    try:
+        QueueKeys(stream=raw)
+    except ValueError:
+        raise MetadataError(key.name, raw, key.accepted) from None
+    return raw
 
 
 def _matching(pattern: re.Pattern[str]) -> Callable[[MetadataKey, str], str]:
@@ -226,6 +254,9 @@ METADATA_KEYS: tuple[MetadataKey, ...] = (
                 "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"),
     MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", _text,
                 "accepted: a Prometheus file_sd JSON file inside the scaler's --scrape-targets-dir"),
+    MetadataKey("redisAddress", ScalerSpec, "redis_address", _redis_url,
+                "accepted: redis://host:port/db or rediss://host:port/db, without credentials"),
+    MetadataKey("stream", ScalerSpec, "stream", _stream, "accepted: a Redis key, 1 to 200 characters without spaces"),
     MetadataKey("selector", ScalerSpec, "selector", _selector,
                 'accepted: PromQL label matchers, e.g. namespace="ml",deployment="sd-worker"'),
     MetadataKey("queueQuery", Queries, "queue", _text, _QUERY),
@@ -318,11 +349,17 @@ def _validate(
                 accepted = "query overrides need prometheusAddress; scrapeTargetsFile reads the built-in signals"
                 raise MetadataError(name, texts[name], accepted)
     elif address is None:
-        raise MetadataError("prometheusAddress", None, "it is required; " + _BY_NAME["prometheusAddress"].accepted)
+        why = "it is required (redisAddress gives only the queue; ready replicas come from here or scrapeTargetsFile); "
+        raise MetadataError("prometheusAddress", None, why + _BY_NAME["prometheusAddress"].accepted)
     elif allowed_prefixes and not any(address.startswith(p.rstrip("/")) for p in allowed_prefixes):
         raise MetadataError("prometheusAddress", texts["prometheusAddress"],
                             "this scaler only queries addresses starting with " + ", ".join(allowed_prefixes))
 
+    if values["redisAddress"] is None and "stream" in texts:
+        raise MetadataError("stream", texts["stream"], "the stream is read only with redisAddress")
+    if values["redisAddress"] is not None and "queueQuery" in texts:
+        raise MetadataError("queueQuery", texts["queueQuery"],
+                            "set queueQuery or redisAddress, not both: with redisAddress the queue is its backlog")
     if LATENCY in values["signals"] and values["targetP95Seconds"] is None:
         raise MetadataError("signals", texts["signals"], "the latency signal needs targetP95Seconds to be set")
     if "weights" in texts:

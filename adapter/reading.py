@@ -1,5 +1,5 @@
-"""One refresh's reading, whatever its source (Prometheus or direct scrapes): each query's
-outcome, and the one conversion from those outcomes to the policy's `Signals`.
+"""One refresh's reading, whatever its source (Prometheus or direct scrapes, Redis for the
+queue): each query's outcome, and the one conversion from those outcomes to the policy's `Signals`.
 
 Interpretation is where "a missing answer never becomes 0" is enforced:
 
@@ -12,6 +12,10 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 
 * unless the target has ready replicas (the Kubernetes API says so, or, where it cannot say, the last
   good reading had ready replicas): `absent_is_not_zero`.
+
+Read from Redis (`redisAddress`, `adapter/redisqueue.py`), the queue is the stream's backlog:
+always a number (a stream that does not exist is a real 0), so `absent_is_not_zero` never
+touches it, and an error reading it is a failure like any other.
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
 window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that
@@ -63,8 +67,10 @@ class Reading:
 
 
 def needed_queries(spec: ScalerSpec) -> tuple[str, ...]:
-    """Queue (activity) and ready replicas always; GPU and latency when enabled."""
-    return (QUEUE, READY_REPLICAS) + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals)
+    """What Prometheus or the direct scrapes answer: queue (activity) and ready replicas always,
+    GPU and latency when enabled; the queue not when it is read from Redis (`redis_address`)."""
+    counts = (READY_REPLICAS,) if spec.redis_address else (QUEUE, READY_REPLICAS)
+    return counts + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals)
 
 
 def interpret(name: str, value: float | None) -> float | None:
@@ -91,8 +97,9 @@ def outcome(name: str, value: float | None, duration_s: float) -> QueryOutcome:
 
 def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, float], ...]) -> Reading:
     """One refresh's Reading from its query outcomes, the one conversion every source uses:
-    the signals when every query answered usably, None when any failed."""
-    if any(o.error for o in outcomes):
+    the signals when every query answered usably, None when any failed, or while a count is not
+    among them yet (the queue read from Redis joins the other source's outcomes afterwards)."""
+    if any(o.error for o in outcomes) or not set(_COUNTS) <= {o.name for o in outcomes}:
         return Reading(None, outcomes, requests)
     values = {o.name: interpret(o.name, o.value) for o in outcomes}
     signals = Signals(

@@ -22,6 +22,7 @@ from adapter.prometheus import PrometheusAuth, PrometheusClient
 from adapter.service import SERVICE_NAME, ExternalScalerService
 from adapter.directscrape import DirectSignalReader, SignalRouter
 from adapter.kube import MODES, OFF, KubernetesReplicas, in_cluster_configuration
+from adapter.redisqueue import QueueFromRedis, RedisBacklog
 from adapter.signals import SignalReader
 from adapter.targets import TargetRegistry
 
@@ -45,6 +46,7 @@ class ServerConfig:
     allowed_prometheus_urls: tuple[str, ...] = ()
     scrape_targets_dir: str | None = None  # set: ScaledObjects may name file_sd files in it (scrapeTargetsFile)
     max_concurrent_queries: int = 32
+    redis_password: str | None = field(default=None, repr=False)  # sent to every redisAddress; None: no AUTH
     idle_forget_s: float = 900.0
     max_scaled_objects: int = 2000
     shutdown_grace_s: float = 5.0
@@ -138,7 +140,10 @@ class ScalerServer:
             on_fallback=metrics.kubernetes_api_fallback,
             **({"unavailable": unavailable} if unavailable else {}),
         )
-        reader = SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct)
+        self._redis = RedisBacklog(config.redis_password)
+        reader = QueueFromRedis(
+            SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct), self._redis
+        )
         self.registry = TargetRegistry(
             reader,
             allowed_prefixes=config.allowed_prometheus_urls,
@@ -207,5 +212,6 @@ class ScalerServer:
         self._http.stop()
         await self._client.close()
         await self._direct.close()
+        await self._redis.close()
         self._kube.close()
         return clean

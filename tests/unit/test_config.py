@@ -198,7 +198,8 @@ KEYS = st.one_of(st.sampled_from(sorted(KNOWN_KEYS)), st.text(max_size=12))
 NEAR_VALID = st.one_of(
     st.text(max_size=20),
     st.sampled_from(["", "0", "-1", "1", "8", "75", "100", "1e309", "nan", "inf", "1m", "5s", "max", "weighted"]),
-    st.sampled_from(["queue", "gpu,latency", "queue=2,gpu=1", 'namespace="ml"', "http://127.0.0.1:1"]),
+    st.sampled_from(["queue", "gpu,latency", "queue=2,gpu=1", 'namespace="ml"', "http://127.0.0.1:1",
+                     "redis://127.0.0.1:1/0", "redis://:pw@h", "jobs:a"]),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.integers().map(str),
 )
@@ -254,3 +255,90 @@ def test_a_selector_one_source_could_not_use_is_refused_for_both(source, tmp_pat
     parse_metadata({**base, "selector": "namespace='ml',deployment=~'sd-.*'"}, scrape_targets_dir=str(tmp_path))
     with pytest.raises(MetadataError, match="selector"):
         parse_metadata({**base, "selector": 'deployment=~"sd-("'}, scrape_targets_dir=str(tmp_path))
+
+
+# --- the Redis source: the queue from a stream's backlog ------------------------------------------
+
+REDIS = {**BASE, "redisAddress": "redis://redis.queue:6379/0"}
+
+
+@pytest.mark.parametrize("address", ["redis://redis.queue:6379/0", "redis://127.0.0.1", "rediss://r.example:6380/3",
+                                     "redis://[::1]:6379/", "redis://redis.queue:6379"])
+def test_redis_address_takes_a_redis_url_with_an_optional_db(address):
+    spec = parse(redisAddress=address)
+    assert spec.redis_address == address and spec.stream == "diffusion:jobs"
+    assert spec.prometheus_address == BASE["prometheusAddress"]  # the other signals stay with Prometheus
+
+
+def test_the_stream_is_named_by_its_key():
+    assert parse_metadata({**REDIS, "stream": "sd:jobs"}).stream == "sd:jobs"
+    assert parse_metadata({**REDIS, "streamFromEnv": "sd:env"}).stream == "sd:env"
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["redis.queue:6379", "http://redis.queue:6379", "redis://", "redis://h:99999", "redis://h/db0", "redis://h/0/1",
+     "redis://h/0?ssl_cert_reqs=none", "redis://h/0#x", "unix:///run/redis.sock"],
+)
+def test_a_redis_address_that_is_not_a_redis_url_is_refused(address):
+    with pytest.raises(MetadataError) as raised:
+        parse(redisAddress=address)
+    assert raised.value.key == "redisAddress" and raised.value.value == address
+    assert str(raised.value).endswith("accepted: redis://host:port/db or rediss://host:port/db, without credentials")
+
+
+@pytest.mark.parametrize("address", ["redis://:s3cret@redis.queue:6379/0", "redis://admin:s3cret@redis.queue/0",
+                                     "rediss://s3cret@redis.queue"])
+def test_credentials_in_the_redis_address_are_refused_without_repeating_them(address):
+    with pytest.raises(MetadataError) as raised:
+        parse(redisAddress=address)
+    assert raised.value.key == "redisAddress"
+    assert "s3cret" not in str(raised.value) and "***@redis.queue" in str(raised.value)
+    assert "--redis-password-file or SCALER_REDIS_PASSWORD" in str(raised.value)
+
+
+@pytest.mark.parametrize("stream", ["has space", "x" * 201])
+def test_a_stream_name_redis_keys_cannot_carry_is_refused(stream):
+    with pytest.raises(MetadataError) as raised:
+        parse_metadata({**REDIS, "stream": stream})
+    assert raised.value.key == "stream" and "1 to 200 characters without spaces" in str(raised.value)
+
+
+def test_a_stream_without_redis_address_is_refused():
+    with pytest.raises(MetadataError, match="only with redisAddress") as raised:
+        parse(stream="sd:jobs")
+    assert raised.value.key == "stream"
+
+
+def test_queue_query_and_redis_address_conflict():
+    with pytest.raises(MetadataError, match="not both") as raised:
+        parse_metadata({**REDIS, "queueQuery": "sum(my_queue)"})
+    assert raised.value.key == "queueQuery" and raised.value.value == "sum(my_queue)"
+    parse_metadata({**REDIS, "readyReplicasQuery": "count(up)"})  # the other overrides still apply
+
+
+def test_redis_alone_is_refused_because_ready_replicas_need_prometheus_or_direct_scrapes(tmp_path):
+    """The policy needs ready replicas (burst, the restart hold, the GPU proposal); Redis has only
+    the queue, and an always-empty fleet would let a restarted scaler scale a busy one down."""
+    with pytest.raises(MetadataError, match="redisAddress gives only the queue") as raised:
+        parse_metadata({"redisAddress": "redis://r:6379/0"})
+    assert raised.value.key == "prometheusAddress"
+    direct = parse_metadata({"redisAddress": "redis://r:6379/0", "scrapeTargetsFile": "w.json"},
+                            scrape_targets_dir=str(tmp_path))
+    assert direct.redis_address == "redis://r:6379/0" and direct.scrape_targets_file == str(tmp_path / "w.json")
+
+
+def test_the_redis_password_is_the_scalers_own_setting_from_a_file_or_else_the_environment(tmp_path, monkeypatch):
+    from adapter.__main__ import build_parser, config_from_args
+
+    def config(*flags):
+        return config_from_args(build_parser().parse_args(list(flags)))
+
+    monkeypatch.delenv("SCALER_REDIS_PASSWORD", raising=False)
+    assert config().redis_password is None
+    monkeypatch.setenv("SCALER_REDIS_PASSWORD", "from-env")
+    assert config().redis_password == "from-env"
+    secret = tmp_path / "password"
+    secret.write_text("from-file\n")  # a mounted Secret's trailing newline is not part of it
+    loaded = config("--redis-password-file", str(secret))
+    assert loaded.redis_password == "from-file" and "from-file" not in repr(loaded)

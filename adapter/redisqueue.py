@@ -1,0 +1,118 @@
+"""The queue signal read where the queue lives: a Redis stream's backlog (`redisAddress`).
+
+The backlog is `contract.jobqueue.backlog`: the stream's length, which is the entries not yet
+delivered to the workers' group plus those delivered and not acknowledged (the workers
+acknowledge and delete in one step), as KEDA's redis-streams scaler counts them. It exists
+with no worker running, so the scaler can answer IsActive at zero replicas.
+
+Every outcome is a number or an error, never "no series": a stream that does not exist is a
+real 0 (nothing enqueued, or all of it ended), while Redis unreachable, timing out, refusing
+the password, or holding another type under the stream's name is a failed query, and the
+caller keeps its last good value until it is stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeout
+
+from adapter.config import ScalerSpec
+from adapter.reading import QueryOutcome, Reading, outcome, to_reading
+from contract.jobqueue import QueueKeys, backlog
+from contract.names import QUEUE
+
+
+class SignalSource(Protocol):
+    """Prometheus or the direct scrapes (`adapter.directscrape.SignalRouter`)."""
+
+    async def read(self, spec: ScalerSpec) -> Reading: ...
+
+
+class RedisBacklog:
+    """Reads streams' backlogs: one `redis.asyncio` client (a connection pool) per distinct
+    address and query timeout, shared by every ScaledObject that names it.
+
+    `password` (the scaler's --redis-password-file or SCALER_REDIS_PASSWORD; None: no AUTH) is
+    sent to every address. A client no read has used for `idle_close_s` is closed when another
+    is created, so addresses of forgotten ScaledObjects do not hold connections for ever.
+    """
+
+    def __init__(self, password: str | None = None, *, idle_close_s: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._password = password
+        self._idle_close_s = idle_close_s
+        self._clock = clock
+        self._clients: dict[tuple[str, float], aioredis.Redis] = {}
+        self._used_at: dict[tuple[str, float], float] = {}
+
+    async def _client(self, address: str, timeout_s: float) -> aioredis.Redis:
+        key = (address, timeout_s)
+        self._used_at[key] = self._clock()
+        client = self._clients.get(key)
+        if client is None:
+            # redis-py's default retries three times with up to 10 s of backoff, far past the
+            # query timeout. No retry: the next refresh is the retry, and the last good value is
+            # served meanwhile. (The pool itself replaces a connection a Redis restart broke.)
+            client = self._clients[key] = aioredis.Redis.from_url(
+                address, password=self._password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+            await self._close_idle()  # after registering: a read starting meanwhile finds this client
+        return client
+
+    async def _close_idle(self) -> None:
+        now = self._clock()
+        idle = [key for key, used_at in self._used_at.items() if now - used_at > self._idle_close_s]
+        for key in idle:
+            del self._used_at[key]
+        closing = [self._clients.pop(key) for key in idle]
+        for client in closing:  # taken out before the first await: no two reads close one client
+            await client.aclose()
+
+    async def read(self, spec: ScalerSpec) -> QueryOutcome:
+        """The queue outcome of `spec`'s stream (spec.redis_address must be set): its backlog in
+        jobs, or an error naming the address, the stream and why, within queryTimeoutSeconds."""
+        assert spec.redis_address is not None
+        where = f"Redis at {spec.redis_address}, stream {spec.stream!r}"
+        started = self._clock()
+        try:
+            client = await self._client(spec.redis_address, spec.query_timeout_s)
+            # The socket timeouts bound each exchange; this bounds connect, AUTH and XLEN together.
+            async with asyncio.timeout(spec.query_timeout_s):
+                jobs = await backlog(client, QueueKeys(stream=spec.stream))
+        except (TimeoutError, RedisTimeout):
+            error = f"no answer within {spec.query_timeout_s:g}s"
+        except Exception as e:  # refused, AUTH, WRONGTYPE, and a bug alike: a failed read, never 0
+            error = f"{type(e).__name__}: {e}"
+        else:
+            return outcome(QUEUE, float(jobs), self._clock() - started)
+        return QueryOutcome(QUEUE, self._clock() - started, error=f"{where}: {error}")
+
+    async def close(self) -> None:
+        """Closes every client's connections (the scaler's shutdown)."""
+        clients, self._clients = list(self._clients.values()), {}
+        self._used_at.clear()
+        for client in clients:
+            await client.aclose()
+
+
+class QueueFromRedis:
+    """The scaler's reader: a spec with `redis_address` takes its queue from Redis and the rest
+    from `others`, the two reads side by side so Redis adds no latency; any other spec is
+    `others`' alone. The reading keeps each source's outcomes, so errors name the source."""
+
+    def __init__(self, others: SignalSource, queue: RedisBacklog):
+        self.others = others
+        self.queue = queue
+
+    async def read(self, spec: ScalerSpec) -> Reading:
+        if spec.redis_address is None:
+            return await self.others.read(spec)
+        rest, queue = await asyncio.gather(self.others.read(spec), self.queue.read(spec))
+        return to_reading((queue, *rest.outcomes), rest.requests)
