@@ -140,7 +140,8 @@ class _Families:
             return GaugeMetricFamily(name, doc, labels=LABELS + extra)
 
         self.scaledobjects = GaugeMetricFamily(names.SCALER_SCALEDOBJECTS, "Triggers registered and refreshing")
-        self.queue = gauge(names.SCALER_QUEUE, "Queue signal: requests waiting + running over the target's pods")
+        self.queue = gauge(names.SCALER_QUEUE, "Queue signal: requests waiting + running over the target's pods, "
+                           "or the job stream's backlog (undelivered + pending) with redisAddress")
         self.ready = gauge(names.SCALER_READY, f"Replicas reporting ready ({names.READY})")
         self.gpu = gauge(names.SCALER_GPU, "GPU signal: mean utilization over the target's GPUs")
         self.p95 = gauge(names.SCALER_P95, "Latency signal: p95 request latency over the window")
