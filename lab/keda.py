@@ -6,8 +6,12 @@ replay simulator (in process) share it:
 
 - KEDA's polling loop, every `polling_interval_s`, asks `IsActive` (and, with
   `useCachedMetrics`, fetches the metric into KEDA's cache). Activity matters only for
-  scaling from and to zero, so activation acts only when `min_replicas` is 0: active at 0
-  replicas scales to 1; inactive for `cooldown_s` scales to 0.
+  scaling from and to zero, so activation acts only when `min_replicas` is 0: a poll that finds
+  the trigger active at 0 replicas scales to 1, and is the last active time; the first poll at
+  least `cooldown_s` (`cooldownPeriod`) after the last active time, finding it inactive, scales
+  to 0. Activity between polls is not seen: an instant backlog that a poll misses does not hold
+  the fleet up. Unlike KEDA, a target that was never active is not scaled to 0 at once (the
+  local stack and the simulator open at 0 when `min_replicas` is 0).
 - At every HPA sync (`sync_period_s`) the metric is fetched (or taken from the cache) and goes
   through `lab.hpa` (AverageValue target, tolerance, behavior) to a replica count that is
   applied to the target. A failed fetch keeps the count, as the HPA does.

@@ -4,6 +4,9 @@
   utilization averaged over 1 m), Kubernetes' default behavior;
 - `keda-queue`: KEDA's Prometheus scaler on requests in flight, 5 per replica, through the
   same KEDA loop as the composite, Kubernetes' default behavior;
+- `keda-queue-min0`: the same on a queue and down to zero, as a user with an SQS queue runs it:
+  `queueLength` 5, `activationQueueLength` 0, `minReplicaCount` 0, KEDA's default
+  `pollingInterval` (30 s) and `cooldownPeriod` (300 s);
 - `fixed-interval`: every 30 s, one replica more when the queue exceeds the replicas' batch
   capacity, one fewer when it is empty (the Lightning approach);
 - `knative`: Knative's KPA with its defaults on concurrency, the container concurrency set
@@ -24,20 +27,26 @@ from lab.sim.controller import Controller, PeriodicController
 from lab.sim.observe import Observation
 
 BASELINE_NAMES = ("hpa-gpu", "keda-queue", "fixed-interval", "knative")
+KEDA_QUEUE_MIN0 = "keda-queue-min0"
+# KEDA's defaults for a ScaledObject that sets neither, seconds
+KEDA_POLLING_INTERVAL_S = 30.0
+KEDA_COOLDOWN_PERIOD_S = 300.0
 
 
 class PrometheusQueueScaler:
-    """KEDA's built-in Prometheus scaler on requests in flight: queried at each call."""
+    """A KEDA built-in scaler on the queue (requests in flight, or a queue's length): queried at
+    each call, active while the queue exceeds `activation` (KEDA's `activationQueueLength`)."""
 
-    def __init__(self, target_per_replica: float) -> None:
+    def __init__(self, target_per_replica: float, activation: float = 0.0) -> None:
         self.target = target_per_replica
+        self.activation = activation
         self.latest: Observation | None = None
 
     def metric_target(self) -> float:
         return self.target
 
     def is_active(self) -> bool:
-        return self.latest is not None and self.latest.signals.queue > 0
+        return self.latest is not None and self.latest.signals.queue > self.activation
 
     def metric(self) -> float:
         if self.latest is None:
@@ -49,10 +58,11 @@ class KedaQueueController(Controller):
     """KEDA on queue length: its Prometheus scaler, its loop, the HPA's default behavior."""
 
     def __init__(self, target_per_replica: float, min_replicas: int, max_replicas: int,
-                 polling_interval_s: float = 30.0, sync_period_s: float = 15.0, name: str = "keda-queue") -> None:
+                 polling_interval_s: float = KEDA_POLLING_INTERVAL_S, sync_period_s: float = 15.0,
+                 name: str = "keda-queue", cooldown_s: float = KEDA_COOLDOWN_PERIOD_S, activation: float = 0.0) -> None:
         self.name = name
-        self.scaler = PrometheusQueueScaler(target_per_replica)
-        self.keda = KedaLoop(self.scaler, min_replicas, max_replicas, None, polling_interval_s, sync_period_s)
+        self.scaler = PrometheusQueueScaler(target_per_replica, activation)
+        self.keda = KedaLoop(self.scaler, min_replicas, max_replicas, None, polling_interval_s, sync_period_s, cooldown_s)
         self._started = False
 
     def step(self, o: Observation, target: FleetTarget) -> None:
@@ -138,14 +148,34 @@ class KnativeController(PeriodicController):
         return max(self.min_replicas, min(self.max_replicas, want))
 
 
+def keda_queue_min0(max_replicas: int) -> KedaQueueController:
+    """KEDA on a queue's length down to zero with what its users set: 5 per replica, active above
+    0, and KEDA's defaults for the rest (polling 30 s, cooldown 300 s)."""
+    return KedaQueueController(5.0, 0, max_replicas, name=KEDA_QUEUE_MIN0, activation=0.0)
+
+
+def baseline(name: str, max_batch: int, min_replicas: int, max_replicas: int) -> Controller:
+    """One baseline by name. Only KEDA's can go to zero: `keda-queue-min0` always does, and
+    `keda-queue` with `min_replicas` 0; the others raise ValueError at 0 (an HPA's minReplicas
+    is at least 1, fixed-interval never wakes an empty fleet, Knative's activator is not modelled)."""
+    if name == KEDA_QUEUE_MIN0:
+        return keda_queue_min0(max_replicas)
+    if name == "keda-queue":
+        return KedaQueueController(5.0, min_replicas, max_replicas)
+    if name not in BASELINE_NAMES:
+        raise ValueError(f"no baseline {name!r}; known: {', '.join((*BASELINE_NAMES, KEDA_QUEUE_MIN0))}")
+    if min_replicas < 1:
+        raise ValueError(f"{name} cannot scale to zero: min replicas must be at least 1")
+    if name == "hpa-gpu":
+        return HpaController("hpa-gpu", _gpu_busy_replicas, 75.0, min_replicas, max_replicas)
+    if name == "fixed-interval":
+        return FixedIntervalController(max_batch, min_replicas, max_replicas)
+    return KnativeController(float(max_batch), min_replicas, max_replicas)
+
+
 def baselines(max_batch: int, min_replicas: int, max_replicas: int) -> list[Controller]:
-    return [
-        HpaController("hpa-gpu", _gpu_busy_replicas,
-                      75.0, min_replicas, max_replicas),
-        KedaQueueController(5.0, min_replicas, max_replicas),
-        FixedIntervalController(max_batch, min_replicas, max_replicas),
-        KnativeController(float(max_batch), min_replicas, max_replicas),
-    ]
+    """The four baselines of every table, at `min_replicas` (at least 1)."""
+    return [baseline(name, max_batch, min_replicas, max_replicas) for name in BASELINE_NAMES]
 
 
 def _gpu_busy_replicas(o: Observation) -> float | None:

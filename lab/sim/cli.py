@@ -6,7 +6,10 @@ Policies: `composite` (the scaler's own parser, refresh step and decision core, 
 loop and the HPA with the ScaledObject's pass-through behavior), `hpa-gpu` (HPA on GPU
 utilization, 75 %), `keda-queue` (KEDA's Prometheus scaler, 5 requests per replica),
 `fixed-interval` (one replica more or fewer every 30 s), `knative` (the KPA's defaults).
-docs/EVALUATION.md has the results and the method.
+Down to zero, on a queue (the gateway and Redis Streams: requests wait there for a cold start):
+`composite-min0` (the composite as the queue overlay ships it: activation above 0, KEDA's
+`--cooldown-period`) and `keda-queue-min0` (KEDA on the queue's length, 5 per replica,
+activation above 0, polling 30 s, cooldown 300 s). docs/EVALUATION.md has the results and the method.
 """
 
 from __future__ import annotations
@@ -20,18 +23,21 @@ from pathlib import Path
 
 from adapter.config import MetadataError
 from lab.metadata import metadata_item
-from lab.sim.baselines import BASELINE_NAMES
+from lab.sim.baselines import BASELINE_NAMES, KEDA_QUEUE_MIN0
 from lab.sim.composite import composite_spec
 from lab.sim.fleet import BatchProfile, FleetSpec, StartupDelay
 from lab.sim.replay import Job, Setup, run_jobs, write_timelines
 from lab.sim.report import markdown, pareto_front
 from lab.sim.shipped import (
     SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
-    SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S,
+    SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S, SHIPPED_QUEUE_METADATA,
 )
 from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
 
 PROG = "python -m lab.sim"
+COMPOSITE_MIN0 = "composite-min0"
+POLICY_NAMES = ("composite", *BASELINE_NAMES, COMPOSITE_MIN0, KEDA_QUEUE_MIN0)
+ZERO_CAPABLE = ("composite", "keda-queue")  # KEDA's policies: activation takes them 0 -> 1
 
 
 def sweep_grid(assignments: Sequence[str]) -> list[dict[str, str]]:
@@ -80,10 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                         "[{\"batch\": 1, \"seconds\": 1.07, \"gpu_util_percent\": 27}, ...]} (default: the H100 table in docs/ARCHITECTURE.md)")
     parser.add_argument("--startup-median", type=float, default=23.0, help="replica start-up delay median, s (default 23)")
     parser.add_argument("--startup-p99", type=float, default=52.0, help="replica start-up delay p99, s (default 52)")
-    parser.add_argument("--min-replicas", type=int, default=SHIPPED_MIN_REPLICAS, help="(default 1)")
+    parser.add_argument("--min-replicas", type=int, default=SHIPPED_MIN_REPLICAS,
+                        help="(default 1; 0 only for composite and keda-queue, and implies --queue)")
     parser.add_argument("--max-replicas", type=int, default=SHIPPED_MAX_REPLICAS, help="(default 16)")
     parser.add_argument("--polling-interval", type=float, default=SHIPPED_POLLING_INTERVAL_S,
                         help="KEDA pollingInterval for the composite (default 15, the ScaledObject's)")
+    parser.add_argument("--cooldown-period", type=float, default=SHIPPED_QUEUE_COOLDOWN_PERIOD_S,
+                        help="KEDA cooldownPeriod for the composite at min 0, s: 1 -> 0 after this long inactive "
+                        "(default 300, the queue overlay's)")
+    parser.add_argument("--queue", action="store_true",
+                        help="workers pull from a shared queue (the gateway's Redis stream) instead of each holding "
+                        "its own; always so at min 0")
     parser.add_argument("--composite", action="append", default=[], metavar="KEY=VALUE",
                         help="composite trigger metadata over the shipped ScaledObject's (repeatable)")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                         "separate values with | where they hold commas, e.g. signals=queue,gpu|queue) "
                         "and print the Pareto front of SLO attainment against GPU-hours")
     parser.add_argument("--policies", default="composite," + ",".join(BASELINE_NAMES),
-                        help="which policies to run, comma-separated (default: all five)")
+                        help=f"which policies to run, comma-separated, of {', '.join(POLICY_NAMES)} "
+                        "(default: the first five)")
     parser.add_argument("--tail", type=float, default=300.0, help="seconds simulated after the last arrival (default 300)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write a PNG timeline per policy into DIR")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
@@ -102,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {message}", file=sys.stderr)
         return 2
 
-    if args.min_replicas < 1 or args.max_replicas < args.min_replicas:
-        return fail("need 1 <= --min-replicas <= --max-replicas (requests to zero replicas would have nowhere to wait)")
+    if args.min_replicas < 0 or args.max_replicas < max(1, args.min_replicas):
+        return fail("need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
+    if args.cooldown_period < 0:
+        return fail("need --cooldown-period >= 0")
     if args.max_batch < 1 or args.max_queue < args.max_batch or args.max_wait_ms < 0:
         return fail("need --max-batch >= 1, --max-queue >= --max-batch and --max-wait-ms >= 0")
     if not 0 < args.startup_median <= args.startup_p99:
@@ -111,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.slo_seconds <= 0 or args.tail < 0:
         return fail("need --slo-seconds > 0 and --tail >= 0")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in ("composite", *BASELINE_NAMES)]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown or not policies:
-        return fail(f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
-                    f"accepted: composite, {', '.join(BASELINE_NAMES)}")
+        return fail(f"--policies: unknown {', '.join(unknown) or '(none given)'}; accepted: {', '.join(POLICY_NAMES)}")
+    stuck = [p for p in policies if p in BASELINE_NAMES and p not in ZERO_CAPABLE]
+    if args.min_replicas == 0 and stuck:
+        return fail(f"--min-replicas 0: {', '.join(stuck)} cannot scale to zero; only {', '.join(ZERO_CAPABLE)} can "
+                    f"(choose them with --policies, or add {COMPOSITE_MIN0} and {KEDA_QUEUE_MIN0} to a min-1 run)")
     try:
         overrides = dict(metadata_item(a) for a in args.composite)
     except argparse.ArgumentTypeError as error:
@@ -131,14 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, MetadataError, ValueError, OSError) as error:
         return fail(str(error))
     setup = Setup(FleetSpec(args.max_batch, args.max_wait_ms / 1000, args.max_queue, profile,
-                            StartupDelay(args.startup_median, args.startup_p99)),
-                  args.slo_seconds, args.min_replicas, args.max_replicas, args.polling_interval, args.seed, args.tail)
+                            StartupDelay(args.startup_median, args.startup_p99), args.queue or args.min_replicas == 0),
+                  args.slo_seconds, args.min_replicas, args.max_replicas, args.polling_interval, args.seed, args.tail,
+                  args.cooldown_period)
     jobs = []
     if "composite" in policies or args.sweep:
         for point in grid:
             metadata = {**SHIPPED_METADATA, **overrides, **point}
             jobs.append(Job("composite", tuple(sorted(metadata.items())), sweep_name(point)))
     jobs += [Job(name, name=name) for name in BASELINE_NAMES if name in policies]
+    if COMPOSITE_MIN0 in policies:
+        metadata = {**SHIPPED_METADATA, **SHIPPED_QUEUE_METADATA, **overrides}
+        jobs.append(Job("composite", tuple(sorted(metadata.items())), COMPOSITE_MIN0, min_replicas=0))
+    if KEDA_QUEUE_MIN0 in policies:
+        jobs.append(Job(KEDA_QUEUE_MIN0, name=KEDA_QUEUE_MIN0, min_replicas=0))
     results = run_jobs(arrivals, setup, jobs, args.jobs)
     if args.json:
         front = {id(r) for r in pareto_front(results)}

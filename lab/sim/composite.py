@@ -19,7 +19,8 @@ from lab.keda import KedaLoop
 from lab.target import FleetTarget
 from lab.sim.controller import Controller
 from lab.sim.observe import Observation
-from lab.sim.shipped import SHIPPED_POLLING_INTERVAL_S
+from lab.sim.shipped import SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S
+
 
 class SimulatedScaler:
     """The scaler's refresher in process: every `refreshSeconds` the observed signals go to the
@@ -57,12 +58,13 @@ class CompositeController(Controller):
 
     def __init__(self, metadata: Mapping[str, str], min_replicas: int, max_replicas: int,
                  polling_interval_s: float = SHIPPED_POLLING_INTERVAL_S, sync_period_s: float = 15.0,
-                 name: str = "composite") -> None:
+                 name: str = "composite", cooldown_s: float = SHIPPED_QUEUE_COOLDOWN_PERIOD_S) -> None:
         self.name = name
         self.spec = composite_spec(metadata)
         self.window_s = parse_duration_seconds(self.spec.window)
         self.scaler = SimulatedScaler(self.spec, name)
-        self.keda = KedaLoop(self.scaler, min_replicas, max_replicas, PASS_THROUGH, polling_interval_s, sync_period_s)
+        self.keda = KedaLoop(self.scaler, min_replicas, max_replicas, PASS_THROUGH, polling_interval_s, sync_period_s,
+                             cooldown_s)
         self._started = False
 
     def step(self, o: Observation, target: FleetTarget) -> None:

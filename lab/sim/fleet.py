@@ -8,6 +8,11 @@ distribution (node, image and model load). A router sends each request to the le
 ready replica; a full queue rejects it. A replica asked to go drains: it takes no new work
 and leaves when its queue is empty.
 
+With `pull` (the gateway and Redis Streams) the queue lives outside the workers instead:
+requests wait in a shared backlog, even at zero replicas, and each ready replica pulls, oldest
+first, only what one batch can take less what it holds. Nothing is rejected there (the
+gateway's bound is not modelled); a draining replica stops pulling and finishes what it holds.
+
 The clock is the simulation's own; nothing here sleeps or reads the wall clock.
 """
 
@@ -99,9 +104,10 @@ class StartupDelay:
 class FleetSpec:
     max_batch: int = 12
     max_wait_s: float = 0.05
-    max_queue_images: int = 96
+    max_queue_images: int = 96  # a worker's own queue; unused with `pull`
     profile: BatchProfile = field(default_factory=BatchProfile)
     startup: StartupDelay = field(default_factory=StartupDelay)
+    pull: bool = False  # workers pull from a shared queue (the gateway's stream) instead of a router pushing
 
 
 @dataclass
@@ -154,9 +160,12 @@ class Fleet:
         self.spec = spec
         self.rng = random.Random(seed)
         self.now = 0.0
-        self.replicas: list[Replica] = []
+        self.replicas: list[Replica] = []  # every replica ever started, by id
+        self._live: list[Replica] = []  # those not gone yet: what every query scans
         self.requests: list[Request] = []
         self.finished: list[Request] = []  # in finishing order, for window queries
+        self.backlog: deque[Request] = deque()  # with `pull`: the stream's entries no worker holds yet
+        self.cold_starts = 0  # scale-ups from zero replicas that had to wait a start-up delay
         self._events: list[tuple[float, int, str, int]] = []  # (time, order, kind, replica id)
         self._order = 0
         self._next_id = 0
@@ -164,7 +173,7 @@ class Fleet:
     # -- scaling ----------------------------------------------------------------------------
 
     def serving(self) -> list[Replica]:
-        return [r for r in self.replicas if not r.draining and r.gone_s is None]
+        return [r for r in self._live if not r.draining]
 
     def ready(self) -> list[Replica]:
         return [r for r in self.serving() if r.ready_s <= self.now]
@@ -180,11 +189,14 @@ class Fleet:
     def scale_to(self, replicas: int, startup_s: float | None = None) -> None:
         """Adds replicas (each ready after a drawn start-up delay) or drains the newest ones."""
         serving = self.serving()
+        if not serving and replicas > 0 and startup_s != 0:
+            self.cold_starts += 1
         for _ in range(replicas - len(serving)):
             delay = self.spec.startup.draw(self.rng) if startup_s is None else startup_s
             replica = Replica(self._next_id, self.now, self.now + delay)
             self._next_id += 1
             self.replicas.append(replica)
+            self._live.append(replica)
             self._push(replica.ready_s, "ready", replica.id)
         for replica in sorted(serving, key=lambda r: (r.created_s, r.id), reverse=True)[: max(0, len(serving) - replicas)]:
             replica.draining = True
@@ -207,6 +219,8 @@ class Fleet:
                 self._maybe_start(self.replicas[index])
             elif kind == "done":
                 self._finish(self.replicas[index])
+            if self.backlog:
+                self._deliver()
         self._advance(t)
 
     def _push(self, when: float, kind: str, index: int) -> None:
@@ -217,6 +231,9 @@ class Fleet:
         self.now = max(self.now, t)
 
     def _route(self, request: Request) -> None:
+        if self.spec.pull:
+            self.backlog.append(request)
+            return
         ready = self.ready()
         if not ready:  # nothing serves yet: the request waits on the least-loaded starting replica
             ready = self.serving()
@@ -227,10 +244,27 @@ class Fleet:
         if replica.waiting_images + request.arrival.images > self.spec.max_queue_images:
             request.rejected = True
             return
+        self._hand(replica, request)
+        self._maybe_start(replica)
+
+    def _hand(self, replica: Replica, request: Request) -> None:
         request.replica = replica.id
         replica.queue.append(request)
         replica.waiting_images += request.arrival.images
-        self._maybe_start(replica)
+
+    def _deliver(self) -> None:
+        """Pull mode: the least-loaded ready replicas read from the backlog, oldest first, what
+        one batch takes less the images in hand (one request at least with none in hand), as
+        the pull-mode worker sizes its XREADGROUP."""
+        for replica in sorted(self.ready(), key=lambda r: (r.load(), r.id)):
+            room = self.spec.max_batch - replica.load()
+            while self.backlog and (replica.load() == 0 or self.backlog[0].arrival.images <= room):
+                request = self.backlog.popleft()
+                self._hand(replica, request)
+                room -= request.arrival.images
+            self._maybe_start(replica)
+            if not self.backlog:
+                return
 
     def _maybe_start(self, replica: Replica) -> None:
         if replica.running or not replica.queue or replica.ready_s > self.now or replica.gone_s is not None:
@@ -280,12 +314,25 @@ class Fleet:
     def _maybe_leave(self, replica: Replica) -> None:
         if replica.draining and not replica.queue and not replica.running and replica.gone_s is None:
             replica.gone_s = self.now
+            self._live.remove(replica)
 
     # -- what the worker and exporter would report ------------------------------------------
 
     def in_flight(self) -> int:
-        return sum(r.in_flight() for r in self.replicas if r.gone_s is None)
+        """Requests accepted and not answered: in the workers, and with `pull` in the backlog too
+        (the stream's length, undelivered plus pending, which the scaler reads even at zero)."""
+        return len(self.backlog) + sum(r.in_flight() for r in self._live)
 
     def gpu_hours(self, until: float) -> float:
         """Time every replica held a GPU, start-up included, in hours."""
         return sum(((r.gone_s if r.gone_s is not None else until) - r.created_s) for r in self.replicas) / 3600
+
+    def hours_at_zero(self, until: float) -> float:
+        """Time from 0 to `until` in which no replica held a GPU, in hours."""
+        covered, reach = 0.0, 0.0
+        for start, end in sorted((r.created_s, r.gone_s if r.gone_s is not None else until) for r in self.replicas):
+            start, end = max(start, reach), min(end, until)
+            if end > start:
+                covered += end - start
+                reach = end
+        return (until - covered) / 3600

@@ -36,6 +36,7 @@ class Observer:
         self._util: deque[tuple[float, dict[int, float]]] = deque()  # (t, replica -> util integral)
         self._seen = 0  # requests of fleet.finished already taken into the window
         self._recent: deque[tuple[float, float]] = deque()  # (finished at, latency) inside the window
+        self._p95_now: float | None = None  # _p95() of _recent as it stands, kept until _recent changes
 
     def observe(self, now: float) -> Observation:
         fleet = self.fleet
@@ -47,13 +48,17 @@ class Observer:
         oldest_t, oldest = self._util[0]
         utils = [(integrals[i] - oldest.get(i, integrals[i])) / (now - oldest_t)
                  for i in integrals if now > oldest_t and i in oldest]
+        changed = len(fleet.finished) > self._seen
         for request in fleet.finished[self._seen:]:
             self._recent.append((request.finished_s, request.latency_s))
         self._seen = len(fleet.finished)
         while self._recent and self._recent[0][0] <= now - self.window_s:
             self._recent.popleft()
+            changed = True
+        if changed:
+            self._p95_now = self._p95()
         signals = Signals(queue=float(fleet.in_flight()), ready_replicas=len(ready),
-                          gpu_util_percent=sum(utils) / len(utils) if utils else None, p95_seconds=self._p95())
+                          gpu_util_percent=sum(utils) / len(utils) if utils else None, p95_seconds=self._p95_now)
         return Observation(now, len(fleet.serving()), signals)
 
     def _p95(self) -> float | None:

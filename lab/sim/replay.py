@@ -3,22 +3,24 @@
 Every policy sees the fleet only as Prometheus would (`lab.sim.observe`); the composite is the
 scaler's own code (`lab.sim.composite`), the baselines are what users run today
 (`lab.sim.baselines`). A replay lasts until the last arrival plus a tail, so the cool-down is
-paid for too; the result (`lab.sim.report.PolicyResult`) counts every request.
+paid for too; the result (`lab.sim.report.PolicyResult`) counts every request. A policy at
+min 0 replays on a queue (`FleetSpec.pull`): requests wait for a cold start there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lab.target import FleetTarget
-from lab.sim.baselines import baselines
+from lab.sim.baselines import KEDA_QUEUE_MIN0, baseline
 from lab.sim.composite import CompositeController
 from lab.sim.controller import Controller
 from lab.sim.fleet import BatchProfile, Fleet, FleetSpec, StartupDelay
 from lab.sim.observe import Observer
 from lab.sim.report import PolicyResult, percentile
+from lab.sim.shipped import SHIPPED_QUEUE_COOLDOWN_PERIOD_S
 from lab.sim.traces import Arrival
 from lab.timeline import TimelinePoint, write_timeline
 
@@ -62,6 +64,8 @@ def replay(arrivals: Sequence[Arrival], controller: Controller, fleet_spec: Flee
         p99_s=percentile(latencies, 0.99),
         rejected=sum(1 for r in fleet.requests if r.rejected),
         gpu_hours=fleet.gpu_hours(end),
+        hours_at_zero=fleet.hours_at_zero(end),
+        cold_starts=fleet.cold_starts,
         scale_events=target.events,
         peak_queue=peak_queue,
         timeline=timeline,
@@ -94,10 +98,13 @@ def replay_record(record: Mapping, profile: BatchProfile) -> PolicyResult:
         profile = BatchProfile(tuple((b, s * scale, u) for b, s, u in profile.table), profile.reference_steps)
     delays = sorted(record["startup_delays_s"]) or [0.0]
     startup = StartupDelay(delays[len(delays) // 2], max(delays[-1], delays[len(delays) // 2]))
-    spec = FleetSpec(settings["max_batch"], settings["max_wait_ms"] / 1000, settings["max_queue"], profile, startup)
+    # the queue mode's workers pull from the stream; its KEDA cooldown is recorded as `cooldown_s`
+    pull = settings.get("mode") == "queue" or settings["min_replicas"] == 0
+    spec = FleetSpec(settings["max_batch"], settings["max_wait_ms"] / 1000, settings["max_queue"], profile, startup, pull)
     arrivals = [Arrival(t, 1, settings["steps"]) for t in record["arrivals"]]
     controller = CompositeController(record["metadata"], settings["min_replicas"], settings["max_replicas"],
-                                     settings["polling_interval_s"], settings["sync_period_s"])
+                                     settings["polling_interval_s"], settings["sync_period_s"],
+                                     cooldown_s=settings.get("cooldown_s", SHIPPED_QUEUE_COOLDOWN_PERIOD_S))
     return replay(arrivals, controller, spec, slo_s=float(record["metadata"].get("targetP95Seconds", 10)),
                   initial_replicas=settings["min_replicas"], tail_s=settings["seconds"] - (arrivals[-1].t_s if arrivals else 0),
                   timeline_every_s=1.0)
@@ -112,6 +119,7 @@ class Job:
     kind: str  # "composite" or a baseline's name
     metadata: tuple[tuple[str, str], ...] = ()
     name: str = "composite"
+    min_replicas: int | None = None  # None: the setup's
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,10 @@ class Setup:
     slo_s: float
     min_replicas: int
     max_replicas: int
-    polling_interval_s: float
+    polling_interval_s: float  # the composite's KEDA pollingInterval
     seed: int
     tail_s: float
+    cooldown_s: float = 300.0  # the composite's KEDA cooldownPeriod (1 -> 0 at min 0)
 
 
 _WORKER_STATE: tuple[Sequence[Arrival], Setup] | None = None
@@ -140,13 +149,15 @@ def _run_job(job: Job) -> PolicyResult:
 
 
 def run_job(arrivals: Sequence[Arrival], setup: Setup, job: Job) -> PolicyResult:
+    """One job's replay; a policy at min 0 (`keda-queue-min0` always) starts from zero on a queue."""
+    min_replicas = 0 if job.kind == KEDA_QUEUE_MIN0 else setup.min_replicas if job.min_replicas is None else job.min_replicas
     if job.kind == "composite":
-        controller: Controller = CompositeController(dict(job.metadata), setup.min_replicas, setup.max_replicas,
-                                                     setup.polling_interval_s, name=job.name)
+        controller: Controller = CompositeController(dict(job.metadata), min_replicas, setup.max_replicas,
+                                                     setup.polling_interval_s, name=job.name, cooldown_s=setup.cooldown_s)
     else:
-        [controller] = [c for c in baselines(setup.fleet.max_batch, setup.min_replicas, setup.max_replicas)
-                        if c.name == job.kind]
-    return replay(arrivals, controller, setup.fleet, setup.slo_s, initial_replicas=setup.min_replicas,
+        controller = baseline(job.kind, setup.fleet.max_batch, min_replicas, setup.max_replicas)
+    fleet = replace(setup.fleet, pull=True) if min_replicas == 0 else setup.fleet
+    return replay(arrivals, controller, fleet, setup.slo_s, initial_replicas=min_replicas,
                   seed=setup.seed, tail_s=setup.tail_s)
 
 

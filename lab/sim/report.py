@@ -21,6 +21,8 @@ class PolicyResult:
     p99_s: float | None
     rejected: int
     gpu_hours: float  # every replica's time holding a GPU, start-up included
+    hours_at_zero: float  # time no replica held a GPU
+    cold_starts: int  # scale-ups from zero replicas, each a start-up delay its first requests wait for
     scale_events: int
     peak_queue: float
     timeline: list[TimelinePoint] = field(default_factory=list, repr=False)
@@ -42,11 +44,13 @@ def markdown(results: Sequence[PolicyResult], slo_s: float) -> str:
     def seconds(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    lines = [f"| policy | SLO attainment (<= {slo_s:g} s) | p50 s | p95 s | p99 s | rejected | GPU-hours | scale events | peak queue |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| policy | SLO attainment (<= {slo_s:g} s) | p50 s | p95 s | p99 s | rejected | GPU-hours "
+             "| hours at zero | cold starts | scale events | peak queue |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r.policy} | {100 * r.slo_attainment:.1f} % | {seconds(r.p50_s)} | {seconds(r.p95_s)} | "
-                     f"{seconds(r.p99_s)} | {r.rejected} | {r.gpu_hours:.2f} | {r.scale_events} | {r.peak_queue:.0f} |")
+                     f"{seconds(r.p99_s)} | {r.rejected} | {r.gpu_hours:.2f} | {r.hours_at_zero:.2f} | {r.cold_starts} | "
+                     f"{r.scale_events} | {r.peak_queue:.0f} |")
     return "\n".join(lines)
 
 

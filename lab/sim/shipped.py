@@ -1,5 +1,6 @@
 """What the manifests ship, as the simulator's defaults: the ScaledObject's trigger metadata and
-bounds, and the worker Deployment's batching. `tests/lab/test_simulate.py` keeps them equal."""
+bounds, the worker Deployment's batching, and what the queue overlay changes to go to zero.
+`tests/lab/test_simulate.py` keeps them equal."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ SHIPPED_MAX_QUEUE = 96
 SHIPPED_MIN_REPLICAS = 1
 SHIPPED_MAX_REPLICAS = 16
 SHIPPED_POLLING_INTERVAL_S = 15.0
+
+# The queue overlay (manifests/overlays/queue/scaledobject-queue.yaml): the composite at zero.
+SHIPPED_QUEUE_METADATA: dict[str, str] = {"activationQueue": "0", "minReplicas": "0"}
+SHIPPED_QUEUE_MIN_REPLICAS = 0
+SHIPPED_QUEUE_COOLDOWN_PERIOD_S = 300.0

@@ -110,7 +110,7 @@ def test_sweep_grid_is_every_combination_and_rejects_malformed_axes():
 
 
 def result(name: str, slo: float, hours: float) -> PolicyResult:
-    return PolicyResult(name, 100, slo, None, None, None, 0, hours, 0, 0)
+    return PolicyResult(name, 100, slo, None, None, None, 0, hours, 0.0, 0, 0, 0)
 
 
 def test_the_pareto_front_keeps_only_undominated_points_cheapest_first():
@@ -143,7 +143,19 @@ def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
     assert [r["policy"] for r in rows] == ["composite", "hpa-gpu", "keda-queue", "fixed-interval", "knative"]
     for row in rows:
         assert set(row) == {"policy", "requests", "slo_attainment", "p50_s", "p95_s", "p99_s", "rejected",
-                            "gpu_hours", "scale_events", "peak_queue"}
+                            "gpu_hours", "hours_at_zero", "cold_starts", "scale_events", "peak_queue"}
+        assert row["cold_starts"] == 0 and row["hours_at_zero"] == 0  # min 1: never at zero
+
+
+def test_cli_runs_the_min0_policies_beside_the_min1_ones_and_at_min_0_only_those_that_can(capsys):
+    assert cli.main([*SHORT, "--json", "--policies", "keda-queue,composite-min0,keda-queue-min0"]) == 0
+    rows = {r["policy"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert list(rows) == ["keda-queue", "composite-min0", "keda-queue-min0"]
+    assert rows["keda-queue"]["cold_starts"] == 0
+    for name in ("composite-min0", "keda-queue-min0"):  # they open at zero: the first requests wake them
+        assert rows[name]["cold_starts"] >= 1 and rows[name]["hours_at_zero"] > 0, name
+    assert cli.main([*SHORT, "--json", "--min-replicas", "0", "--policies", "composite,keda-queue"]) == 0
+    assert all(json.loads(line)["cold_starts"] >= 1 for line in capsys.readouterr().out.splitlines())
 
 
 def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tmp_path):
@@ -164,7 +176,9 @@ def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tm
         (["--composite", "novalue"], "KEY=VALUE"),
         (["--sweep", "scaleDownWindowSeconds=60,-5"], "scaleDownWindowSeconds"),
         (["--policies", "composite,hpa"], "unknown hpa"),
-        (["--min-replicas", "0"], "nowhere to wait"),
+        (["--min-replicas", "0"], "hpa-gpu, fixed-interval, knative cannot scale to zero"),
+        (["--min-replicas", "-1"], "--min-replicas"),
+        (["--cooldown-period", "-5"], "--cooldown-period"),
         (["--max-queue", "4"], "--max-queue"),
         (["--profile", "/nonexistent/profile.json"], "No such file"),
     ],

@@ -1,0 +1,110 @@
+"""Scale to zero in the simulator, as timelines: KEDA's activation and cooldown, cold starts on a queue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.hpa import Behavior
+from lab.sim import shipped
+from lab.sim.baselines import KEDA_QUEUE_MIN0, KedaQueueController, keda_queue_min0
+from lab.sim.composite import CompositeController
+from lab.sim.controller import Controller
+from lab.sim.fleet import Fleet, FleetSpec, StartupDelay
+from lab.sim.observe import Observer
+from lab.sim.replay import Job, Setup, replay, run_job
+from lab.sim.traces import Arrival
+from lab.target import FleetTarget
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_20_S = StartupDelay(20.0, 20.0)  # every replica ready 20 s after it is asked for
+
+
+def run(controller: Controller, arrivals: list[Arrival], seconds: int) -> list[int]:
+    """Replicas asked for at each second 0..seconds-1, the fleet starting empty on a queue."""
+    fleet = Fleet(FleetSpec(pull=True, startup=STARTUP_20_S))
+    fleet.offer(arrivals)
+    observer, target = Observer(fleet, controller.window_s), FleetTarget(fleet)
+    desired = []
+    for t in range(seconds):
+        fleet.run_until(t)
+        controller.step(observer.observe(t), target)
+        desired.append(target.desired)
+    return desired
+
+
+@pytest.mark.parametrize("controller", [
+    KedaQueueController(5.0, 0, 4, polling_interval_s=30, activation=2.0),
+    CompositeController({**shipped.SHIPPED_METADATA, "activationQueue": "2"}, 0, 4, polling_interval_s=30),
+], ids=["keda-queue", "composite"])
+def test_activation_wakes_the_fleet_only_above_the_threshold_and_at_the_next_poll(controller):
+    # two requests wait at t = 0.5: at the threshold, not above it; a third comes at 100.5
+    desired = run(controller, [Arrival(0.5), Arrival(0.5), Arrival(100.5)], 160)
+    woke = next(t for t, replicas in enumerate(desired) if replicas > 0)
+    assert all(d == 0 for d in desired[:101])  # 2 waiting for 100 s: the fleet stays at zero
+    assert woke == 120  # KEDA polls at 0, 30, 60, 90, 120: the first poll after the third arrival
+
+
+def test_the_fleet_goes_to_zero_only_after_the_cooldown_since_the_trigger_was_last_active():
+    keda = keda_queue_min0(max_replicas=4)  # polling 30 s, cooldown 300 s
+    # one request wakes the fleet (the poll at 30 sees it waiting: last active at 30); 100 more
+    # at 205 keep a replica busy past the poll at 210 (last active at 210); then nothing
+    arrivals = [Arrival(0.5)] + [Arrival(205.0)] * 100
+    desired = run(keda, arrivals, 600)
+    assert desired[29] == 0 and desired[30] == 1
+    assert all(d >= 1 for d in desired[30:510])  # idle from about 60 s, but active at 210
+    assert desired[510] == 0  # the first poll 300 s after the last active one
+    assert keda.keda.cooldown_s == 300
+
+
+def test_a_request_arriving_at_zero_waits_for_the_cold_start_and_counts_against_the_objective():
+    # a cold request at 100 s: the poll at 120 wakes the fleet, ready at 140; a warm one at 200 s
+    result = replay([Arrival(100.0), Arrival(200.0)], keda_queue_min0(4), FleetSpec(startup=STARTUP_20_S, pull=True),
+                    slo_s=10, initial_replicas=0, tail_s=600)
+    assert result.cold_starts == 1 and result.rejected == 0
+    assert result.slo_attainment == 0.5  # the cold request took 41 s, the warm one 1.1 s
+    assert result.p99_s == pytest.approx(140 + 1.07 - 100)
+    assert result.p50_s == pytest.approx(1.07 + 0.05)
+    # one replica from 120 s until the poll at 420 s (300 s after the last active poll at 120 s;
+    # the warm request, served in 1.1 s, was never seen by a poll); zero before and after
+    assert result.gpu_hours == pytest.approx(300 / 3600)
+    assert result.hours_at_zero == pytest.approx((120 + (800 - 420)) / 3600)
+
+
+def test_in_pull_mode_requests_wait_in_the_backlog_and_a_replica_takes_only_its_next_batch():
+    fleet = Fleet(FleetSpec(pull=True, max_batch=12, startup=STARTUP_20_S))
+    fleet.offer(Arrival(0.0) for _ in range(30))
+    fleet.run_until(10)
+    assert len(fleet.backlog) == 30 and fleet.in_flight() == 30  # nothing up, nothing rejected
+    fleet.scale_to(1)
+    fleet.run_until(30)  # ready at 30: it pulls one batch of 12 and runs it; 18 stay in the stream
+    [replica] = fleet.replicas
+    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (12, 0, 18)
+    fleet.run_until(31.9)  # the batch took 1.85 s: the next 12 were pulled as it finished
+    assert (replica.batch_images, len(fleet.backlog)) == (12, 6)
+    fleet.run_until(100)
+    assert all(r.finished_s is not None and not r.rejected for r in fleet.requests)
+    assert fleet.cold_starts == 1
+    assert fleet.hours_at_zero(100) == pytest.approx(10 / 3600)
+
+
+def test_keda_queue_min0_is_keda_on_the_queue_with_its_defaults_from_zero():
+    keda = keda_queue_min0(max_replicas=16)
+    assert keda.name == KEDA_QUEUE_MIN0
+    assert keda.scaler.target == 5.0 and keda.scaler.activation == 0.0  # queueLength 5, activation at 0
+    assert (keda.keda.min_replicas, keda.keda.polling_interval_s, keda.keda.cooldown_s) == (0, 30.0, 300.0)
+    assert keda.keda.hpa.spec.behavior == Behavior()  # Kubernetes' default behavior
+    setup = Setup(FleetSpec(startup=STARTUP_20_S), 10.0, 1, 16, 15.0, 0, 60.0)
+    result = run_job([Arrival(10.0)], setup, Job(KEDA_QUEUE_MIN0, name=KEDA_QUEUE_MIN0))
+    assert result.cold_starts == 1 and result.rejected == 0  # from zero, on a queue, at a min-1 setup
+
+
+def test_composite_min0_is_the_queue_overlays_scaled_object():
+    patch = yaml.safe_load((ROOT / "manifests/overlays/queue/scaledobject-queue.yaml").read_text())
+    values = {op["path"]: op["value"] for op in patch}
+    assert values["/spec/minReplicaCount"] == shipped.SHIPPED_QUEUE_MIN_REPLICAS == 0
+    assert values["/spec/cooldownPeriod"] == shipped.SHIPPED_QUEUE_COOLDOWN_PERIOD_S
+    metadata = {path.rsplit("/", 1)[1]: value for path, value in values.items() if "/metadata/" in path}
+    assert {k: metadata[k] for k in shipped.SHIPPED_QUEUE_METADATA} == shipped.SHIPPED_QUEUE_METADATA
