@@ -6,7 +6,7 @@ Keys, for a queue whose stream is `S` (one stream per scale target; `QueueKeys`)
 | key | type | what |
 | --- | --- | --- |
 | `S` | stream | one entry per job, field `job` = the job id; consumer group `workers` |
-| `S:job:<id>` | hash | the job: `status`, `request` (the GenerationRequest as JSON), `created_at`, `deadline` (Unix seconds), `attempts`, `consumer`, `started_at`, `finished_at`, and `result` (JSON list of {b64_json, seed}) or `error` |
+| `S:job:<id>` | hash | the job: `status`, `request` (the GenerationRequest as JSON), `created_at`, `deadline` (Unix seconds), `attempts`, `consumer`, `started_at`, `finished_at`, `completions` (FINISH writes: 1 once ended, never more), and `result` (JSON list of {b64_json, seed}) or `error` |
 | `S:done:<id>` | list | one token pushed when the job ends, for a waiting client's BLPOP; expires |
 | `S:idem:<sha256 of key>` | string | the job id an Idempotency-Key made |
 | `S:dead` | stream | dead-lettered jobs: `job`, `error`, `attempts`, for operators |
@@ -107,6 +107,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 local wrote = 0
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3], ARGV[4], ARGV[5], 'finished_at', ARGV[6])
+  redis.call('HINCRBY', KEYS[1], 'completions', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('RPUSH', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[3], 60)

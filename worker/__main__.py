@@ -7,10 +7,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from contract import jobqueue
 from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
 
 from .service import WorkerLimits
+
+if TYPE_CHECKING:
+    from .queue import QueueConfig
 
 ENV_PREFIX = "WORKER_"
 
@@ -48,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Serves POST /v1/images/generations (OpenAI images API shape), /healthz, /readyz, /metrics "
             "and the OpenAPI document at /openapi.json. Any diffusers text-to-image pipeline directory "
             "loads, offline. On SIGTERM it drains: readiness turns false, new requests get 503, accepted "
-            "ones complete, then it exits 0 (1 if --drain-timeout passes first). Every flag can also be "
-            "set through the environment variable shown with it."
+            "ones complete, then it exits 0 (1 if --drain-timeout passes first). With --queue it also pulls "
+            "jobs from a Redis stream (pull mode; see docs/WORKER.md). Every flag can also be set through "
+            "the environment variable shown with it."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -78,7 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),
         help="(env WORKER_LOG_LEVEL)")
+
+    pull = serve.add_argument_group("pull mode", "take jobs from a Redis stream as well as over HTTP")
+    add = pull.add_argument
+    add("--queue", default=env.get("QUEUE"), metavar="URL",
+        help="Redis URL, redis://host:port/db, without a password; absent: HTTP only (env WORKER_QUEUE)")
+    add("--stream", default=env.get("STREAM", jobqueue.DEFAULT_STREAM), help="the jobs' stream (env WORKER_STREAM)")
+    add("--group", default=env.get("GROUP", jobqueue.DEFAULT_GROUP), help="the consumer group (env WORKER_GROUP)")
+    add("--claim-idle", type=positive_float, default=env.get("CLAIM_IDLE", "60"),
+        help="seconds a job may sit pending on a consumer before another takes it over (env WORKER_CLAIM_IDLE)")
+    add("--max-deliveries", type=positive_int, default=env.get("MAX_DELIVERIES", "3"),
+        help="deliveries of one job before it is dead-lettered as failed (env WORKER_MAX_DELIVERIES)")
+    add("--result-ttl", type=positive_int, default=env.get("RESULT_TTL", "3600"),
+        help="seconds a finished job and its result are kept (env WORKER_RESULT_TTL)")
+    add("--redis-password-file", default=env.get("REDIS_PASSWORD_FILE"), metavar="PATH",
+        help="file holding the Redis password (env WORKER_REDIS_PASSWORD_FILE; else env WORKER_REDIS_PASSWORD)")
     return parser
+
+
+def queue_config(args: argparse.Namespace) -> QueueConfig | None:
+    """Pull mode's settings from parsed flags, or None without --queue; raises ValueError naming the flag."""
+    from .queue import QueueConfig
+
+    if not args.queue:
+        return None
+    try:
+        password = jobqueue.password_from(ENV_PREFIX + "REDIS_PASSWORD", args.redis_password_file)
+    except OSError as error:
+        raise ValueError(f"--redis-password-file {args.redis_password_file}: {error.strerror or error}") from None
+    return QueueConfig(
+        url=args.queue, stream=args.stream, group=args.group, claim_idle_s=args.claim_idle,
+        max_deliveries=args.max_deliveries, result_ttl_s=args.result_ttl, password=password,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout_s=args.request_timeout,
             max_image_side=args.max_image_side,
         )
+        queue = queue_config(args)
     except ValueError as error:
         print(f"python -m worker serve: {error}", file=sys.stderr)
         return 2
@@ -118,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=args.drain_timeout,
         warm_up=args.warm_up,
         access_log=args.access_log,
+        queue=queue,
     )
     code = serve(config)
     # The pipeline thread may still be inside torch (drain timed out, or a load was cut

@@ -85,11 +85,12 @@ def build_app(service: WorkerService) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": ErrorResponse, "description": "Loading or draining"}})
+    @app.get("/readyz", responses={
+        503: {"model": ErrorResponse, "description": "Loading, draining, or (pull mode) the job queue unreachable"}})
     async def readyz():
-        if service.ready:
+        reason = service.unready_reason
+        if reason is None:
             return {"status": "ready"}
-        reason = "draining" if service.draining else "model loading"
         return _error(503, reason)
 
     @app.get("/metrics", response_class=Response)

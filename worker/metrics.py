@@ -51,7 +51,8 @@ class LiveCollector:
             value=state.max_batch_size(),
         )
         yield GaugeMetricFamily(
-            names.READY, "1 when the model is loaded and the worker is not draining", value=float(state.ready()),
+            names.READY, "1 when the model is loaded, the worker is not draining and (pull mode) its queue answers",
+            value=float(state.ready()),
         )
 
 
@@ -85,6 +86,20 @@ class WorkerMetrics:
         self.isolated_failures = Counter(
             names.ISOLATED_FAILURES,
             "Requests failed by an image that raised alone, after the others of its batch were retried",
+            registry=registry,
+        )
+        self.queue_jobs = Counter(
+            names.QUEUE_JOBS, "Jobs taken off the Redis stream and ended by this worker, by outcome (pull mode)",
+            labelnames=(names.JOB_OUTCOME_LABEL,), registry=registry,
+        )
+        for outcome in names.JOB_OUTCOMES:
+            self.queue_jobs.labels(outcome)
+        self.queue_reclaimed = Counter(
+            names.QUEUE_RECLAIMED, "Jobs taken over from a consumer that left them pending past --claim-idle",
+            registry=registry,
+        )
+        self.queue_in_hand = Gauge(
+            names.QUEUE_IN_HAND, "Jobs pulled off the Redis stream and not yet acknowledged (0 in direct mode)",
             registry=registry,
         )
         self.model_load = Gauge(

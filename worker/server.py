@@ -4,6 +4,10 @@ The HTTP server comes up before the model so that liveness answers during a long
 readiness turns true once the model is loaded and warmed up. The first SIGTERM (or Ctrl-C)
 starts a drain: readiness false, new requests 503, accepted ones finish, then exit 0; exit 1
 when `drain_timeout_s` passes first. A second Ctrl-C stops at once.
+
+In pull mode (`ServeConfig.queue`) a `QueueConsumer` starts once the model is loaded, and the
+drain first stops it pulling, then lets the batcher finish, then waits until every job in hand
+is FINISHed on the queue.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from .api import build_app
 from .metrics import WorkerMetrics
+from .queue import QueueConfig, QueueConsumer
 from .service import WorkerLimits, WorkerService
 
 log = logging.getLogger("worker.server")
@@ -38,6 +43,7 @@ class ServeConfig:
     drain_timeout_s: float = 120.0
     warm_up: bool = True
     access_log: bool = False
+    queue: QueueConfig | None = None  # pull mode: jobs from this Redis stream; None: the HTTP API only
 
 
 class WorkerServer(uvicorn.Server):
@@ -46,6 +52,7 @@ class WorkerServer(uvicorn.Server):
     def __init__(self, config: ServeConfig) -> None:
         self.serve_config = config
         self.service = WorkerService(config.limits, WorkerMetrics(CollectorRegistry()))
+        self.consumer = QueueConsumer(config.queue, self.service) if config.queue else None
         super().__init__(
             uvicorn.Config(
                 build_app(self.service),
@@ -85,6 +92,12 @@ class WorkerServer(uvicorn.Server):
         limits = config.limits
         log.info("ready: max batch %d, max wait %.0f ms, queue %d images",
                  limits.batching.max_batch_size, limits.batching.max_wait_s * 1000, limits.max_queue_images)
+        if self.consumer is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._start_consumer)
+
+    def _start_consumer(self) -> None:
+        if self.consumer is not None and not self._drain_started:
+            self.consumer.start()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs as a signal handler on the loop's thread; uvicorn's own handler would stop at
@@ -105,10 +118,21 @@ class WorkerServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(self._drain(reason))
 
     async def _drain(self, reason: str) -> None:
-        service = self.service
+        service, consumer = self.service, self.consumer
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.serve_config.drain_timeout_s
+        if consumer is not None:
+            log.info("%s: pulling no more jobs; %d in hand", reason, consumer.in_hand)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await consumer.stop_pulling()
+            except TimeoutError:
+                pass  # what is in hand is waited for below, within what is left of the timeout
         log.info("%s: draining %d accepted requests (at most %.0f s)",
                  reason, service.in_flight, self.serve_config.drain_timeout_s)
-        drained = await service.drain(self.serve_config.drain_timeout_s)
+        drained = await service.drain(max(deadline - loop.time(), 0.0))
+        if consumer is not None:
+            drained = await consumer.finish(deadline - loop.time()) and drained
         if not drained:
             self.exit_code = EXIT_DRAIN_TIMEOUT
         log.info("drain %s; exiting", "complete" if drained else "timed out")

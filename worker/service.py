@@ -115,6 +115,8 @@ class WorkerService:
         self.engine: Engine | None = None
         self.defaults: ModelDefaults | None = None
         self.draining = False
+        # Pull mode (worker/queue.py): why the job queue holds readiness false, or None.
+        self.pull_status: Callable[[], str | None] = lambda: None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._idle = asyncio.Event()
@@ -131,7 +133,16 @@ class WorkerService:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and not self.draining
+        return self.unready_reason is None
+
+    @property
+    def unready_reason(self) -> str | None:
+        """Why /readyz answers 503 (draining, model loading, the job queue's state), or None."""
+        if self.draining:
+            return "draining"
+        if self.engine is None:
+            return "model loading"
+        return self.pull_status()
 
     def attach(self, runner: ImageRunner, defaults: ModelDefaults, load_seconds: float) -> None:
         """Starts serving with a loaded runner (called once, after the model loaded)."""

@@ -1,0 +1,379 @@
+"""Pull mode against a real redis-server: the consumer feeding a real batcher and the tiny pipeline.
+
+Jobs are enqueued with the protocol's own ENQUEUE script (what the gateway runs); consumers run
+in-process on their own event loop, except for the SIGTERM test, which runs `python -m worker
+serve --queue` for real. Faults are injected at the pipeline boundary (`BoundaryRunner`) and by
+acting as a consumer that dies (reading entries and never acknowledging them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import redis
+import requests
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from contract import jobqueue, names
+from lab.localprom import free_port
+from worker.__main__ import build_parser, main, queue_config
+from worker.batching import BatchPolicy
+from worker.metrics import WorkerMetrics
+from worker.queue import QueueConfig, QueueConsumer
+from worker.service import WorkerLimits, WorkerService
+
+from .conftest import REPO, BoundaryRunner
+
+KEYS = jobqueue.QueueKeys()
+
+
+def enqueue(client, prompt: str = "a lighthouse at dusk", *, request: str | None = None, deadline_s: float = 600,
+            **fields) -> str:
+    """Runs ENQUEUE as the gateway would; returns the new job's id."""
+    job_id = uuid.uuid4().hex
+    body = request if request is not None else json.dumps({"prompt": prompt, "num_inference_steps": 1, **fields})
+    now = time.time()
+    created = client.eval(jobqueue.ENQUEUE, 3, KEYS.job(job_id), KEYS.stream, KEYS.job(job_id),
+                          job_id, body, now, now + deadline_s, 0, 0)
+    assert int(created[1]) == 1
+    return job_id
+
+
+def job(client, job_id: str) -> dict:
+    return jobqueue.decode(client.hgetall(KEYS.job(job_id)))
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout_s:g} s"
+        time.sleep(0.02)
+
+
+def ended(client, *job_ids: str) -> bool:
+    return all(job(client, job_id).get("status") in jobqueue.FINAL for job_id in job_ids)
+
+
+def pending(client) -> int:
+    """Entries delivered and not acknowledged; 0 before any consumer made the group."""
+    try:
+        return int(client.xpending(KEYS.stream, KEYS.group)["pending"])
+    except redis.ResponseError as error:
+        assert "NOGROUP" in str(error)
+        return 0
+
+
+def die_holding(client, count: int = 1, start: bool = False) -> list[str]:
+    """Acts as a consumer that reads entries (and STARTs them) and dies without acknowledging."""
+    client.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    [[_, entries]] = client.xreadgroup(KEYS.group, "ghost", {KEYS.stream: ">"}, count=count)
+    for _, fields in entries:
+        if start:
+            client.eval(jobqueue.START, 1, KEYS.job(fields[b"job"].decode()), "ghost", time.time(), 3)
+    return [entry_id.decode() for entry_id, _ in entries]
+
+
+@dataclass
+class Puller:
+    """A worker in pull mode, in-process: service, batcher, pipeline thread and consumer."""
+
+    service: WorkerService
+    runner: BoundaryRunner
+    consumer: QueueConsumer
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    stopped: bool = False
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.service.metrics.registry.get_sample_value(name, labels)
+
+    def jobs(self, outcome: str) -> float:
+        return self.metric(names.QUEUE_JOBS + "_total", **{names.JOB_OUTCOME_LABEL: outcome})
+
+    def call(self, coroutine, timeout_s: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """What the server does on SIGTERM: stop pulling, let the batcher finish, FINISH what is in hand."""
+        async def sequence() -> bool:
+            await self.consumer.stop_pulling()
+            drained = await self.service.drain(timeout_s)
+            return await self.consumer.finish(timeout_s) and drained
+
+        self.stopped = True
+        return self.call(sequence())
+
+    def close(self) -> None:
+        self.runner.release()
+        if not self.stopped:
+            self.drain()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def start_puller(tiny_runner, redis_server):
+    started: list[Puller] = []
+
+    def start(max_batch_size: int = 4, max_wait_s: float = 0.05, **queue) -> Puller:
+        service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size, max_wait_s)),
+                                WorkerMetrics(CollectorRegistry()))
+        runner = BoundaryRunner(tiny_runner)
+        service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        config = QueueConfig(url=redis_server.url, **queue)
+
+        async def make() -> QueueConsumer:
+            consumer = QueueConsumer(config, service)
+            consumer.start()
+            return consumer
+
+        puller = Puller(service, runner, asyncio.run_coroutine_threadsafe(make(), loop).result(10), loop, thread)
+        started.append(puller)
+        return puller
+
+    yield start
+    for puller in started:
+        puller.close()
+
+
+@pytest.fixture
+def client(redis_server):
+    with redis_server.client() as client:
+        yield client
+
+
+def test_pulled_jobs_complete_with_their_images_stored_and_their_entries_deleted(start_puller, client):
+    job_ids = [enqueue(client, f"harbour {index}", seed=100 + index, n=1 + index % 2) for index in range(5)]
+    puller = start_puller(result_ttl_s=120)
+    wait_for(lambda: ended(client, *job_ids), what="every job ended")
+    for index, job_id in enumerate(job_ids):
+        stored = job(client, job_id)
+        assert stored["status"] == jobqueue.DONE, stored
+        assert [image["seed"] for image in stored["result"]] == [100 + index + k for k in range(1 + index % 2)]
+        for image in stored["result"]:
+            assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == (64, 64)
+        assert stored["attempts"] == "1" and stored["consumer"] == puller.consumer.name
+        assert 0 < client.ttl(KEYS.job(job_id)) <= 120  # the result expires after --result-ttl
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+    assert puller.jobs("done") == 5
+    # the request metrics count queue jobs as they count HTTP requests
+    assert puller.metric(names.REQUESTS + "_total", outcome="ok") == 5
+    assert puller.metric(names.IMAGES + "_total") == 7
+    assert puller.metric(names.QUEUE_IN_HAND) == 0
+
+
+def test_a_busy_worker_pulls_one_batch_and_leaves_the_rest_undelivered(start_puller, client):
+    job_ids = [enqueue(client, f"field {index}", seed=index) for index in range(10)]
+    puller = start_puller(max_batch_size=4, max_wait_s=0.5)
+    puller.runner.hold()
+    assert puller.runner.entered.wait(30), "the first batch never reached the pipeline"
+    time.sleep(1.5)  # over a pull's block time: a consumer that prefetched would have by now
+    assert pending(client) == 4  # in hand: one batch
+    [group] = client.xinfo_groups(KEYS.stream)
+    assert group["entries-read"] == 4  # the other six were never delivered to anyone
+    assert puller.metric(names.QUEUE_IN_HAND) == 4
+    puller.runner.release()
+    wait_for(lambda: ended(client, *job_ids), what="every job ended")
+    assert [len(seeds) for _, _, seeds in puller.runner.calls[:1]] == [4]  # the pulled jobs ran as one batch
+    assert puller.metric(names.BATCH_SIZE + "_sum") == 10
+    assert puller.metric(names.BATCH_SIZE + "_count") < 10  # batches of more than one job
+    assert puller.jobs("done") == 10 and client.xlen(KEYS.stream) == 0
+
+
+def test_a_job_past_its_deadline_is_not_computed(start_puller, client):
+    late = enqueue(client, "too late", deadline_s=-1)
+    fine = enqueue(client, "in time")
+    puller = start_puller()
+    wait_for(lambda: ended(client, late, fine), what="both jobs ended")
+    stored = job(client, late)
+    assert stored["status"] == jobqueue.EXPIRED and "deadline" in stored["error"] and "started_at" not in stored
+    assert [prompts for _, prompts, _ in puller.runner.calls] == [["in time"]]
+    assert puller.metric(names.IMAGES + "_total") == 1
+    assert puller.jobs("expired") == 1 and puller.jobs("done") == 1
+    assert client.xlen(KEYS.stream) == 0
+
+
+def test_a_job_cancelled_while_queued_is_never_computed(start_puller, client):
+    cancelled = enqueue(client, "never mind")
+    assert client.eval(jobqueue.CANCEL, 2, KEYS.job(cancelled), KEYS.done(cancelled), time.time(), 60) == b"queued"
+    fine = enqueue(client, "go ahead")
+    puller = start_puller()
+    wait_for(lambda: ended(client, fine) and client.xlen(KEYS.stream) == 0, what="the stream emptied")
+    assert job(client, cancelled)["status"] == jobqueue.CANCELLED
+    assert [prompts for _, prompts, _ in puller.runner.calls] == [["go ahead"]]
+    assert puller.jobs("cancelled") == 1 and puller.jobs("done") == 1
+
+
+def test_a_poison_job_fails_alone_and_the_others_of_its_batch_complete(start_puller, client):
+    invalid = enqueue(client, request=json.dumps({"prompt": "", "num_inference_steps": 1}))
+    not_json = enqueue(client, request="{not json")
+    poison = enqueue(client, "poison")
+    fine = [enqueue(client, f"fine {index}") for index in range(3)]
+    puller = start_puller(max_batch_size=4, max_wait_s=0.3)
+    puller.runner.explode_on = "poison"
+    wait_for(lambda: ended(client, invalid, not_json, poison, *fine), what="every job ended")
+    assert job(client, invalid)["status"] == jobqueue.FAILED
+    assert job(client, invalid)["error"].startswith("invalid request: prompt:")
+    assert job(client, not_json)["error"].startswith("invalid request: ")
+    assert job(client, poison)["status"] == jobqueue.FAILED
+    assert "injected pipeline failure" in job(client, poison)["error"]
+    assert [job(client, job_id)["status"] for job_id in fine] == [jobqueue.DONE] * 3
+    assert puller.jobs("failed") == 3 and puller.jobs("done") == 3
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+
+
+def test_a_job_that_keeps_killing_its_consumers_is_dead_lettered(start_puller, client):
+    poison = enqueue(client, "kills every worker")
+    die_holding(client)
+    client.hset(KEYS.job(poison), "attempts", 3)  # three consumers died on it already
+    puller = start_puller(claim_idle_s=0.5, max_deliveries=3)
+    wait_for(lambda: ended(client, poison), what="the job ended")
+    stored = job(client, poison)
+    assert stored["status"] == jobqueue.FAILED
+    assert stored["error"].startswith("dead-lettered after 4 deliveries (more than --max-deliveries 3)")
+    [(_, letter)] = client.xrange(KEYS.dead)
+    assert letter[b"job"].decode() == poison and letter[b"attempts"] == b"4"
+    assert letter[b"error"].decode() == stored["error"]
+    assert puller.runner.calls == []
+    assert puller.jobs("dead_lettered") == 1 and puller.metric(names.QUEUE_RECLAIMED + "_total") == 1
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+
+
+def test_a_dead_consumers_job_is_reclaimed_after_the_claim_idle_time(start_puller, client):
+    orphan = enqueue(client, "orphan", seed=5)
+    died_at = time.time()
+    die_holding(client, start=True)  # it died computing: status running, one attempt
+    puller = start_puller(claim_idle_s=1.0)
+    wait_for(lambda: ended(client, orphan), what="the orphan ended")
+    stored = job(client, orphan)
+    assert stored["status"] == jobqueue.DONE and stored["consumer"] == puller.consumer.name
+    assert stored["attempts"] == "2"
+    assert float(stored["started_at"]) - died_at >= 1.0  # not taken before it was idle for --claim-idle
+    assert puller.metric(names.QUEUE_RECLAIMED + "_total") == 1 and puller.jobs("done") == 1
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+
+
+def test_a_slow_live_worker_keeps_its_job_through_the_heartbeat(start_puller, client):
+    slow = start_puller(claim_idle_s=1.0)
+    slow.runner.hold()
+    job_id = enqueue(client, "takes a while")
+    assert slow.runner.entered.wait(30)
+    other = start_puller(claim_idle_s=1.0)
+    time.sleep(3.5)  # three and a half claim-idle times with the job in one pipeline call
+    [entry] = client.xpending_range(KEYS.stream, KEYS.group, "-", "+", 10)
+    assert entry["consumer"].decode() == slow.consumer.name and entry["times_delivered"] == 1
+    slow.runner.release()
+    wait_for(lambda: ended(client, job_id), what="the job ended")
+    assert job(client, job_id)["attempts"] == "1" and job(client, job_id)["consumer"] == slow.consumer.name
+    assert other.runner.calls == [] and other.metric(names.QUEUE_RECLAIMED + "_total") == 0
+    assert slow.jobs("done") == 1 and other.jobs("duplicate") == 0
+
+
+def test_a_redis_outage_keeps_the_job_in_hand_and_its_result_lands_after(start_puller, client, redis_server, caplog):
+    caplog.set_level(logging.INFO, logger="worker.queue")
+    puller = start_puller(max_batch_size=2)
+    puller.runner.hold()
+    job_id = enqueue(client, "through the outage", seed=9)
+    assert puller.runner.entered.wait(30)
+    redis_server.stop()
+    wait_for(lambda: (puller.service.unready_reason or "").startswith("job queue unreachable"), timeout_s=30,
+             what="readiness false while Redis is down")
+    assert not puller.service.ready
+    puller.runner.release()
+    wait_for(lambda: puller.metric(names.IMAGES + "_total") == 1, what="the image computed")
+    time.sleep(1.0)  # its FINISH retries against a dead server
+    redis_server.start()
+    wait_for(lambda: ended(client, job_id), timeout_s=30, what="the result stored after the outage")
+    stored = job(client, job_id)
+    assert stored["status"] == jobqueue.DONE and [image["seed"] for image in stored["result"]] == [9]
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+    wait_for(lambda: puller.service.ready, what="ready again")
+    outages = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(outages) == 1, [r.getMessage() for r in outages]  # logged once per outage
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+
+def test_sigterm_finishes_the_jobs_in_hand_leaves_the_rest_queued_and_exits_0(tiny_model, client, redis_server):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "serve", "--model", str(tiny_model), "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu", "--no-warm-up", "--max-batch-size", "2", "--max-wait-ms", "20",
+         "--queue", redis_server.url, "--claim-idle", "30"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        job_ids = [enqueue(client, f"slow {index}", seed=index, num_inference_steps=12, size="128x128")
+                   for index in range(8)]
+        wait_for(lambda: process.poll() is not None or pending(client) > 0, timeout_s=120, what="jobs in hand")
+        assert process.poll() is None, process.stdout.read()
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: requests.get(f"{url}/readyz", timeout=5).status_code == 503, timeout_s=2,
+                 what="readiness false at once")
+        assert process.wait(timeout=60) == 0
+        statuses = [job(client, job_id) for job_id in job_ids]
+        done = [stored for stored in statuses if stored["status"] == jobqueue.DONE]
+        queued = [stored for stored in statuses if stored["status"] == jobqueue.QUEUED]
+        assert len(done) + len(queued) == 8 and 1 <= len(done) <= 4 and queued
+        assert all(stored["attempts"] == "0" for stored in queued)  # never delivered: left for others
+        assert pending(client) == 0 and client.xlen(KEYS.stream) == len(queued)
+        assert client.xinfo_consumers(KEYS.stream, KEYS.group) == []  # it left the group holding nothing
+        assert "drain complete" in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("flags", [["--claim-idle", "0"], ["--max-deliveries", "0"], ["--result-ttl", "-5"],
+                                   ["--claim-idle", "soon"]])
+def test_serve_refuses_bad_pull_mode_values(flags, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--model", "m", "--queue", "redis://127.0.0.1:6379/0", *flags])
+    assert exit.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_serve_refuses_a_queue_url_with_a_password_and_never_echoes_it(capsys):
+    assert main(["serve", "--model", "m", "--queue", "redis://:hunter2@127.0.0.1:6379/0"]) == 2
+    err = capsys.readouterr().err
+    assert "--queue carries a password" in err and "--redis-password-file" in err and "hunter2" not in err
+    assert main(["serve", "--model", "m", "--queue", "http://127.0.0.1:6379"]) == 2
+    assert "redis://" in capsys.readouterr().err
+    assert main(["serve", "--model", "m", "--queue", "redis://127.0.0.1/0", "--redis-password-file", "/no/such"]) == 2
+    assert "--redis-password-file /no/such" in capsys.readouterr().err
+
+
+def test_pull_mode_flags_come_from_the_environment_and_the_password_from_a_file(monkeypatch, tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    for name, value in {"QUEUE": "redis://redis:6379/2", "STREAM": "jobs:sd15", "GROUP": "pool",
+                        "CLAIM_IDLE": "30", "MAX_DELIVERIES": "5", "RESULT_TTL": "600",
+                        "REDIS_PASSWORD_FILE": str(secret), "REDIS_PASSWORD": "from-env"}.items():
+        monkeypatch.setenv(f"WORKER_{name}", value)
+    config = queue_config(build_parser().parse_args(["serve", "--model", "m"]))
+    assert (config.url, config.stream, config.group, config.claim_idle_s, config.max_deliveries,
+            config.result_ttl_s, config.password) == ("redis://redis:6379/2", "jobs:sd15", "pool", 30.0, 5, 600,
+                                                       "s3cret")
+    assert "s3cret" not in repr(config)
+    monkeypatch.delenv("WORKER_REDIS_PASSWORD_FILE")
+    assert queue_config(build_parser().parse_args(["serve", "--model", "m"])).password == "from-env"
+    monkeypatch.delenv("WORKER_QUEUE")
+    assert queue_config(build_parser().parse_args(["serve", "--model", "m"])) is None
