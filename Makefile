@@ -24,7 +24,7 @@ test: $(STAMP) prometheus redis
 demo: $(STAMP) prometheus redis
 	$(BIN)/python -m lab.stack
 
-evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 15 s
+evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 2 min (120 s of CPU)
 	$(BIN)/python bench/evaluation.py
 
 protos: $(STAMP)

@@ -7,9 +7,11 @@ loop and the HPA with the ScaledObject's pass-through behavior), `hpa-gpu` (HPA 
 utilization, 75 %), `keda-queue` (KEDA's Prometheus scaler, 5 requests per replica),
 `fixed-interval` (one replica more or fewer every 30 s), `knative` (the KPA's defaults).
 Down to zero, on a queue (the gateway and Redis Streams: requests wait there for a cold start):
-`composite-min0` (the composite as the queue overlay ships it: activation above 0, KEDA's
-`--cooldown-period`) and `keda-queue-min0` (KEDA on the queue's length, 5 per replica,
-activation above 0, polling 30 s, cooldown 300 s). docs/EVALUATION.md has the results and the method.
+`composite-min0` (the composite as the queue overlay ships it: activation above 0, no spare
+replica, KEDA polling every 5 s and a 900 s cooldown unless --polling-interval and
+--cooldown-period say otherwise) and `keda-queue-min0` (KEDA on the queue's length, 5 per
+replica, activation above 0, polling 30 s, cooldown 300 s). docs/EVALUATION.md has the results
+and the method.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lab.sim.report import markdown, pareto_front
 from lab.sim.shipped import (
     SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
     SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S, SHIPPED_QUEUE_METADATA,
+    SHIPPED_QUEUE_POLLING_INTERVAL_S,
 )
 from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
 
@@ -87,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-median", type=float, default=23.0, help="replica start-up delay median, s (default 23)")
     parser.add_argument("--startup-p99", type=float, default=52.0, help="replica start-up delay p99, s (default 52)")
     parser.add_argument("--min-replicas", type=int, default=SHIPPED_MIN_REPLICAS,
-                        help="(default 1; 0 only for composite and keda-queue, and implies --queue)")
+                        help="(default 1; 0 only for composite and keda-queue, and implies --queue; the composite "
+                        "at 0 takes the queue overlay's polling and cooldown, the base's metadata)")
     parser.add_argument("--max-replicas", type=int, default=SHIPPED_MAX_REPLICAS, help="(default 16)")
-    parser.add_argument("--polling-interval", type=float, default=SHIPPED_POLLING_INTERVAL_S,
-                        help="KEDA pollingInterval for the composite (default 15, the ScaledObject's)")
+    parser.add_argument("--polling-interval", type=float,
+                        help=f"KEDA pollingInterval for the composite, s (default {SHIPPED_POLLING_INTERVAL_S:g}, the "
+                        f"ScaledObject's; {SHIPPED_QUEUE_POLLING_INTERVAL_S:g}, the queue overlay's, for "
+                        f"{COMPOSITE_MIN0} and at --min-replicas 0)")
     parser.add_argument("--cooldown-period", type=float, default=SHIPPED_QUEUE_COOLDOWN_PERIOD_S,
                         help="KEDA cooldownPeriod for the composite at min 0, s: 1 -> 0 after this long inactive "
-                        "(default 300, the queue overlay's)")
+                        f"(default {SHIPPED_QUEUE_COOLDOWN_PERIOD_S:g}, the queue overlay's)")
     parser.add_argument("--queue", action="store_true",
                         help="workers pull from a shared queue (the gateway's Redis stream) instead of each holding "
                         "its own; always so at min 0")
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1")
     if args.cooldown_period < 0:
         return fail("need --cooldown-period >= 0")
+    if args.polling_interval is not None and args.polling_interval <= 0:
+        return fail("need --polling-interval > 0")
     if args.max_batch < 1 or args.max_queue < args.max_batch or args.max_wait_ms < 0:
         return fail("need --max-batch >= 1, --max-queue >= --max-batch and --max-wait-ms >= 0")
     if not 0 < args.startup_median <= args.startup_p99:

@@ -19,7 +19,9 @@ from lab.keda import KedaLoop
 from lab.target import FleetTarget
 from lab.sim.controller import Controller
 from lab.sim.observe import Observation
-from lab.sim.shipped import SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S
+from lab.sim.shipped import (
+    SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S, SHIPPED_QUEUE_POLLING_INTERVAL_S,
+)
 
 
 class SimulatedScaler:
@@ -52,13 +54,19 @@ class SimulatedScaler:
 
 
 class CompositeController(Controller):
-    """The scaler's decision core behind its cache, polled by KEDA, applied by the HPA."""
+    """The scaler's decision core behind its cache, polled by KEDA, applied by the HPA.
+
+    KEDA's `polling_interval_s` defaults to what ships: the base ScaledObject's 15 s, or the
+    queue overlay's 5 s at `min_replicas` 0; `cooldown_s` (1 -> 0, so only at min 0) to the
+    overlay's 900 s."""
 
     name = "composite"
 
     def __init__(self, metadata: Mapping[str, str], min_replicas: int, max_replicas: int,
-                 polling_interval_s: float = SHIPPED_POLLING_INTERVAL_S, sync_period_s: float = 15.0,
+                 polling_interval_s: float | None = None, sync_period_s: float = 15.0,
                  name: str = "composite", cooldown_s: float = SHIPPED_QUEUE_COOLDOWN_PERIOD_S) -> None:
+        if polling_interval_s is None:
+            polling_interval_s = shipped_polling_interval_s(min_replicas)
         self.name = name
         self.spec = composite_spec(metadata)
         self.window_s = parse_duration_seconds(self.spec.window)
@@ -73,6 +81,12 @@ class CompositeController(Controller):
             self.keda.start(o.t)
             self._started = True
         self.keda.step(o.t, target)
+
+
+def shipped_polling_interval_s(min_replicas: int) -> float:
+    """KEDA's pollingInterval as it ships for a composite at `min_replicas`: the queue
+    overlay's at 0, the base ScaledObject's otherwise; seconds."""
+    return SHIPPED_QUEUE_POLLING_INTERVAL_S if min_replicas == 0 else SHIPPED_POLLING_INTERVAL_S
 
 
 def composite_spec(metadata: Mapping[str, str]) -> ScalerSpec:

@@ -128,10 +128,10 @@ class Setup:
     slo_s: float
     min_replicas: int
     max_replicas: int
-    polling_interval_s: float  # the composite's KEDA pollingInterval
+    polling_interval_s: float | None  # the composite's KEDA pollingInterval; None: as shipped at its min
     seed: int
     tail_s: float
-    cooldown_s: float = 300.0  # the composite's KEDA cooldownPeriod (1 -> 0 at min 0)
+    cooldown_s: float = SHIPPED_QUEUE_COOLDOWN_PERIOD_S  # the composite's KEDA cooldownPeriod (1 -> 0 at min 0)
 
 
 _WORKER_STATE: tuple[Sequence[Arrival], Setup] | None = None

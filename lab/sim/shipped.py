@@ -1,6 +1,6 @@
 """What the manifests ship, as the simulator's defaults: the ScaledObject's trigger metadata and
 bounds, the worker Deployment's batching, and what the queue overlay changes to go to zero.
-`tests/lab/test_simulate.py` keeps them equal."""
+`tests/lab/test_simulate.py` keeps them equal to the base, `tests/lab/test_scale_to_zero.py` to the overlay."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ SHIPPED_MIN_REPLICAS = 1
 SHIPPED_MAX_REPLICAS = 16
 SHIPPED_POLLING_INTERVAL_S = 15.0
 
-# The queue overlay (manifests/overlays/queue/scaledobject-queue.yaml): the composite at zero.
-SHIPPED_QUEUE_METADATA: dict[str, str] = {"activationQueue": "0", "minReplicas": "0"}
+# The queue overlay (manifests/overlays/queue/scaledobject-queue.yaml): the composite at zero,
+# its metadata over the base's. Polling every 5 s, as a poll at zero only decides activation and
+# cooldown; no spare replica and a 900 s cooldown (docs/EVALUATION.md, "Scale to zero").
+SHIPPED_QUEUE_METADATA: dict[str, str] = {"activationQueue": "0", "minReplicas": "0", "minBusyReplicas": "1"}
 SHIPPED_QUEUE_MIN_REPLICAS = 0
-SHIPPED_QUEUE_COOLDOWN_PERIOD_S = 300.0
+SHIPPED_QUEUE_POLLING_INTERVAL_S = 5.0
+SHIPPED_QUEUE_COOLDOWN_PERIOD_S = 900.0

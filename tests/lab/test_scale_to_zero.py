@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lab.hpa import Behavior
-from lab.sim import shipped
+from lab.sim import cli, shipped
 from lab.sim.baselines import KEDA_QUEUE_MIN0, KedaQueueController, keda_queue_min0
 from lab.sim.composite import CompositeController
 from lab.sim.controller import Controller
@@ -105,6 +106,39 @@ def test_composite_min0_is_the_queue_overlays_scaled_object():
     patch = yaml.safe_load((ROOT / "manifests/overlays/queue/scaledobject-queue.yaml").read_text())
     values = {op["path"]: op["value"] for op in patch}
     assert values["/spec/minReplicaCount"] == shipped.SHIPPED_QUEUE_MIN_REPLICAS == 0
+    assert values["/spec/pollingInterval"] == shipped.SHIPPED_QUEUE_POLLING_INTERVAL_S
     assert values["/spec/cooldownPeriod"] == shipped.SHIPPED_QUEUE_COOLDOWN_PERIOD_S
     metadata = {path.rsplit("/", 1)[1]: value for path, value in values.items() if "/metadata/" in path}
-    assert {k: metadata[k] for k in shipped.SHIPPED_QUEUE_METADATA} == shipped.SHIPPED_QUEUE_METADATA
+    # every metadata value the overlay sets, but where the queue lives (nothing to simulate there)
+    assert {k: v for k, v in metadata.items() if k not in ("redisAddress", "stream")} == shipped.SHIPPED_QUEUE_METADATA
+    assert {op["path"].rsplit("/", 1)[1] for op in patch if "/metadata/" not in op["path"]} == {
+        "minReplicaCount", "pollingInterval", "cooldownPeriod"}  # a new field there needs its constant
+
+
+def test_the_composite_polls_as_the_scaled_object_ships_at_its_min():
+    assert CompositeController(shipped.SHIPPED_METADATA, 1, 4).keda.polling_interval_s == 15.0  # the base's
+    at_zero = CompositeController(shipped.SHIPPED_METADATA, 0, 4)
+    assert (at_zero.keda.polling_interval_s, at_zero.keda.cooldown_s) == (5.0, 900.0)  # the overlay's
+    assert CompositeController(shipped.SHIPPED_METADATA, 0, 4, polling_interval_s=30).keda.polling_interval_s == 30
+
+
+@pytest.mark.parametrize(("flags", "second_latency_s", "gpu_s"), [
+    # woken by the poll at 0, ready at 20; polls see it held until 20: last active 20, zero at 920;
+    # the request at 1500.5 waits for the poll at 1505, ready at 1525; the run ends at 1800.5
+    ([], 1525 + 1.07 - 1500.5, 920 + 1800.5 - 1505),
+    (["--polling-interval", "15"], 1535 + 1.07 - 1500.5, 915 + 1800.5 - 1515),  # last active 15, poll at 1515
+    (["--cooldown-period", "300"], 1525 + 1.07 - 1500.5, 320 + 1800.5 - 1505),
+    (["--min-replicas", "0", "--policies", "composite", "--composite", "minBusyReplicas=1"],
+     1525 + 1.07 - 1500.5, 920 + 1800.5 - 1505),
+], ids=["overlay", "polling-15", "cooldown-300", "min-replicas-0"])
+def test_the_cli_replays_the_composite_at_zero_with_the_overlays_polling_and_cooldown_unless_told(
+        flags, second_latency_s, gpu_s, tmp_path, capsys):
+    trace = tmp_path / "two.csv"
+    trace.write_text("TIMESTAMP\n1000\n2500.5\n")  # at 0 s and 1500.5 s
+    argv = ["--trace", str(trace), "--startup-median", "20", "--startup-p99", "20", "--json", "--jobs", "1",
+            "--policies", "composite-min0"]
+    assert cli.main([*argv, *flags]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["cold_starts"] == 2 and row["p50_s"] == pytest.approx(20 + 1.07)
+    assert row["p99_s"] == pytest.approx(second_latency_s)
+    assert row["gpu_hours"] == pytest.approx(gpu_s / 3600)

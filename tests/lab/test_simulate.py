@@ -179,6 +179,7 @@ def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tm
         (["--min-replicas", "0"], "hpa-gpu, fixed-interval, knative cannot scale to zero"),
         (["--min-replicas", "-1"], "--min-replicas"),
         (["--cooldown-period", "-5"], "--cooldown-period"),
+        (["--polling-interval", "0"], "--polling-interval"),
         (["--max-queue", "4"], "--max-queue"),
         (["--profile", "/nonexistent/profile.json"], "No such file"),
     ],
