@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=150.0, help="length of the scenario")
     parser.add_argument("--model", type=Path, help="a pipeline directory; default: build the tiny model")
-    parser.add_argument("--mode", choices=["queue", "direct"], default="direct",
+    parser.add_argument("--mode", choices=["queue", "direct"], default="queue",
                         help="queue: gateway + Redis stream + pull-mode workers, from zero; direct: a balancer in "
                         "front of the workers")
     parser.add_argument("--min-replicas", type=int, help="default 0 in queue mode, 1 in direct mode")

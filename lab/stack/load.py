@@ -46,7 +46,10 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
     """Open-loop Poisson arrivals at the scenario's rate until `stop`; each request in its own task."""
     rng = random.Random(7)
     tasks: set[asyncio.Task] = set()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+    # No connection limit: a synchronous request through the gateway holds its connection while
+    # it waits in the queue, and aiohttp's default of 100 would cap the backlog the client can make.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def one() -> None:
             try:
@@ -64,7 +67,11 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
             if rate <= 0:  # an idle phase: nothing arrives; look again shortly
                 await asyncio.sleep(0.2)
                 continue
-            await asyncio.sleep(rng.expovariate(rate))
+            gap = rng.expovariate(rate)
+            if gap > 1.0:  # the rate may change meanwhile: wait a second and draw again (memoryless)
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.sleep(gap)
             if stop.is_set():
                 break
             stats.sent += 1

@@ -187,6 +187,7 @@ async def run(args: argparse.Namespace) -> int:
             settings = {"max_batch": profile.max_batch, "max_wait_ms": MAX_WAIT_MS,
                         "max_queue": QUEUE_BATCHES * profile.max_batch, "steps": profile.steps,
                         "min_replicas": min_replicas, "max_replicas": max_replicas, "mode": args.mode,
+                        "cooldown_s": args.cooldown,
                         "polling_interval_s": args.polling_interval, "sync_period_s": args.sync_period,
                         "seconds": args.seconds, "device": profile.device}
             write_record(Path(args.record), settings, policy_metadata, points, stats, fleet,
