@@ -172,3 +172,49 @@ def test_with_gpus_each_worker_owns_one_and_has_its_exporter(tmp_path):
     finally:
         fleet.close()
     assert all(p.poll() is not None for p in processes)
+
+
+def refused(host_port: str) -> bool:
+    import socket
+
+    host, port = host_port.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(420)
+def test_queue_mode_wakes_the_fleet_from_zero_scales_it_past_three_and_returns_it_to_zero(tmp_path):
+    """`make demo`'s default: Redis, the gateway, the scaler on the stream's backlog, zero workers.
+
+    Each step is asserted so that its absence fails: the fleet is at zero while nothing arrives
+    (a min of 1 would show 1), the first requests wake it (without activation it would stay at
+    0 and every request would time out), the burst needs three or more workers, and the quiet
+    end takes it back to zero (without the cooldown's 1 -> 0 it would end at 1)."""
+    require_prometheus()
+    timeline = tmp_path / "timeline.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "lab.stack", "--seconds", "180", "--timeline", str(timeline)],
+        cwd=ROOT, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    t = [int(row[0]) for row in rows]
+    offered = [float(row[1]) for row in rows]
+    desired = [int(row[2]) for row in rows]
+    shown = "\n" + " ".join(f"{a}:{b}" for a, b in zip(t, desired, strict=True))
+    assert len(rows) >= 170
+    first_load = next(i for i, rate in enumerate(offered) if rate > 0)
+    assert t[first_load] >= 20 and set(desired[:first_load]) == {0}, "the fleet did not open at zero" + shown
+    woke = next((i for i, n in enumerate(desired) if n > 0), None)
+    assert woke is not None and woke >= first_load, "no request woke the fleet" + shown
+    assert max(desired) >= 3, "the load never needed three workers" + shown
+    assert desired[-1] == 0 and int(rows[-1][3]) == 0, "the quiet end did not return the fleet to zero" + shown
+    assert " 0 failed" in result.stdout and re.search(r"stack: [1-9]\d* requests", result.stdout), result.stdout[-500:]
+    assert timeline.stat().st_size > 10_000
+    # everything it started is gone: workers, the gateway, Redis
+    assert not processes_of(workdir_of(result.stdout)), "worker processes outlived the stack"
+    [(gateway, redis)] = re.findall(r"the gateway http://(\S+) \(Redis redis://(\S+?)/0\)", result.stdout)
+    assert refused(gateway) and refused(redis), "the gateway or Redis outlived the stack"
