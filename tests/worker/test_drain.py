@@ -25,15 +25,20 @@ def start_process(model, *flags: str) -> tuple[subprocess.Popen, str]:
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "worker never became ready"
-        time.sleep(0.1)
+    try:
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    return process, url
+            except requests.RequestException:  # not listening yet, or too busy loading to answer
+                pass
+            assert time.monotonic() < deadline, "worker never became ready"
+            time.sleep(0.1)
+    except BaseException:
+        process.kill()  # never leave a worker behind a failed start
+        process.wait()
+        raise
 
 
 def in_flight(url: str) -> float:
