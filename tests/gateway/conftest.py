@@ -126,7 +126,7 @@ def wait_ready(url: str, timeout_s: float = 15.0) -> None:
         try:
             if requests.get(url + "/readyz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not up yet, or too busy to answer in time
             pass
         assert time.monotonic() < deadline, f"{url} did not become ready"
         time.sleep(0.05)
