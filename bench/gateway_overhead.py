@@ -10,7 +10,7 @@ so drift on a noisy machine hits both alike:
   medians, and the ratio of the medians is reported too;
 - throughput: `--concurrency` clients in a closed loop for `--seconds` each; images per second.
 Each worker runs with the same batching flags. The pull-mode worker's batches form from what
-it pulls (never more than one max batch beyond what it holds), the direct worker's from what
+it pulls (at most two max batches in hand: one running, one forming), the direct worker's from what
 arrives, so throughput at concurrency compares the two front doors with their batchers.
 """
 

@@ -45,6 +45,7 @@ log = logging.getLogger("worker.queue")
 T = TypeVar("T")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 2.0
+LOOKAHEAD_BATCHES = 2  # batches in hand at most: one in the pipeline, one forming behind it
 DEAD_LETTERS_KEPT = 10_000  # the dead-letter stream is trimmed to about this many entries
 
 
@@ -224,10 +225,12 @@ class QueueConsumer:
     # -- pulling and reclaiming -----------------------------------------------------------------
 
     def _room(self) -> int:
-        """Entries to ask for: one max batch less the images in hand, at least 1 with none in hand."""
+        """Entries to ask for: two max batches (the one running and the next forming behind it,
+        as in direct mode) less the images in hand, at least 1 with none in hand. One batch
+        alone left the pipeline idle between batches (bench/gateway_overhead.py)."""
         engine = self.service.engine
         max_batch = engine.max_batch_size if engine else self.service.limits.batching.max_batch_size
-        room = max_batch - sum(hand.images for hand in self._hands.values())
+        room = LOOKAHEAD_BATCHES * max_batch - sum(hand.images for hand in self._hands.values())
         return max(room, 1) if not self._hands else max(room, 0)
 
     async def _pull_forever(self) -> None:

@@ -179,22 +179,24 @@ def test_pulled_jobs_complete_with_their_images_stored_and_their_entries_deleted
     assert puller.metric(names.QUEUE_IN_HAND) == 0
 
 
-def test_a_busy_worker_pulls_one_batch_and_leaves_the_rest_undelivered(start_puller, client):
-    job_ids = [enqueue(client, f"field {index}", seed=index) for index in range(10)]
+def test_a_busy_worker_pulls_one_batch_beyond_the_running_one_and_leaves_the_rest_undelivered(
+    start_puller, client
+):
+    job_ids = [enqueue(client, f"field {index}", seed=index) for index in range(12)]
     puller = start_puller(max_batch_size=4, max_wait_s=0.5)
     puller.runner.hold()
     assert puller.runner.entered.wait(30), "the first batch never reached the pipeline"
-    time.sleep(1.5)  # over a pull's block time: a consumer that prefetched would have by now
-    assert pending(client) == 4  # in hand: one batch
+    time.sleep(1.5)  # over a pull's block time: a consumer that prefetched deeper would have by now
+    assert pending(client) == 8  # in hand: the batch running and the next one forming
     [group] = client.xinfo_groups(KEYS.stream)
-    assert group["entries-read"] == 4  # the other six were never delivered to anyone
-    assert puller.metric(names.QUEUE_IN_HAND) == 4
+    assert group["entries-read"] == 8  # the other four were never delivered to anyone
+    assert puller.metric(names.QUEUE_IN_HAND) == 8
     puller.runner.release()
     wait_for(lambda: ended(client, *job_ids), what="every job ended")
     assert [len(seeds) for _, _, seeds in puller.runner.calls[:1]] == [4]  # the pulled jobs ran as one batch
-    assert puller.metric(names.BATCH_SIZE + "_sum") == 10
-    assert puller.metric(names.BATCH_SIZE + "_count") < 10  # batches of more than one job
-    assert puller.jobs("done") == 10 and client.xlen(KEYS.stream) == 0
+    assert puller.metric(names.BATCH_SIZE + "_sum") == 12
+    assert puller.metric(names.BATCH_SIZE + "_count") < 12  # batches of more than one job
+    assert puller.jobs("done") == 12 and client.xlen(KEYS.stream) == 0
 
 
 def test_a_job_past_its_deadline_is_not_computed(start_puller, client):
