@@ -5,7 +5,13 @@
 # not needed.
 set -euo pipefail
 if command -v redis-server >/dev/null 2>&1; then
-  exit 0
+  # XAUTOCLAIM (pull-mode reclaim) and XINFO's entries-read need Redis 7.
+  major=$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')
+  if [ -n "$major" ] && [ "$major" -ge 7 ]; then
+    exit 0
+  fi
+  echo "redis-server on PATH is version ${major:-unknown}; the job queue needs Redis 7 or newer" >&2
+  exit 1
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "redis-server is not installed and apt-get is missing: install Redis 7.x so that 'redis-server' is on PATH" >&2

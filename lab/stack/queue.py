@@ -43,13 +43,20 @@ class QueueFront:
 
     def start(self, timeout_s: float = 60.0) -> None:
         self.redis.start()
-        log = open(self._log_dir / "gateway.log", "wb")
-        self._gateway = subprocess.Popen(
+        with open(self._log_dir / "gateway.log", "wb") as log:  # the child keeps its own descriptor
+            self._gateway = self._spawn(log)
+        deadline = time.monotonic() + timeout_s
+        self._wait_ready(deadline, timeout_s)
+
+    def _spawn(self, log) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(self.port), "--redis-url",
              self.redis.url, "--stream", STREAM, "--request-timeout", f"{self._request_timeout_s:g}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ},
         )
-        deadline = time.monotonic() + timeout_s
+
+    def _wait_ready(self, deadline: float, timeout_s: float) -> None:
+        assert self._gateway is not None
         while True:
             if self._gateway.poll() is not None:
                 raise RuntimeError(f"the gateway exited with {self._gateway.returncode}; "
