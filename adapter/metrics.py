@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from adapter.kube import FALLBACK_REASONS
 from adapter.reading import Reading
-from adapter.targets import Target
+from adapter.targets import Target, Unavailable
 from contract import names
 from contract.names import GPU, QUERIES, SIGNALS
 
@@ -109,6 +109,10 @@ class TargetCollector:
         for query in QUERIES:
             if query in target.query_failures or any(o.name == query for o in target.last_outcomes):
                 g.query_failures.add_metric(labels + [query], target.query_failures[query])
+        try:  # IsActive's answer, which may outlive the snapshot (Target.is_active); absent when UNAVAILABLE
+            g.active.add_metric(labels, 1.0 if target.is_active(now) else 0.0)
+        except Unavailable:
+            pass
         snapshot = target.snapshot
         if snapshot is None:
             return
@@ -124,7 +128,6 @@ class TargetCollector:
                 g.proposal.add_metric(labels + [signal], decision.proposals[signal])
         g.composite.add_metric(labels, decision.composite)
         g.desired.add_metric(labels, decision.value)
-        g.active.add_metric(labels, 1.0 if decision.active else 0.0)
         g.burst.add_metric(labels, 1.0 if decision.burst else 0.0)
         for signal in SIGNALS + ("none",):
             g.limiting.add_metric(labels + [signal], 1.0 if decision.limiting == signal else 0.0)

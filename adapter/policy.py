@@ -85,6 +85,11 @@ def ceil_replicas(x: float) -> int:
     return max(0, math.ceil(x - _CEIL_SLACK))
 
 
+def queue_active(spec: PolicySpec, queue: float) -> bool:
+    """IsActive's rule: the queue (requests or jobs) exceeds `activation_queue`."""
+    return queue > spec.activation_queue
+
+
 def proposals(spec: PolicySpec, signals: Signals) -> dict[str, float]:
     """Replicas each enabled signal asks for; a signal without data proposes nothing."""
     out: dict[str, float] = {}
@@ -177,6 +182,6 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
         limiting=limiting,
         held_by=held_by,
         burst=burst,
-        active=signals.queue > spec.activation_queue,
+        active=queue_active(spec, signals.queue),
         state=next_state,
     )

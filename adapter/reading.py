@@ -14,8 +14,9 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
   good reading had ready replicas): `absent_is_not_zero`.
 
 Read from Redis (`redisAddress`, `adapter/redisqueue.py`), the queue is the stream's backlog:
-always a number (a stream that does not exist is a real 0), so `absent_is_not_zero` never
-touches it, and an error reading it is a failure like any other.
+a number, or an error (a stream that does not exist is one: the gateway and the workers create
+it, so its absence is a misconfiguration or lost data), never "no series", so
+`absent_is_not_zero` never touches it, and an error reading it is a failure like any other.
 
 A latency of NaN is what `histogram_quantile` returns when no request finished inside the
 window; +Inf when the p95 lies beyond the histogram's largest finite bucket. A query that

@@ -5,10 +5,13 @@ delivered to the workers' group plus those delivered and not acknowledged (the w
 acknowledge and delete in one step), as KEDA's redis-streams scaler counts them. It exists
 with no worker running, so the scaler can answer IsActive at zero replicas.
 
-Every outcome is a number or an error, never "no series": a stream that does not exist is a
-real 0 (nothing enqueued, or all of it ended), while Redis unreachable, timing out, refusing
-the password, or holding another type under the stream's name is a failed query, and the
-caller keeps its last good value until it is stale.
+Every outcome is a number or an error, never "no series". A stream that exists and is empty is
+a real 0. A stream that does not exist is a failed read: the gateway and the workers create it
+(with their consumer group) when they start, and XDEL never deletes the key, so its absence
+means the trigger names another stream or db than the gateway, or Redis lost its data; reading
+it as 0 would hold the fleet at zero while the gateway's clients time out. Redis unreachable,
+timing out, refusing the password, or holding another type under the stream's name fail alike,
+and the caller keeps its last good value until it is stale.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from adapter.config import ScalerSpec
 from adapter.reading import QueryOutcome, Reading, outcome, to_reading
-from contract.jobqueue import QueueKeys, backlog
 from contract.names import QUEUE
 
 
@@ -32,6 +34,22 @@ class SignalSource(Protocol):
     """Prometheus or the direct scrapes (`adapter.directscrape.SignalRouter`)."""
 
     async def read(self, spec: ScalerSpec) -> Reading: ...
+
+
+async def stream_backlog(client: aioredis.Redis, stream: str) -> int | None:
+    """`contract.jobqueue.backlog` (the stream's length, in jobs) and whether the stream exists,
+    in one round trip and one transaction: None when it does not exist (XLEN reads 0 for a
+    missing key). Redis's errors propagate, WRONGTYPE included, unwrapped."""
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.exists(stream)
+        pipe.xlen(stream)
+        # Not raise_on_error: redis-py would prefix an error with "Command # 2 (XLEN ...) of pipeline".
+        answers = await pipe.execute(raise_on_error=False)
+    for answer in answers:
+        if isinstance(answer, Exception):
+            raise answer
+    exists, length = answers
+    return int(length) if exists else None
 
 
 class RedisBacklog:
@@ -83,15 +101,19 @@ class RedisBacklog:
         started = self._clock()
         try:
             client = await self._client(spec.redis_address, spec.query_timeout_s)
-            # The socket timeouts bound each exchange; this bounds connect, AUTH and XLEN together.
+            # The socket timeouts bound each exchange; this bounds connect, AUTH and the read together.
             async with asyncio.timeout(spec.query_timeout_s):
-                jobs = await backlog(client, QueueKeys(stream=spec.stream))
+                jobs = await stream_backlog(client, spec.stream)
         except (TimeoutError, RedisTimeout):
             error = f"no answer within {spec.query_timeout_s:g}s"
         except Exception as e:  # refused, AUTH, WRONGTYPE, and a bug alike: a failed read, never 0
             error = f"{type(e).__name__}: {e}"
         else:
-            return outcome(QUEUE, float(jobs), self._clock() - started)
+            if jobs is not None:
+                return outcome(QUEUE, float(jobs), self._clock() - started)
+            error = (f"no such stream. Is `stream` the gateway's --stream, and the db in redisAddress the one in its "
+                     "--redis-url? The gateway and the workers create the stream when they start and nothing "
+                     "deletes it, so a missing stream is a misconfiguration or lost data, not an empty queue")
         return QueryOutcome(QUEUE, self._clock() - started, error=f"{where}: {error}")
 
     async def close(self) -> None:

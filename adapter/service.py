@@ -2,7 +2,8 @@
 
 Status codes: bad trigger metadata is INVALID_ARGUMENT (naming the key, the value and what
 is accepted); no value to serve (none yet, or stale past staleAfterSeconds) is UNAVAILABLE,
-so KEDA's `fallback` takes over instead of reading a made-up number; an unknown metric name
+so KEDA's `fallback` takes over instead of reading a made-up number (IsActive, with the queue
+read from Redis, needs only a fresh backlog: `Target.is_active`); an unknown metric name
 is NOT_FOUND; a full registry is RESOURCE_EXHAUSTED.
 """
 
@@ -64,8 +65,7 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
     async def IsActive(self, request: pb.ScaledObjectRef, context) -> pb.IsActiveResponse:
         async def answer() -> pb.IsActiveResponse:
             target = await self._ready(request)
-            snapshot = target.current(self._registry.now())
-            return pb.IsActiveResponse(result=snapshot.decision.active)
+            return pb.IsActiveResponse(result=target.is_active(self._registry.now()))
 
         return await self._unary("IsActive", context, answer)
 
@@ -98,7 +98,7 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
             await self._registry.first_refresh(target)
             last_sent: bool | None = None
             while True:
-                active = target.current(self._registry.now()).decision.active
+                active = target.is_active(self._registry.now())
                 if active != last_sent:
                     await context.write(pb.IsActiveResponse(result=active))
                     last_sent = active

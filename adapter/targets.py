@@ -4,7 +4,8 @@ A trigger is registered on first contact, keyed by namespace, name and the whole
 map, so an edited ScaledObject becomes a new target and the old one is forgotten once idle.
 Each target refreshes on its own task every `refreshSeconds`; RPCs read the last good
 snapshot and never wait on Prometheus or the Kubernetes API, except for a target's very
-first call.
+first call. A target whose queue is read from Redis also keeps its last good backlog on its
+own (`Activity`), so IsActive, which needs nothing else, survives a Prometheus outage.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from adapter.config import ScalerSpec, parse_metadata
-from adapter.policy import Decision, PolicyState, Signals, decide
+from adapter.policy import Decision, PolicyState, Signals, decide, queue_active
 from adapter.reading import QueryOutcome, Reading, absent_is_not_zero, silent_signals
 from adapter.signals import SignalReader
+from contract.names import QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,15 @@ class Snapshot:
     at: float  # clock time of the reading
 
 
+@dataclass(frozen=True)
+class Activity:
+    """IsActive's answer from the queue alone: the last good backlog read from Redis."""
+
+    active: bool  # backlog > activationQueue
+    backlog: float  # jobs waiting or in hand
+    at: float  # clock time of the read
+
+
 class Target:
     """One trigger of one ScaledObject: spec, policy state, last good snapshot, statistics."""
 
@@ -68,6 +79,7 @@ class Target:
         self.last_used_at = now
         self.state = PolicyState()
         self.snapshot: Snapshot | None = None
+        self.activity: Activity | None = None  # only with redis_address
         self.last_error: str | None = None
         self.last_outcomes: tuple[QueryOutcome, ...] = ()
         self.refreshes: Counter[str] = Counter()  # by result: ok, error
@@ -86,6 +98,10 @@ class Target:
         for outcome in reading.outcomes:
             if outcome.error:
                 self.query_failures[outcome.name] += 1
+            elif outcome.name == QUEUE and self.spec.redis_address is not None and outcome.value is not None:
+                # The backlog needs nothing from Prometheus, so a good one is kept even when
+                # the other queries fail: IsActive, and waking from zero, depend on Redis alone.
+                self.activity = Activity(queue_active(self.spec.policy, outcome.value), outcome.value, now)
         if reading.signals is None:
             self.refreshes["error"] += 1
             self.last_error = reading.error
@@ -120,6 +136,22 @@ class Target:
                 f"(staleAfterSeconds={self.spec.stale_after_s:g}); last error: {self.last_error}"
             )
         return self.snapshot
+
+    def is_active(self, now: float) -> bool:
+        """IsActive's answer at `now`. With the queue read from Redis, the last good backlog
+        while it is no older than staleAfterSeconds, even when the snapshot is stale or missing
+        (the other queries failed): it is never older than the snapshot, and a Prometheus outage
+        must not strand a backlog at zero replicas. Otherwise, and once the backlog is stale too,
+        the snapshot's (`current`: raises Unavailable)."""
+        activity = self.activity
+        if activity is not None and now - activity.at <= self.spec.stale_after_s:
+            return activity.active
+        if activity is not None:
+            raise Unavailable(
+                f"last good backlog for {self.namespace}/{self.name} is {now - activity.at:.0f}s old "
+                f"(staleAfterSeconds={self.spec.stale_after_s:g}); last error: {self.last_error}"
+            )
+        return self.current(now).decision.active
 
     def age(self, now: float) -> float | None:
         return None if self.snapshot is None else now - self.snapshot.at

@@ -1,5 +1,6 @@
 """Scale from zero on a real queue: the scaler over real gRPC, the queue signal from a real
-redis-server's stream, ready replicas from a real Prometheus that has no worker to scrape."""
+redis-server's stream, ready replicas from a real Prometheus that has no worker to scrape.
+A stream that does not exist is missing data; Prometheus down does not stop the waking."""
 
 from __future__ import annotations
 
@@ -33,13 +34,19 @@ def enqueue(server, jobs: int) -> None:
         pipe.execute()
 
 
-def work_off(server, jobs: int) -> list:
-    """A worker takes `jobs` jobs in hand (delivered, not yet acknowledged); returns their entries."""
+def create_stream(server) -> None:
+    """What the gateway and the workers do when they start: the group, and the stream with it."""
     with server.client() as client:
         try:
             client.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
-        except Exception as error:  # BUSYGROUP: a worker created it already
+        except Exception as error:  # BUSYGROUP: created already
             assert "BUSYGROUP" in str(error)
+
+
+def work_off(server, jobs: int) -> list:
+    """A worker takes `jobs` jobs in hand (delivered, not yet acknowledged); returns their entries."""
+    create_stream(server)
+    with server.client() as client:
         [[_, entries]] = client.xreadgroup(KEYS.group, "worker-0", {KEYS.stream: ">"}, count=jobs)
     return entries
 
@@ -74,7 +81,15 @@ def test_a_backlog_wakes_an_empty_fleet_and_redis_down_is_missing_data_never_zer
 
         return check
 
-    # Zero workers, nothing queued: inactive, so KEDA keeps the fleet at zero.
+    # No stream yet (no gateway has started): not an empty queue but missing data, named.
+    error = eventually_fails(active, timeout_s=5)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"Redis at {redis_server.url}, stream '{KEYS.stream}': no such stream. Is `stream` the gateway's" \
+        in error.details()
+
+    # The gateway starts (creating the stream); zero workers, nothing queued: inactive, so KEDA
+    # keeps the fleet at zero.
+    create_stream(redis_server)
     eventually(is_active(False))
     assert value() == 0.0
 
@@ -132,3 +147,56 @@ def test_a_backlog_wakes_an_empty_fleet_and_redis_down_is_missing_data_never_zer
     assert value() == before
     assert sample(scaler, names.SCALER_STALE, **labels) == 0
     assert sample(scaler, names.SCALER_QUEUE, **labels) == 5
+
+
+def test_a_backlog_wakes_the_fleet_while_prometheus_is_down_and_redis_down_too_is_unavailable(
+    own_prometheus, redis_server, scaler, deployment
+):
+    labels = scaler_labels(deployment)
+    so = ref(deployment, own_prometheus.url, redisAddress=redis_server.url, targetQueuePerReplica="4",
+             staleAfterSeconds="3")
+    create_stream(redis_server)
+
+    def value() -> float:
+        return scaler.stub.GetMetrics(metrics_request(so)).metricValues[0].metricValueFloat
+
+    def active() -> bool:
+        return scaler.stub.IsActive(so).result
+
+    def is_active(expected: bool):
+        def check():
+            assert active() is expected
+
+        return check
+
+    # Zero workers, nothing queued, both sources answering.
+    eventually(is_active(False))
+    assert value() == 0.0
+
+    # Prometheus goes away, then 12 jobs arrive: ready replicas cannot be read, but the backlog
+    # can, and it alone decides IsActive, so KEDA still takes the fleet 0 -> 1.
+    own_prometheus.stop()
+
+    def ready_failed():
+        assert sample(scaler, names.SCALER_QUERY_FAILURES + "_total", query=names.READY_REPLICAS, **labels) >= 1
+
+    eventually(ready_failed, timeout_s=5)
+    enqueue(redis_server, 12)
+    eventually(is_active(True), timeout_s=5)
+    assert sample(scaler, names.SCALER_ACTIVE, **labels) == 1
+
+    # GetMetrics keeps the strict rule: the last good value, then UNAVAILABLE (KEDA's fallback)
+    # naming Prometheus; IsActive stays true on the fresh backlog all along.
+    error = eventually_fails(value, timeout_s=10)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"ready, gpu queries: request to {own_prometheus.url} failed" in error.details()
+    assert active() is True
+    assert sample(scaler, names.SCALER_STALE, **labels) == 1
+
+    # Redis goes away too: the last good backlog until staleAfterSeconds, then UNAVAILABLE.
+    redis_server.stop()
+    stopped_at = time.monotonic()
+    error = eventually_fails(active, timeout_s=10)
+    assert time.monotonic() - stopped_at >= 2.0  # not before staleAfterSeconds (3 s from the last good read)
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "last good backlog" in error.details() and "queue query: Redis at" in error.details()

@@ -77,7 +77,7 @@ def test_the_docs_name_only_metrics_of_the_contract_and_each_deployables_page_li
     not_exported = {"DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL", "DCGM_FI_DEV_VGPU_LICENSE_STATUS"}
     known = set(names.ALL_METRICS) | labels | not_exported
     pages = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")} | {"README.md": (ROOT / "README.md").read_text()}
-    token = re.compile(r"\b((?:diffusion|scaler|gpu_exporter|gateway)_[a-z0-9_]*[a-z0-9]|DCGM_FI_[A-Z0-9_]*[A-Z0-9])\b(?!\.py)")
+    token = re.compile(r"\b((?:diffusion|scaler|gpu_exporter|gateway)_[a-z0-9_]*[a-z0-9]|DCGM_FI_[A-Z0-9_]*[A-Z0-9])\b(?!\.(?:py|json))")
     unknown = {page: sorted(name for name in set(token.findall(text))
                             if name not in known and re.sub(r"_(bucket|sum|count|total)$", "", name) not in known)
                for page, text in pages.items()}

@@ -71,3 +71,49 @@ def test_a_gpu_signal_that_matches_nothing_on_a_serving_fleet_is_named_not_silen
     assert target.silent == (names.GPU,) and names.GPU not in target.snapshot.decision.proposals
     target.apply(gpu_reading(2.0, 55.0), now=1)
     assert target.silent == ()
+
+
+def redis_reading(backlog: float | None, ready: float | None, error: str | None = None):
+    """A refresh of a trigger with redisAddress: the queue from Redis, ready replicas from
+    Prometheus, which failed with `error` when given."""
+    queue = QueryOutcome(names.QUEUE, 0.01, backlog) if backlog is not None else \
+        QueryOutcome(names.QUEUE, 0.01, error="Redis at redis://r:6379/0, stream 's': ConnectionError: refused")
+    ready_outcome = QueryOutcome(names.READY_REPLICAS, 0.01, ready, error=error)
+    return to_reading((queue, ready_outcome), ())
+
+
+def test_with_the_queue_from_redis_isactive_follows_a_fresh_backlog_while_prometheus_fails():
+    """Zero workers, Prometheus down: a backlog must still wake the fleet (IsActive needs only the
+    queue), while GetMetrics keeps the strict rule, last good value then UNAVAILABLE."""
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", "redisAddress": "redis://r:6379/0",
+                           "signals": "queue", "staleAfterSeconds": "20"})
+    target = Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+    target.apply(redis_reading(0.0, 0.0), now=0)
+    assert (target.current(0).decision.value, target.is_active(0)) == (0, False)
+    down = "Prometheus at http://p:9090: ConnectionError: refused"
+    target.apply(redis_reading(0.0, None, error=down), now=10)
+    assert target.is_active(10) is False
+    target.apply(redis_reading(12.0, None, error=down), now=15)  # jobs arrive while Prometheus is down
+    assert target.is_active(15) is True and target.current(15).decision.value == 0  # GetMetrics: the last good value
+    for t in range(16, 40):
+        target.apply(redis_reading(12.0, None, error=down), now=t)
+    assert target.is_active(39) is True  # as long as Redis answers
+    with pytest.raises(Unavailable, match="value for ml/sd is 21s old .*ready query: Prometheus at"):
+        target.current(21)
+    # Redis fails too: the last good backlog until it is stale, then UNAVAILABLE.
+    target.apply(redis_reading(None, None, error=down), now=40)
+    assert target.is_active(59) is True
+    with pytest.raises(Unavailable, match="last good backlog for ml/sd is 21s old"):
+        target.is_active(60)
+
+
+def test_isactive_never_comes_from_a_failed_refresh_without_redis():
+    """Without redisAddress the queue comes from Prometheus beside ready replicas: a refresh with
+    one failed query is no evidence, so IsActive keeps the snapshot's rule."""
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", "signals": "queue", "staleAfterSeconds": "20"})
+    target = Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+    target.apply(to_reading((QueryOutcome(names.QUEUE, 0.01, 12.0),
+                             QueryOutcome(names.READY_REPLICAS, 0.01, error="refused")), ()), now=0)
+    with pytest.raises(Unavailable, match="no value yet"):
+        target.is_active(0)
+    assert target.activity is None

@@ -13,6 +13,7 @@ from adapter.policy import Signals
 from adapter.reading import absent_is_not_zero, needed_queries
 from adapter.redisqueue import QueueFromRedis, RedisBacklog
 from adapter.signals import SignalReader
+from adapter.targets import Target, Unavailable
 from contract import jobqueue, names
 from lab.localprom import free_port
 from lab.localredis import LocalRedis
@@ -35,6 +36,12 @@ def read_once(address: str, password: str | None = None, **extra):
             await source.close()
 
     return asyncio.run(go())
+
+
+def create_stream(server: LocalRedis, stream: str = STREAM) -> None:
+    """What the gateway and the workers do when they start: the group, and the stream with it."""
+    with server.client() as client:
+        client.xgroup_create(stream, jobqueue.DEFAULT_GROUP, id="0", mkstream=True)
 
 
 def connections(server: LocalRedis) -> int:
@@ -63,9 +70,19 @@ def test_the_backlog_is_undelivered_plus_pending_and_a_finished_job_leaves_it(re
     assert (outcome.value, outcome.error) == (4, None)
 
 
-def test_a_stream_that_does_not_exist_is_a_real_zero_even_after_a_busy_fleet(redis_server):
-    outcome = read_once(redis_server.url, stream="never:enqueued")
+def test_an_existing_empty_stream_is_a_real_zero_even_after_a_busy_fleet(redis_server):
+    create_stream(redis_server)
+    outcome = read_once(redis_server.url)
     assert (outcome.name, outcome.value, outcome.error) == (names.QUEUE, 0.0, None)
+
+    # Every job ended: FINISH deleted each entry, and the stream, empty, still exists.
+    keys = jobqueue.QueueKeys()
+    with redis_server.client() as client:
+        client.xadd(STREAM, {jobqueue.JOB_FIELD: "job-0"})
+        [[_, [(entry_id, _)]]] = client.xreadgroup(jobqueue.DEFAULT_GROUP, "worker-a", {STREAM: ">"}, count=1)
+        client.eval(jobqueue.FINISH, 3, keys.job("job-0"), STREAM, keys.done("job-0"),
+                    jobqueue.DEFAULT_GROUP, entry_id, jobqueue.DONE, "result", "[]", time.time(), 60)
+        assert client.exists(STREAM) == 1
 
     async def go():
         fake = FakePrometheus({names.READY: 4.0})
@@ -77,7 +94,47 @@ def test_a_stream_that_does_not_exist_is_a_real_zero_even_after_a_busy_fleet(red
     assert checked.signals == Signals(queue=0, ready_replicas=4)
 
 
+def test_a_stream_that_does_not_exist_is_a_failed_read_naming_the_likely_misconfiguration(redis_server):
+    outcome = read_once(redis_server.url, stream="diffusion:typo")
+    assert (outcome.name, outcome.value) == (names.QUEUE, None)
+    assert outcome.error.startswith(f"Redis at {redis_server.url}, stream 'diffusion:typo': no such stream. "
+                                    "Is `stream` the gateway's --stream")
+    assert "The gateway and the workers create the stream when they start" in outcome.error
+
+
+def test_a_stream_that_vanishes_is_missing_data_last_good_value_then_unavailable(redis_server):
+    """Redis lost its data (restarted without its append-only file, say) with 12 jobs waiting:
+    the target serves its last good value and activity, never 0, until staleAfterSeconds."""
+    with redis_server.client() as client:
+        for n in range(12):
+            client.xadd(STREAM, {jobqueue.JOB_FIELD: f"job-{n}"})
+    fake = FakePrometheus({names.READY: 0.0})
+    so = spec(redis_server.url, signals="queue", targetQueuePerReplica="4", staleAfterSeconds="20")
+
+    async def read():
+        reader = QueueFromRedis(SignalReader(fake, 4), RedisBacklog())
+        try:
+            return await reader.read(so)
+        finally:
+            await reader.queue.close()
+
+    target = Target(("ml", "sd", ()), "ml", "sd", so, now=0)
+    target.apply(asyncio.run(read()), now=0)
+    assert (target.current(0).decision.value, target.is_active(0)) == (3, True)
+
+    with redis_server.client() as client:
+        client.flushall()
+    target.apply(asyncio.run(read()), now=10)
+    assert target.snapshot.signals.queue == 12 and "no such stream" in target.last_error
+    assert (target.current(20).decision.value, target.is_active(20)) == (3, True)  # the last good ones, not 0
+    with pytest.raises(Unavailable, match="no such stream"):
+        target.current(21)
+    with pytest.raises(Unavailable, match="no such stream"):
+        target.is_active(21)
+
+
 def test_the_stream_key_names_which_stream(redis_server):
+    create_stream(redis_server)
     with redis_server.client() as client:
         client.xadd("other:jobs", {jobqueue.JOB_FIELD: "a"})
         client.xadd("other:jobs", {jobqueue.JOB_FIELD: "b"})
@@ -107,6 +164,7 @@ def test_a_key_of_another_type_under_the_streams_name_is_a_failed_read(redis_ser
 
 def test_a_password_is_sent_from_the_scalers_settings_and_a_refusal_is_a_failed_read(redis_server):
     with LocalRedis(password="s3cret") as locked:
+        create_stream(locked)
         assert "AuthenticationError: Authentication required" in read_once(locked.url).error
         refused = read_once(locked.url, password="wrong")
         assert "AuthenticationError: invalid username-password pair" in refused.error
@@ -134,6 +192,8 @@ def test_a_hung_redis_times_out_within_the_query_timeout():
 
 
 def test_a_restarted_redis_is_read_again_on_the_next_refresh(redis_server):
+    create_stream(redis_server)
+
     async def go():
         source = RedisBacklog()
         first = await source.read(spec(redis_server.url))
