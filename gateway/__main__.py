@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the workers' consumer group, created at start if missing (env GATEWAY_GROUP)")
     add("--request-timeout", type=positive_float, default=ENV.get("REQUEST_TIMEOUT", f"{_DEFAULTS.request_timeout_s:g}"),
         help="seconds: a job's deadline is its enqueue time plus this (not started by then, it is not computed), "
-        "and the synchronous API answers 504 and cancels the job after this long (env GATEWAY_REQUEST_TIMEOUT)")
+        "and the synchronous API answers 504 after this long, leaving a running job to finish for GET /v1/jobs/{id} "
+        "(env GATEWAY_REQUEST_TIMEOUT)")
     add("--result-ttl", type=positive_int, default=ENV.get("RESULT_TTL", str(_DEFAULTS.result_ttl_s)),
         help="seconds a cancelled job's record is kept for GET /v1/jobs/{id}; the workers' own flag sets it for "
         "the jobs they end (env GATEWAY_RESULT_TTL)")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs in the stream at most; beyond it requests get 429 with Retry-After (env GATEWAY_MAX_BACKLOG)")
     add("--idempotency-ttl", type=positive_int, default=ENV.get("IDEMPOTENCY_TTL", str(_DEFAULTS.idempotency_ttl_s)),
         help="seconds an Idempotency-Key keeps pointing at its job (env GATEWAY_IDEMPOTENCY_TTL)")
+    add("--max-image-side", type=positive_int, default=ENV.get("MAX_IMAGE_SIDE", str(_DEFAULTS.max_image_side)),
+        help="largest width or height accepted, in pixels; a larger size is refused with 422 (keep it equal to the "
+        "workers' --max-image-side) (env GATEWAY_MAX_IMAGE_SIDE)")
     add("--access-log", action="store_true", default=ENV.flag("ACCESS_LOG"),
         help="log every HTTP request (env GATEWAY_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=ENV.get("LOG_LEVEL", "info"), help="(env GATEWAY_LOG_LEVEL)")
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         config = GatewayConfig(
             host=args.host, port=args.port, redis_url=args.redis_url, redis_password=password, stream=args.stream,
             group=args.group, request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl,
-            max_backlog=args.max_backlog, idempotency_ttl_s=args.idempotency_ttl, access_log=args.access_log,
+            max_backlog=args.max_backlog, idempotency_ttl_s=args.idempotency_ttl, max_image_side=args.max_image_side,
+            access_log=args.access_log,
         )
     except ValueError as error:
         parser.error(str(error))

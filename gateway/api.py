@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from contract.jobqueue import DONE, EXPIRED, FAILED, FINAL, QUEUED, RUNNING, STATUSES
+from contract.jobqueue import DONE, EXPIRED, FAILED, FINAL, QUEUED, STATUSES
 from contract.schema import ErrorResponse, GenerationRequest, GenerationResponse, ImageData
 
+from .bodylimit import MAX_BODY_BYTES, BodyLimit
 from .config import GatewayConfig
 from .jobs import BacklogFull, Enqueued, IdempotencyConflict, Job, JobQueue, QueueUnavailable
 from .metrics import ASYNC, BACKLOG_FULL, INVALID, REDIS_UNAVAILABLE, SYNC, GatewayMetrics
@@ -72,9 +73,16 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-def _unavailable(error: QueueUnavailable, headers: dict[str, str] | None = None) -> JSONResponse:
-    return _error(503, f"the job queue is unavailable: {error}",
+def _unavailable(headers: dict[str, str] | None = None) -> JSONResponse:
+    """503 for a QueueUnavailable. Its text stays in the log (`JobQueue.outages`): redis-py's
+    messages name hosts, ports and authentication failures, none of them a client's business."""
+    return _error(503, "the job queue is unavailable",
                   {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S), **(headers or {})})
+
+
+def _invalid(loc: list[str], msg: str) -> JSONResponse:
+    """422 shaped like FastAPI's own validation errors, `loc` naming the field."""
+    return JSONResponse({"detail": [{"loc": loc, "msg": msg, "type": "value_error"}]}, status_code=422)
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -93,6 +101,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, on_refused=lambda: metrics.reject(INVALID))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:
@@ -101,6 +110,10 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
 
     async def admit(body: GenerationRequest, key: str | None, api: str) -> Enqueued | JSONResponse:
         """Enqueues (or finds the key's job), or answers why not; nothing refused is enqueued."""
+        if any(side is not None and side > config.max_image_side for side in body.dimensions()):
+            metrics.reject(INVALID)
+            return _invalid(["body", "size"], f"each side must be at most {config.max_image_side} pixels "
+                                              "(the gateway's --max-image-side, as the workers')")
         try:
             enqueued = await queue.enqueue(body.model_dump_json(), key)
         except BacklogFull as full:
@@ -108,12 +121,10 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
             return _error(429, str(full), {"Retry-After": str(BACKLOG_RETRY_AFTER_S)})
         except IdempotencyConflict as conflict:
             metrics.reject(INVALID)
-            return JSONResponse({"detail": [{"loc": ["header", IDEMPOTENCY_HEADER], "msg": str(conflict),
-                                             "type": "value_error"}]}, status_code=422)
-        except QueueUnavailable as error:
+            return _invalid(["header", IDEMPOTENCY_HEADER], str(conflict))
+        except QueueUnavailable:
             metrics.reject(REDIS_UNAVAILABLE)
-            log.warning("refused a request: %s", error)
-            return _unavailable(error)
+            return _unavailable()
         if enqueued.created:
             metrics.accepted.labels(api).inc()
         return enqueued
@@ -150,28 +161,33 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         headers = {"X-Job-Id": job.id}
         try:
             ended = waiting.result()
-            if ended is not None and not ended.ended:
-                before = await queue.cancel(job.id)  # the deadline passed: no worker may start it now
-                if before in (QUEUED, RUNNING):
-                    return _error(504, f"job {job.id} did not end within {config.request_timeout_s:g} s "
-                                       "(--request-timeout); it is cancelled", headers)
-                ended = await queue.get(job.id)  # it ended just before the cancel
-        except QueueUnavailable as error:
-            return _unavailable(error, headers)
+        except QueueUnavailable:
+            return _unavailable(headers)
         if ended is None:
             return _error(503, f"job {job.id} is gone from Redis (evicted or flushed?)", headers)
-        return answer(ended)
+        if ended.ended:
+            return answer(ended)
+        # Not cancelled: a running job's result stays readable (GET, or a retry with the key), and
+        # a queued one past its deadline is expired by the worker that takes it (START). The
+        # wait ends at the job's deadline unless a replay's job lives longer than this wait.
+        if ended.status == QUEUED and time.time() >= ended.deadline:
+            return _error(504, f"job {job.id} passed its deadline before a worker started it; "
+                               "it will not be computed", headers)
+        return _error(504, f"job {job.id} did not end within {config.request_timeout_s:g} s (--request-timeout); "
+                           f"it is {ended.status}: GET /v1/jobs/{job.id} for its outcome", headers)
 
     @app.post(
         "/v1/images/generations",
         response_model=GenerationResponse,
         responses={
             409: {"model": ErrorResponse, "description": "The job was cancelled through DELETE /v1/jobs/{id}"},
+            413: {"model": ErrorResponse, "description": f"The body is over {MAX_BODY_BYTES} bytes"},
             422: {"description": "Invalid body, or an Idempotency-Key reused with another body"},
             429: {"model": ErrorResponse, "description": "The backlog is at --max-backlog; retry after Retry-After"},
             500: {"model": ErrorResponse, "description": "The worker failed on this job; detail carries its error"},
-            503: {"model": ErrorResponse, "description": "Redis is unreachable"},
-            504: {"model": ErrorResponse, "description": "Not done within --request-timeout; the job is cancelled"},
+            503: {"model": ErrorResponse, "description": "Redis is unavailable"},
+            504: {"model": ErrorResponse, "description": "Not done within --request-timeout; a running job is left "
+                                                         "to finish, for GET /v1/jobs/{id} (X-Job-Id)"},
         },
     )
     async def generate(body: GenerationRequest, request: Request, idempotency_key: IdempotencyKey = None):
@@ -189,9 +205,10 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         status_code=202,
         response_model=JobView,
         responses={
+            413: {"model": ErrorResponse, "description": f"The body is over {MAX_BODY_BYTES} bytes"},
             422: {"description": "Invalid body, or an Idempotency-Key reused with another body"},
             429: {"model": ErrorResponse, "description": "The backlog is at --max-backlog; retry after Retry-After"},
-            503: {"model": ErrorResponse, "description": "Redis is unreachable"},
+            503: {"model": ErrorResponse, "description": "Redis is unavailable"},
         },
     )
     async def submit(body: GenerationRequest, idempotency_key: IdempotencyKey = None):
@@ -207,13 +224,13 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         "/v1/jobs/{job_id}",
         response_model=JobView,
         responses={404: {"model": ErrorResponse, "description": "No such job, or its record expired"},
-                   503: {"model": ErrorResponse, "description": "Redis is unreachable"}},
+                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}},
     )
     async def status(job_id: str):
         try:
             job = await queue.get(job_id)
-        except QueueUnavailable as error:
-            return _unavailable(error)
+        except QueueUnavailable:
+            return _unavailable()
         if job is None:
             return _error(404, f"no job {job_id}: unknown, or its record expired after it ended")
         metrics.job_ended(job)
@@ -224,14 +241,14 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         response_model=JobView,
         responses={404: {"model": ErrorResponse, "description": "No such job, or its record expired"},
                    409: {"model": CancelRefused, "description": "The job had ended already; it keeps its status"},
-                   503: {"model": ErrorResponse, "description": "Redis is unreachable"}},
+                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}},
     )
     async def cancel(job_id: str):
         try:
             before = await queue.cancel(job_id)
             job = await queue.get(job_id) if before is not None else None
-        except QueueUnavailable as error:
-            return _unavailable(error)
+        except QueueUnavailable:
+            return _unavailable()
         if job is None:
             return _error(404, f"no job {job_id}: unknown, or its record expired after it ended")
         if before in FINAL:
@@ -248,8 +265,8 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
     async def readyz():
         try:
             await queue.ping()
-        except QueueUnavailable as error:
-            return _unavailable(error)
+        except QueueUnavailable:
+            return _unavailable()
         return {"status": "ready"}
 
     @app.get("/metrics", response_class=Response)

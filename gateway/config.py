@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from contract.jobqueue import DEFAULT_GROUP, DEFAULT_STREAM, QueueKeys
+from contract.schema import MAX_SIDE, MIN_SIDE
 
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -15,7 +16,8 @@ class GatewayConfig:
     """Every setting of one gateway process; `validate` names the flag of a bad value.
 
     Times are seconds. `request_timeout_s` is both a job's lifetime (its deadline is its
-    enqueue time plus this) and the longest the synchronous API waits.
+    enqueue time plus this) and the longest the synchronous API waits. `max_image_side` is in
+    pixels.
     """
 
     host: str = "0.0.0.0"
@@ -28,6 +30,9 @@ class GatewayConfig:
     result_ttl_s: int = 3600
     max_backlog: int = 1000
     idempotency_ttl_s: int = 86400
+    # The workers' --max-image-side default; set both flags alike, or a size the gateway accepts
+    # is enqueued and then fails on the worker.
+    max_image_side: int = 1024
     access_log: bool = False
 
     def __post_init__(self) -> None:
@@ -42,6 +47,9 @@ class GatewayConfig:
                             ("--max-backlog", self.max_backlog), ("--idempotency-ttl", self.idempotency_ttl_s)):
             if not value > 0:
                 raise ValueError(f"{flag} must be above 0, not {value}")
+        if not MIN_SIDE <= self.max_image_side <= MAX_SIDE:
+            raise ValueError(f"--max-image-side must be {MIN_SIDE} to {MAX_SIDE} pixels (the API's bounds), "
+                             f"not {self.max_image_side}")
         for flag, value in (("--stream", self.stream), ("--group", self.group)):
             try:
                 QueueKeys(stream=value) if flag == "--stream" else QueueKeys(group=value)

@@ -7,6 +7,7 @@ boundary: every Redis error that means "the queue cannot answer now" becomes
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 import time
@@ -19,10 +20,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import ClusterDownError, MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import TryAgainError
 
-from contract.jobqueue import CANCEL, ENQUEUE, FINAL, QueueKeys, decode
+from contract.jobqueue import CANCEL, ENQUEUE, FINAL, QueueKeys, backlog, decode
 
 from .config import GatewayConfig
 
@@ -34,13 +36,66 @@ WAIT_SLICE_S = 1.0
 
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # secrets.token_urlsafe's alphabet
 
+log = logging.getLogger("gateway.jobs")
+
 # Loading after a restart and authentication failures are ConnectionErrors too; a read-only
-# replica (a failover in progress) cannot take jobs either.
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+# replica (a failover in progress) cannot take jobs either, nor can a Redis out of memory
+# (maxmemory with noeviction).
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, MasterDownError,
+                TryAgainError, ClusterDownError, OSError)
+# Replies redis-py leaves as a plain ResponseError that still mean "not now" rather than a bad
+# command, by their error code (the reply's first word): a failed AOF or RDB write refuses
+# writes (MISCONF), a script running too long blocks everyone (BUSY), too few replicas
+# acknowledge (NOREPLICAS). redis-py gives OOM, LOADING, READONLY, MASTERDOWN and TRYAGAIN
+# classes of their own (above; LOADING's BusyLoadingError is a ConnectionError).
+_UNAVAILABLE_CODES = frozenset({"MISCONF", "BUSY", "NOREPLICAS"})
+
+
+# While Redis stays unavailable, a log line a minute at most; a success this long after the last
+# failure ends the outage. Under a partial outage (out of memory: reads answer, writes do not)
+# successes come between failures, and without the quiet period every refusal would log twice.
+OUTAGE_LOG_INTERVAL_S = 60.0
+OUTAGE_QUIET_S = 5.0
+
+
+def means_unavailable(error: BaseException) -> bool:
+    """Whether a redis-py error means the queue cannot answer now (a retry later may work), as
+    opposed to a bug in what we sent."""
+    if isinstance(error, _UNAVAILABLE):
+        return True
+    return isinstance(error, ResponseError) and str(error).split(" ", 1)[0] in _UNAVAILABLE_CODES
+
+
+class OutageLog:
+    """Logs Redis outages, not every request they refuse: an outage's first error, then one line
+    per OUTAGE_LOG_INTERVAL_S while it lasts (counting the errors not logged), and its end once
+    Redis answers OUTAGE_QUIET_S after the last failure. Times are monotonic seconds."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.logger = logger
+        self.logged_at: float | None = None  # None: no outage under way
+        self.failed_at = 0.0
+        self.unlogged = 0
+
+    def failed(self, error: Exception, now_s: float) -> None:
+        self.failed_at = now_s
+        if self.logged_at is not None and now_s - self.logged_at < OUTAGE_LOG_INTERVAL_S:
+            self.unlogged += 1
+            return
+        since = f" ({self.unlogged} more errors since the last line)" if self.unlogged else ""
+        self.logger.warning("the job queue is unavailable, answering 503%s: %s", since, error)
+        self.logged_at, self.unlogged = now_s, 0
+
+    def answered(self, now_s: float) -> None:
+        if self.logged_at is not None and now_s - self.failed_at >= OUTAGE_QUIET_S:
+            self.logger.info("the job queue answers again")
+            self.logged_at, self.unlogged = None, 0
 
 
 class QueueUnavailable(Exception):
-    """Redis is unreachable, timing out, loading, refusing our credentials or read-only."""
+    """Redis is unreachable, timing out, loading, refusing our credentials, read-only, out of
+    memory, failing to persist or busy. The message carries redis-py's text, for logs only: it
+    may name hosts and ports, so it is not for clients."""
 
 
 class BacklogFull(Exception):
@@ -109,6 +164,7 @@ class JobQueue:
         self._clock = clock
         self._enqueue = client.register_script(ENQUEUE)
         self._cancel = client.register_script(CANCEL)
+        self.outages = OutageLog()
 
     @classmethod
     def connect(cls, config: GatewayConfig) -> JobQueue:
@@ -126,11 +182,17 @@ class JobQueue:
 
     @contextmanager
     def _answering(self, what: str) -> Iterator[None]:
+        """Turns a "not now" from Redis into QueueUnavailable, logged through `outages` rather
+        than per request; other Redis errors propagate."""
         try:
             yield
-        except _UNAVAILABLE as error:
-            kind = type(error).__name__
-            raise QueueUnavailable(f"Redis did not answer {what} ({kind}: {error})") from error
+        except Exception as error:
+            if not means_unavailable(error):
+                raise
+            unavailable = QueueUnavailable(f"Redis did not answer {what} ({type(error).__name__}: {error})")
+            self.outages.failed(unavailable, time.monotonic())
+            raise unavailable from error
+        self.outages.answered(time.monotonic())
 
     async def ensure_group(self) -> None:
         """Creates the consumer group at the stream's start (and the stream), as workers do;
@@ -153,7 +215,7 @@ class JobQueue:
     async def backlog(self) -> int:
         """Jobs waiting or in a worker's hands (`contract.jobqueue.backlog`)."""
         with self._answering("XLEN"):
-            return int(await self._client.xlen(self.keys.stream))
+            return await backlog(self._client, self.keys)
 
     async def enqueue(self, request_json: str, idempotency_key: str | None) -> Enqueued:
         """Adds a job for `request_json` (a GenerationRequest as JSON) whose deadline is now plus
@@ -175,11 +237,13 @@ class JobQueue:
         if outcome == 1:
             return Enqueued(Job(job_id, "queued", request_json, now, deadline, 0), created=True)
         job = await self.get(found)
+        # The messages never name the key's job: its id is the capability to read and cancel
+        # it, and whoever reuses a key need not be whoever made it.
         if job is None:
-            raise IdempotencyConflict(f"this key made job {found}, whose record has expired since it "
-                                      "ended; a new key makes a new job")
+            raise IdempotencyConflict("this key's job has ended and its record has expired; "
+                                      "a new key makes a new job")
         if job.request != request_json:
-            raise IdempotencyConflict(f"this key made job {found} for a different request body; "
+            raise IdempotencyConflict("this key was used for a different request body; "
                                       "a retry must send the same body, a new request a new key")
         return Enqueued(job, created=False)
 

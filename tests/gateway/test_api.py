@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from contract import names
 from tests.gateway.conftest import BODY, IMAGES
 
 
@@ -103,11 +104,13 @@ def test_synchronous_retries_with_one_key_wait_for_the_same_job(gateway, pool):
     assert gateway.backlog() == 0 and gateway.worker().take(block_s=0.2) is None
 
 
-def test_a_key_reused_with_another_body_is_refused_naming_the_header(gateway):
-    assert gateway.post("/v1/jobs", key="k1").status_code == 202
-    response = gateway.post("/v1/jobs", body={**BODY, "prompt": "something else"}, key="k1")
-    assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+def test_a_key_reused_with_another_body_is_refused_naming_the_header_and_not_the_keys_job(gateway):
+    job_id = gateway.post("/v1/jobs", key="k1").json()["id"]
+    for path in ("/v1/jobs", "/v1/images/generations"):
+        response = gateway.post(path, body={**BODY, "prompt": "something else"}, key="k1")
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
+        assert job_id not in response.text  # the id would let whoever reused the key read or cancel the job
     assert gateway.backlog() == 1
 
 
@@ -117,7 +120,7 @@ def test_a_key_whose_job_record_expired_is_refused_rather_than_silently_recomput
     response = gateway.post("/v1/jobs", key="k2")
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
-    assert "expired" in response.json()["detail"][0]["msg"]
+    assert "expired" in response.json()["detail"][0]["msg"] and job_id not in response.text
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/jobs"])
@@ -128,6 +131,25 @@ def test_invalid_input_is_422_naming_the_field_and_never_enqueued(gateway, path)
     assert gateway.post(path, body={"n": 2}).json()["detail"][0]["loc"] == ["body", "prompt"]
     assert gateway.post(path, key="").json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
     assert gateway.backlog() == 0
+
+
+def test_a_size_over_max_image_side_is_422_naming_size_and_never_enqueued(start_gateway):
+    gateway = start_gateway(max_image_side=512)
+    for path in ("/v1/jobs", "/v1/images/generations"):
+        for size in ("768x512", "512x1024"):
+            response = gateway.post(path, body={**BODY, "size": size})
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["loc"] == ["body", "size"]
+            assert "512" in response.json()["detail"][0]["msg"]
+    assert gateway.backlog() == 0
+    assert gateway.metric(names.GATEWAY_REJECTED + "_total", reason="invalid") == 4
+    assert gateway.post("/v1/jobs", body={**BODY, "size": "512x512"}).status_code == 202
+
+
+def test_the_default_max_image_side_is_the_workers_1024(gateway):
+    assert gateway.post("/v1/jobs", body={**BODY, "size": "2048x2048"}).json()["detail"][0]["loc"] == ["body", "size"]
+    assert gateway.post("/v1/jobs", body={**BODY, "size": "1024x1024"}).status_code == 202
+    assert gateway.backlog() == 1
 
 
 def test_a_full_backlog_is_429_with_retry_after_and_enqueues_nothing(start_gateway):
@@ -151,16 +173,32 @@ def test_a_failed_job_is_500_with_the_workers_error(gateway, pool):
     assert gateway.get(f"/v1/jobs/{job_id}").json()["error"] == "CUDA out of memory at batch 1"
 
 
-def test_a_synchronous_request_not_done_by_the_timeout_is_504_and_its_job_cancelled(start_gateway):
+def test_a_synchronous_request_whose_job_no_worker_started_is_504_and_the_job_expires_unstarted(start_gateway):
     gateway = start_gateway(request_timeout_s=1.0)
     began = time.monotonic()
     response = gateway.post()
-    assert response.status_code == 504 and "--request-timeout" in response.json()["detail"]
+    assert response.status_code == 504 and "deadline" in response.json()["detail"]
     assert 0.9 < time.monotonic() - began < 4
     job_id = response.headers["X-Job-Id"]
-    assert gateway.job(job_id)["status"] == "cancelled"
+    assert gateway.job(job_id)["status"] == "queued"  # not cancelled: past its deadline, START expires it
     worker = gateway.worker()
-    assert worker.take() == job_id and worker.start(job_id) == "final:cancelled"
+    assert worker.take() == job_id and worker.start(job_id) == "expired"
+
+
+def test_a_running_job_outlives_its_synchronous_timeout_and_its_result_is_readable_later(start_gateway, pool):
+    gateway = start_gateway(request_timeout_s=1.5)
+    pending = pool.submit(gateway.post, key="slow-render")
+    worker = gateway.worker()
+    job_id = worker.take()
+    assert worker.start(job_id) == "run"
+    response = pending.result(10)
+    assert response.status_code == 504 and response.headers["X-Job-Id"] == job_id
+    assert "running" in response.json()["detail"] and f"/v1/jobs/{job_id}" in response.json()["detail"]
+    assert gateway.job(job_id)["status"] == "running"  # not cancelled under the worker
+    assert worker.finish(job_id, "done", "result", json.dumps(IMAGES)) == 1
+    assert gateway.get(f"/v1/jobs/{job_id}").json()["data"] == IMAGES
+    retry = gateway.post(key="slow-render")  # a keyed retry finds the job and its result
+    assert retry.status_code == 200 and retry.headers["X-Job-Id"] == job_id and retry.json()["data"] == IMAGES
 
 
 def test_a_job_that_expired_unstarted_is_504_for_its_waiter(start_gateway, pool):
@@ -198,6 +236,6 @@ def test_a_client_with_an_idempotency_key_that_goes_away_leaves_its_job_for_the_
 
 def test_the_openapi_document_lists_both_apis(gateway):
     paths = gateway.get("/openapi.json").json()["paths"]
-    assert set(paths["/v1/images/generations"]["post"]["responses"]) >= {"200", "422", "429", "500", "503", "504"}
+    assert set(paths["/v1/images/generations"]["post"]["responses"]) >= {"200", "413", "422", "429", "500", "503", "504"}
     assert set(paths["/v1/jobs/{job_id}"]) == {"get", "delete"}
     assert "202" in paths["/v1/jobs"]["post"]["responses"]

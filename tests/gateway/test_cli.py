@@ -46,6 +46,8 @@ def test_help_lists_every_flag_with_its_environment_variable():
     (["--result-ttl", "-5"], "--result-ttl"),
     (["--max-backlog", "0"], "--max-backlog"),
     (["--idempotency-ttl", "1.5"], "--idempotency-ttl"),
+    (["--max-image-side", "4096"], "--max-image-side"),
+    (["--max-image-side", "0"], "--max-image-side"),
     (["--redis-url", "http://127.0.0.1:6379"], "--redis-url"),
     (["--redis-url", "redis://:hunter2@127.0.0.1:6379/0"], "--redis-password-file"),
     (["--redis-url", "redis://127.0.0.1:6379/0?password=hunter2"], "--redis-password-file"),
@@ -66,6 +68,13 @@ def test_a_bad_value_from_the_environment_exits_2_naming_the_flag(monkeypatch, c
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 2 and "--max-backlog" in capsys.readouterr().err
+
+
+def test_max_image_side_comes_from_its_flag_or_the_environment(monkeypatch):
+    assert build_parser().parse_args([]).max_image_side == 1024  # the workers' --max-image-side default
+    monkeypatch.setenv("GATEWAY_MAX_IMAGE_SIDE", "768")
+    assert build_parser().parse_args([]).max_image_side == 768
+    assert build_parser().parse_args(["--max-image-side", "512"]).max_image_side == 512
 
 
 def test_every_flag_is_in_the_docs_flag_table():
