@@ -5,8 +5,8 @@ Keys, for a queue whose stream is `S` (one stream per scale target; `QueueKeys`)
 
 | key | type | what |
 | --- | --- | --- |
-| `S` | stream | one entry per job, field `job` = the job id; consumer group `workers` |
-| `S:job:<id>` | hash | the job: `status`, `request` (the GenerationRequest as JSON), `created_at`, `deadline` (Unix seconds), `attempts`, `consumer`, `started_at`, `finished_at`, `completions` (FINISH writes: 1 once ended, never more), and `result` (JSON list of {b64_json, seed}) or `error` |
+| `S` | stream | one entry per job, fields `job` = the job id and `images` = its request's `n` (1 when absent); consumer group `workers` |
+| `S:job:<id>` | hash | the job: `status`, `request` (the GenerationRequest as JSON), `created_at`, `deadline` (Unix seconds), `attempts` (deliveries), `delivery` (the last one's token), `consumer`, `started_at`, `computed_at` (its first image began computing), `finished_at`, `completions` (FINISH writes: 1 once ended, never more), and `result` (JSON list of {b64_json, seed}) or `error` |
 | `S:done:<id>` | list | one token pushed when the job ends, for a waiting client's BLPOP; expires |
 | `S:idem:<sha256 of key>` | string | the job id an Idempotency-Key made |
 | `S:dead` | stream | dead-lettered jobs: `job`, `error`, `attempts`, for operators |
@@ -16,6 +16,10 @@ overwritten: `FINISH` writes only over queued or running, acknowledges the strea
 same script, and deletes the acknowledged entry, so storing a result and acknowledging it are
 one step and a job computed twice (a reclaim racing a slow worker) still ends once. Finished
 jobs' hashes expire after the result TTL.
+
+Redis must keep what it acknowledged: `maxmemory-policy noeviction` (an evicted job hash is a
+lost job; a worker dead-letters an entry whose hash is gone) and the append-only file with
+`appendfsync always` (no accepted job lost when the server crashes).
 
 Backlog (what the scaler scales on): entries not yet delivered to the group plus entries
 delivered and not acknowledged, as KEDA's redis-streams scaler counts them. Because FINISH
@@ -38,7 +42,17 @@ FINAL = (DONE, FAILED, EXPIRED, CANCELLED)
 
 DEFAULT_STREAM = "diffusion:jobs"
 DEFAULT_GROUP = "workers"
-JOB_FIELD = "job"  # the stream entry's one field: the job id
+JOB_FIELD = "job"  # the stream entry's field for the job id
+IMAGES_FIELD = "images"  # the stream entry's field for the request's image count
+
+
+def entry_images(fields: dict[str, str]) -> int:
+    """What a stream entry's job takes of a batch: its `images` field, 1 when absent or not a
+    count (an entry written before the field existed)."""
+    try:
+        return max(1, int(fields.get(IMAGES_FIELD, 1)))
+    except ValueError:
+        return 1
 
 
 @dataclass(frozen=True)
@@ -70,54 +84,94 @@ class QueueKeys:
 # KEYS: job hash, stream, idempotency key (or the job hash again when there is none)
 # ARGV: job id, request JSON, created_at, deadline, idempotency TTL s (0: no key), max backlog (0: unbounded)
 # Returns {job id, 1 created | 0 the idempotency key's existing job | -1 backlog full}
+# The entry carries the request's image count (`n`, read from the JSON here so that no caller can
+# get it wrong), so a worker knows what a job takes of its batches before it reads the job.
 ENQUEUE = """
 if ARGV[5] ~= '0' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {existing, 0} end
 end
 if ARGV[6] ~= '0' and redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[6]) then return {ARGV[1], -1} end
+local images = 1
+local parsed, request = pcall(cjson.decode, ARGV[2])
+if parsed and type(request) == 'table' and type(request.n) == 'number' and request.n >= 1
+   and request.n == math.floor(request.n) then images = request.n end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'request', ARGV[2], 'created_at', ARGV[3],
            'deadline', ARGV[4], 'attempts', 0)
 redis.call('EXPIREAT', KEYS[1], math.ceil(tonumber(ARGV[4])) + 86400)
-redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[1], 'images', string.format('%d', images))
 if ARGV[5] ~= '0' then redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[5]) end
 return {ARGV[1], 1}
 """
 
 # KEYS: job hash
-# ARGV: consumer, now, max deliveries
+# ARGV: consumer, now, max deliveries[, delivery token (default: the consumer)]
 # Returns {verdict, attempts}: 'run' (now running), 'final:<status>' (ended already: acknowledge
 # and drop), 'expired' (past its deadline), 'dead' (delivered more than max times), 'missing'
+# A delivery counts one attempt however often START runs for it: a caller that retries START
+# after a lost reply (Redis died after running it) passes the same token, and a job is not
+# dead-lettered for Redis's blips. A reclaim, by another consumer or by the same one, is a new
+# delivery with a new token.
 START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts')) or 0
 if status ~= 'queued' and status ~= 'running' then return {'final:' .. status, attempts} end
+local delivery = (ARGV[4] and ARGV[4] ~= '') and ARGV[4] or ARGV[1]
+if redis.call('HGET', KEYS[1], 'delivery') ~= delivery then
+  attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'delivery', delivery)
+end
 if tonumber(redis.call('HGET', KEYS[1], 'deadline')) < tonumber(ARGV[2]) then return {'expired', attempts} end
 if attempts > tonumber(ARGV[3]) then return {'dead', attempts} end
 redis.call('HSET', KEYS[1], 'status', 'running', 'consumer', ARGV[1], 'started_at', ARGV[2])
 return {'run', attempts}
 """
 
-# KEYS: job hash, stream, done list
+# KEYS: job hash, stream, done list[, dead-letter stream]
 # ARGV: group, stream entry id, status, payload field ('result' or 'error'), payload, now, result TTL s
+#       [, computed_at ('' for none)[, job id, attempts, dead letters kept (the stream's approximate MAXLEN)]]
 # Returns 1 when this call ended the job, 0 when it had ended already (the entry is acknowledged either way)
+# With the dead-letter stream, an entry (`job`, `error` = the payload, `attempts`) is added in the
+# same step when this call ended the job, or when the job's hash is gone and this call
+# acknowledged its entry: never for a job another worker ended, never twice for a retried call.
 FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 local wrote = 0
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3], ARGV[4], ARGV[5], 'finished_at', ARGV[6])
+  if ARGV[8] and ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'computed_at', ARGV[8]) end
   redis.call('HINCRBY', KEYS[1], 'completions', 1)
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('RPUSH', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[3], 60)
   wrote = 1
 end
+local acked = 0
 if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+  acked = redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
   redis.call('XDEL', KEYS[2], ARGV[2])
 end
+if KEYS[4] and (wrote == 1 or (not status and acked == 1)) then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[11], '*', 'job', ARGV[9], 'error', ARGV[5], 'attempts', ARGV[10])
+end
 return wrote
+"""
+
+# KEYS: stream
+# ARGV: group, consumer, stream entry ids...
+# Returns the entries still pending on this consumer, whose idle time it reset (XCLAIM JUSTID: not a
+# delivery). An entry another consumer has claimed meanwhile is left to that one.
+HEARTBEAT = """
+local kept = {}
+for i = 3, #ARGV do
+  local entry = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if entry[1] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
 """
 
 # KEYS: job hash, done list

@@ -35,8 +35,8 @@ WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT,
                   REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, BATCH_SPLITS, ISOLATED_FAILURES,
                   QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND)
 
-JOB_OUTCOME_LABEL = "outcome"  # QUEUE_JOBS: done, failed, expired, cancelled, dead_lettered, duplicate
-JOB_OUTCOMES = ("done", "failed", "expired", "cancelled", "dead_lettered", "duplicate")
+JOB_OUTCOME_LABEL = "outcome"  # QUEUE_JOBS: done, failed, expired, cancelled, dead_lettered, duplicate, missing
+JOB_OUTCOMES = ("done", "failed", "expired", "cancelled", "dead_lettered", "duplicate", "missing")
 
 # -- the gateway (gateway/): the front door that holds requests on the queue ---------------------
 

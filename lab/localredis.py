@@ -2,7 +2,8 @@
 
 Used by the tests, the benchmark and the local stack: a private directory, append-only file
 with `appendfsync always` (an accepted job survives a crash of the server, not just a clean
-restart), no RDB snapshots, and start/stop/kill/restart for fault injection. The data directory
+restart), `maxmemory-policy noeviction` (a full server refuses writes rather than drop a job),
+no RDB snapshots, and start/stop/kill/restart for fault injection. The data directory
 outlives a restart, so what was acknowledged before it is there after it.
 """
 
@@ -50,6 +51,7 @@ class LocalRedis:
             f"dir {self.dir}",
             "appendonly yes",
             "appendfsync always",
+            "maxmemory-policy noeviction",  # an evicted job hash is a lost job (contract.jobqueue)
             'save ""',
             "daemonize no",
             "protected-mode yes",

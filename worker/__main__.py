@@ -7,20 +7,18 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from contract import jobqueue
 from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
 
+from .queueconfig import QueueConfig
 from .service import WorkerLimits
-
-if TYPE_CHECKING:
-    from .queue import QueueConfig
 
 ENV_PREFIX = "WORKER_"
 
 
 _LIMITS = WorkerLimits()  # the batching and queue flags' defaults are written once, there
+_PULL = QueueConfig(url="redis://")  # and the pull-mode flags', there
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis URL, redis://host:port/db, without a password; absent: HTTP only (env WORKER_QUEUE)")
     add("--stream", default=env.get("STREAM", jobqueue.DEFAULT_STREAM), help="the jobs' stream (env WORKER_STREAM)")
     add("--group", default=env.get("GROUP", jobqueue.DEFAULT_GROUP), help="the consumer group (env WORKER_GROUP)")
-    add("--claim-idle", type=positive_float, default=env.get("CLAIM_IDLE", "60"),
+    add("--claim-idle", type=positive_float, default=env.get("CLAIM_IDLE", f"{_PULL.claim_idle_s:g}"),
         help="seconds a job may sit pending on a consumer before another takes it over (env WORKER_CLAIM_IDLE)")
-    add("--max-deliveries", type=positive_int, default=env.get("MAX_DELIVERIES", "3"),
+    add("--max-deliveries", type=positive_int, default=env.get("MAX_DELIVERIES", _PULL.max_deliveries),
         help="deliveries of one job before it is dead-lettered as failed (env WORKER_MAX_DELIVERIES)")
-    add("--result-ttl", type=positive_int, default=env.get("RESULT_TTL", "3600"),
+    add("--result-ttl", type=positive_int, default=env.get("RESULT_TTL", _PULL.result_ttl_s),
         help="seconds a finished job and its result are kept (env WORKER_RESULT_TTL)")
     add("--redis-password-file", default=env.get("REDIS_PASSWORD_FILE"), metavar="PATH",
         help="file holding the Redis password (env WORKER_REDIS_PASSWORD_FILE; else env WORKER_REDIS_PASSWORD)")
@@ -104,8 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def queue_config(args: argparse.Namespace) -> QueueConfig | None:
     """Pull mode's settings from parsed flags, or None without --queue; raises ValueError naming the flag."""
-    from .queue import QueueConfig
-
     if not args.queue:
         return None
     try:

@@ -64,7 +64,7 @@ def build_app(service: WorkerService) -> FastAPI:
     )
     async def generate(body: GenerationRequest, request: Request):
         try:
-            images = await service.generate(image_spec(body), lambda: _until_disconnected(request))
+            generation = await service.generate(image_spec(body), lambda: _until_disconnected(request))
         except InvalidRequest as invalid:
             return JSONResponse(
                 {"detail": [{"loc": ["body", invalid.field], "msg": str(invalid), "type": "value_error"}]},
@@ -78,7 +78,7 @@ def build_app(service: WorkerService) -> FastAPI:
             return Response(status_code=499)  # nobody reads it; nginx's code for a closed client
         return GenerationResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=image.png_b64, seed=image.seed) for image in images],
+            data=[ImageData(b64_json=image.png_b64, seed=image.seed) for image in generation.images],
         )
 
     @app.get("/healthz", responses={200: {"description": "The process is alive"}})

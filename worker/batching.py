@@ -5,7 +5,9 @@ with `n` images counts `n` toward the batch size and may span batches when `n` e
 A batch takes the key (size, steps, guidance) of the oldest waiting job, so incompatible
 requests never mix and none starves: whatever waits longest decides what runs next. The rule
 for cutting, a `BatchPolicy`, is passed in like the clock, so the pipeline thread can apply a
-lowered max batch without the queue holding a second copy of it.
+lowered max batch without the queue holding a second copy of it. A job may carry a start-by
+time (pull mode: its deadline); one none of whose images has started by then is dropped and
+answered as each batch is cut, so it never starts late.
 
 The queue is shared by the event loop (submit, cancel) and the one pipeline thread (take),
 under one lock. The clock is an argument everywhere but in `take`, which blocks.
@@ -13,6 +15,7 @@ under one lock. The clock is an argument everywhere but in `take`, which blocks.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+log = logging.getLogger("worker.batching")
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -67,7 +71,9 @@ class Job:
     """One accepted request: its images, their seeds and, once run, their pixels.
 
     Fields below `seeds` are written under the queue's lock or by the pipeline thread.
-    `on_done` is called once, from the pipeline thread, when every image is in or the job failed.
+    `on_done` is called once, from the pipeline thread, when every image is in, the job failed,
+    or it expired: `start_by` (the clock of `arrived_at`; None: never) passed before any of its
+    images started, and it was dropped uncomputed.
     """
 
     key: BatchKey
@@ -76,12 +82,14 @@ class Job:
     seeds: tuple[int, ...]
     arrived_at: float
     on_done: Callable[[Job], None] = lambda job: None
+    start_by: float | None = None
     next_image: int = 0  # images handed to batches so far
     started_at: float | None = None  # when its first image began computing
     images: list[Any] = field(default_factory=list)
     done_images: int = 0
     error: BaseException | None = None
     cancelled: bool = False
+    expired: bool = False
     finished: bool = False
 
     def __post_init__(self) -> None:
@@ -233,6 +241,7 @@ class BatchQueue:
                 self._changed.wait(timeout=due)
 
     def _poll_locked(self, policy: BatchPolicy, now: float) -> Batch | float | None:
+        self._expire_locked(now)
         if not self._waiting:
             return None
         head = self._waiting[0]
@@ -240,6 +249,20 @@ class BatchQueue:
         if wait_s > 0 and not self._closed and self._compatible_images(head.key) < policy.max_batch_size:
             return wait_s
         return self._cut_locked(head.key, policy.max_batch_size, now)
+
+    def _expire_locked(self, now: float) -> None:
+        """Drops and answers the jobs whose `start_by` passed before any of their images started.
+        Checked as batches are cut, so no image of such a job ever starts after it."""
+        for job in [job for job in self._waiting if job.start_by is not None and job.next_image == 0
+                    and now > job.start_by]:
+            self._waiting.remove(job)
+            self._waiting_images -= job.n
+            job.next_image = job.n
+            job.expired = job.finished = True
+            try:
+                job.on_done(job)
+            except Exception:  # noqa: BLE001 - a broken callback must not stop the batcher
+                log.exception("answering an expired job failed")
 
     def _compatible_images(self, key: BatchKey) -> int:
         return sum(job.waiting_images for job in self._waiting if job.key == key)

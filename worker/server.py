@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from .api import build_app
 from .metrics import WorkerMetrics
-from .queue import QueueConfig, QueueConsumer
+from .queue import QueueConsumer
+from .queueconfig import QueueConfig
 from .service import WorkerLimits, WorkerService
 
 log = logging.getLogger("worker.server")

@@ -67,6 +67,14 @@ class GeneratedImage:
     seed: int
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A request's answer: its images, and how long it waited for its first image to start."""
+
+    images: list[GeneratedImage]
+    wait_s: float  # seconds from its arrival in the queue to the start of its first image's batch
+
+
 class Rejected(Exception):
     """Refused before queueing: `status` is the HTTP status, `retry_after_s` a hint for clients."""
 
@@ -90,6 +98,13 @@ class RequestFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class NotStarted(RequestFailed):
+    """None of the request's images had started by its `start_by_s`; it was dropped uncomputed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message)
 
 
 class ClientGone(Exception):
@@ -155,9 +170,15 @@ class WorkerService:
     # -- a request --------------------------------------------------------------------------
 
     async def generate(
-        self, spec: ImageSpec, disconnected: Callable[[], Awaitable[None]]
-    ) -> list[GeneratedImage]:
-        """Runs one request to its end; raises Rejected, InvalidRequest, RequestFailed or ClientGone."""
+        self, spec: ImageSpec, disconnected: Callable[[], Awaitable[None]], start_by_s: float | None = None
+    ) -> Generation:
+        """Runs one request to its end; raises Rejected, InvalidRequest, RequestFailed or ClientGone.
+
+        `disconnected` returns when nobody wants the answer any more (ClientGone: the images not
+        started are dropped). `start_by_s`: seconds from now by which its first image must start,
+        else it is dropped uncomputed and NotStarted (a RequestFailed, 504) is raised; None: no
+        such bound, only the request timeout.
+        """
         if self.draining:
             self.metrics.requests.labels("rejected").inc()
             raise Rejected(503, "draining: this worker accepts no new requests", retry_after_s=1)
@@ -167,13 +188,15 @@ class WorkerService:
         key = self._batch_key(spec, self.defaults)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Job] = loop.create_future()
+        arrived_at = time.monotonic()
         job = Job(
             key=key,
             prompt=spec.prompt,
             negative_prompt=spec.negative_prompt,
             seeds=self._seeds(spec),
-            arrived_at=time.monotonic(),
+            arrived_at=arrived_at,
             on_done=lambda finished: _resolve_soon(loop, done, finished),
+            start_by=arrived_at + start_by_s if start_by_s is not None else None,
         )
         try:
             self.queue.submit(job)
@@ -188,7 +211,7 @@ class WorkerService:
         try:
             images = await self._await_job(job, done, disconnected)
             outcome = "ok"
-            return images
+            return Generation(images, job.started_at - job.arrived_at)
         except ClientGone:
             outcome = "cancelled"
             raise
@@ -215,6 +238,8 @@ class WorkerService:
             if gone in finished:
                 raise ClientGone()
             raise RequestFailed(504, f"no result within the request timeout of {self.limits.request_timeout_s:g} s")
+        if job.expired:
+            raise NotStarted("none of its images had started by its start-by time: dropped uncomputed")
         if job.error is not None:
             message = str(job.error) if isinstance(job.error, BatchFailed) else repr(job.error)
             raise RequestFailed(500, f"generation failed: {message}")

@@ -2,10 +2,12 @@
 --queue`, tiny model, CPU) while workers are killed with SIGKILL at random and restarted, and
 Redis crashes (SIGKILL; append-only file, fsync always) and comes back once.
 
-Every accepted job (ENQUEUE answered for its id) must end done exactly once, with its own
-images (FINISH counts its writes in the job's `completions`), and none may start after its
-deadline. The figures (kills, reclaims, duplicates computed, wall time) are printed for the
-record; run with `-s` to see them.
+Every accepted job (ENQUEUE answered for its id) must end exactly once (FINISH counts its
+writes in the job's `completions`): done, with its own images, or, for the jobs given a
+deadline of a few seconds (one in ten, and every job enqueued around the Redis crash), expired
+with no result. None may start, or begin computing, after its deadline. The figures (kills,
+reclaims, duplicates computed, expired jobs, wall time) are printed for the record; run with
+`-s` to see them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ WORKERS = 3
 ARRIVALS_S = 40.0  # the jobs arrive evenly over this long, through the Redis crash
 KILL_EVERY_S = (4.0, 8.0)  # a random pause between kills
 CLAIM_IDLE_S = 3.0
+SHORT_DEADLINE_S = (2.0, 5.0)  # the deadlines that fall inside a kill's reclaim or the Redis crash
+CRASH_AT = JOBS // 2  # Redis crashes once this many jobs are accepted
 KEYS = jobqueue.QueueKeys()
 
 
@@ -94,7 +98,9 @@ class Enqueuer:
     idempotency key, so a retry whose first try landed is the same job, not a second one."""
 
     client: redis.Redis
+    chance: random.Random
     accepted: dict[str, int] = field(default_factory=dict)  # job id -> its seed
+    short: set[str] = field(default_factory=set)  # the jobs with a deadline of a few seconds
     retries: int = 0  # ENQUEUE calls that met the outage
     error: BaseException | None = None
     started: float = 0.0
@@ -109,7 +115,9 @@ class Enqueuer:
             for index in range(JOBS):
                 due = self.started + index * ARRIVALS_S / JOBS
                 time.sleep(max(0.0, due - time.monotonic()))
-                self._enqueue(f"chaos-{index:04d}", index)
+                around_crash = CRASH_AT - 10 <= index < CRASH_AT + 20
+                deadline_s = self.chance.uniform(*SHORT_DEADLINE_S) if index % 10 == 7 or around_crash else 600.0
+                self._enqueue(f"chaos-{index:04d}", index, deadline_s)
         except BaseException as error:  # noqa: BLE001 - reported by the test
             self.error = error
 
@@ -119,12 +127,12 @@ class Enqueuer:
         thread.start()
         return thread
 
-    def _enqueue(self, job_id: str, seed: int) -> None:
+    def _enqueue(self, job_id: str, seed: int, deadline_s: float) -> None:
         # one step without classifier-free guidance: the least compute a real pipeline call takes
         request = json.dumps({"prompt": f"job {seed}", "seed": seed, "num_inference_steps": 1, "guidance_scale": 1.0})
         while True:
             now = time.time()
-            deadline = now + 600
+            deadline = now + deadline_s
             try:
                 created_id, created = self.client.eval(
                     jobqueue.ENQUEUE, 3, KEYS.job(job_id), KEYS.stream, KEYS.idempotency(job_id),
@@ -137,6 +145,8 @@ class Enqueuer:
             assert created_id.decode() == job_id and int(created) in (0, 1)
             with self.lock:
                 self.accepted[job_id] = seed
+                if deadline_s < 600:
+                    self.short.add(job_id)
             return
 
 
@@ -153,7 +163,7 @@ def test_a_thousand_jobs_through_killed_workers_and_a_redis_crash_end_exactly_on
     logs = [tmp_path / f"worker-{index}.log" for index in range(WORKERS)]
     workers = [spawn(tiny_model, redis_server.url, logs[index], index) for index in range(WORKERS)]
     client = redis.Redis.from_url(redis_server.url)
-    enqueuer = Enqueuer(redis.Redis.from_url(redis_server.url))
+    enqueuer = Enqueuer(redis.Redis.from_url(redis_server.url), random.Random(7))
     figures = {"reclaimed": 0.0, "duplicate": 0.0}
     kills = 0
     restarted_redis = False
@@ -184,7 +194,7 @@ def test_a_thousand_jobs_through_killed_workers_and_a_redis_crash_end_exactly_on
                 print(f"{now - began:5.0f} s: {len(ids)} accepted, {done} done, {kills} kills", flush=True)
                 next_report = now + 10
             assert now - began < 480, f"only {done} of {len(ids)} accepted jobs done after 480 s; see {tmp_path}"
-            if not restarted_redis and len(ids) >= JOBS // 2:  # mid-way through the arrivals
+            if not restarted_redis and len(ids) >= CRASH_AT:  # mid-way through the arrivals
                 redis_server.restart(down_s=1.0, crash=True)
                 restarted_redis = True
             # a worker with jobs in hand, so that every kill strands work to reclaim; never the last
@@ -215,24 +225,34 @@ def test_a_thousand_jobs_through_killed_workers_and_a_redis_crash_end_exactly_on
                 worker.process.kill()
                 worker.process.wait()
 
-    # every accepted job ended done, exactly once, with its own image, started before its deadline
+    # every accepted job ended exactly once: done with its own image, started and computed by its
+    # deadline, or (a short deadline only) expired uncomputed
     assert len(enqueuer.accepted) == JOBS
     pipe = client.pipeline(transaction=False)
     for job_id in enqueuer.accepted:
         pipe.hgetall(KEYS.job(job_id))
     jobs = {job_id: jobqueue.decode(stored) for job_id, stored in zip(enqueuer.accepted, pipe.execute(), strict=True)}
-    not_done = {job_id: stored.get("status") for job_id, stored in jobs.items()
-                if stored.get("status") != jobqueue.DONE}
-    assert not_done == {}
+    allowed = {job_id: (jobqueue.DONE, jobqueue.EXPIRED) if job_id in enqueuer.short else (jobqueue.DONE,)
+               for job_id in jobs}
+    assert {job_id: stored.get("status") for job_id, stored in jobs.items()
+            if stored.get("status") not in allowed[job_id]} == {}
     assert {job_id: stored["completions"] for job_id, stored in jobs.items() if stored["completions"] != "1"} == {}
+    done = {job_id: stored for job_id, stored in jobs.items() if stored["status"] == jobqueue.DONE}
+    expired = {job_id: stored for job_id, stored in jobs.items() if stored["status"] == jobqueue.EXPIRED}
     assert all([image["seed"] for image in stored["result"]] == [enqueuer.accepted[job_id]]
-               for job_id, stored in jobs.items())
-    assert all(float(stored["started_at"]) <= float(stored["deadline"]) for stored in jobs.values())
+               for job_id, stored in done.items())
+    late = {job_id: (stored["deadline"], stored["started_at"], stored["computed_at"]) for job_id, stored in done.items()
+            if not float(stored["started_at"]) <= float(stored["computed_at"]) <= float(stored["deadline"])}
+    assert late == {}
+    assert [job_id for job_id, stored in expired.items() if "result" in stored or "computed_at" in stored] == []
+    assert len(enqueuer.short) >= JOBS // 10
     assert client.xlen(KEYS.stream) == 0 and int(client.xpending(KEYS.stream, KEYS.group)["pending"]) == 0
     assert client.xlen(KEYS.dead) == 0
     assert restarted_redis and kills >= 3 and figures["reclaimed"] >= 1  # the chaos did strand work
     redeliveries = sum(int(stored["attempts"]) for stored in jobs.values()) - JOBS
-    print(f"\nchaos: {JOBS} jobs accepted, all done exactly once; {kills} SIGKILLs of {WORKERS} workers, "
-          f"1 Redis crash (SIGKILL, {enqueuer.retries} enqueue retries); {figures['reclaimed']:.0f} entries "
-          f"reclaimed, {redeliveries} redeliveries (START calls beyond one per job), {figures['duplicate']:.0f} "
-          f"deliveries found already ended (duplicates), in {wall_s:.1f} s ({JOBS / wall_s:.1f} jobs/s)")
+    print(f"\nchaos: {JOBS} jobs accepted, each ended exactly once: {len(done)} done, {len(expired)} of the "
+          f"{len(enqueuer.short)} with a deadline of {SHORT_DEADLINE_S[0]:g} to {SHORT_DEADLINE_S[1]:g} s expired "
+          f"uncomputed; {kills} SIGKILLs of {WORKERS} workers, 1 Redis crash (SIGKILL, {enqueuer.retries} enqueue "
+          f"retries); {figures['reclaimed']:.0f} entries reclaimed, {redeliveries} redeliveries (deliveries beyond "
+          f"one per job), {figures['duplicate']:.0f} deliveries found already ended (duplicates), in {wall_s:.1f} s "
+          f"({JOBS / wall_s:.1f} jobs/s)")

@@ -33,7 +33,8 @@ from lab.localprom import free_port
 from worker.__main__ import build_parser, main, queue_config
 from worker.batching import BatchPolicy
 from worker.metrics import WorkerMetrics
-from worker.queue import QueueConfig, QueueConsumer
+from worker.queue import QueueConsumer
+from worker.queueconfig import QueueConfig
 from worker.service import WorkerLimits, WorkerService
 
 from .conftest import REPO, BoundaryRunner
@@ -79,7 +80,10 @@ def pending(client) -> int:
 
 def die_holding(client, count: int = 1, start: bool = False) -> list[str]:
     """Acts as a consumer that reads entries (and STARTs them) and dies without acknowledging."""
-    client.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    try:
+        client.xgroup_create(KEYS.stream, KEYS.group, id="0", mkstream=True)
+    except redis.ResponseError as error:
+        assert "BUSYGROUP" in str(error)
     [[_, entries]] = client.xreadgroup(KEYS.group, "ghost", {KEYS.stream: ">"}, count=count)
     for _, fields in entries:
         if start:
@@ -170,6 +174,7 @@ def test_pulled_jobs_complete_with_their_images_stored_and_their_entries_deleted
         for image in stored["result"]:
             assert Image.open(io.BytesIO(base64.b64decode(image["b64_json"]))).size == (64, 64)
         assert stored["attempts"] == "1" and stored["consumer"] == puller.consumer.name
+        assert float(stored["started_at"]) <= float(stored["computed_at"]) <= float(stored["finished_at"])
         assert 0 < client.ttl(KEYS.job(job_id)) <= 120  # the result expires after --result-ttl
     assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
     assert puller.jobs("done") == 5
@@ -199,6 +204,29 @@ def test_a_busy_worker_pulls_one_batch_beyond_the_running_one_and_leaves_the_res
     assert puller.jobs("done") == 12 and client.xlen(KEYS.stream) == 0
 
 
+def test_a_pull_counts_each_jobs_images_so_big_requests_do_not_fill_the_hand_with_entries(start_puller, client):
+    job_ids = [enqueue(client, f"triptych {index}", seed=index, n=3) for index in range(5)]
+    assert [fields[b"images"] for _, fields in client.xrange(KEYS.stream)] == [b"3"] * 5
+    puller = start_puller(max_batch_size=4, max_wait_s=0.5)
+    puller.runner.hold()
+    assert puller.runner.entered.wait(30), "the first batch never reached the pipeline"
+    time.sleep(1.5)  # over a pull's block time
+    # two batches are 8 images: three entries of 3 reach that (the last one over), not all five
+    assert pending(client) == 3 and puller.metric(names.QUEUE_IN_HAND) == 3
+    puller.runner.release()
+    wait_for(lambda: ended(client, *job_ids), what="every job ended")
+    assert puller.jobs("done") == 5 and puller.metric(names.IMAGES + "_total") == 15
+
+
+def test_an_entry_without_a_readable_image_count_counts_one(client):
+    enqueue(client, request="{not json")
+    enqueue(client, request=json.dumps({"prompt": "odd", "n": 2.5}))
+    enqueue(client, n=10)
+    assert [fields[b"images"] for _, fields in client.xrange(KEYS.stream)] == [b"1", b"1", b"10"]
+    assert jobqueue.entry_images({}) == 1 and jobqueue.entry_images({"images": "x"}) == 1
+    assert jobqueue.entry_images({"images": "4"}) == 4
+
+
 def test_a_job_past_its_deadline_is_not_computed(start_puller, client):
     late = enqueue(client, "too late", deadline_s=-1)
     fine = enqueue(client, "in time")
@@ -221,6 +249,40 @@ def test_a_job_cancelled_while_queued_is_never_computed(start_puller, client):
     assert job(client, cancelled)["status"] == jobqueue.CANCELLED
     assert [prompts for _, prompts, _ in puller.runner.calls] == [["go ahead"]]
     assert puller.jobs("cancelled") == 1 and puller.jobs("done") == 1
+
+
+def test_a_job_cancelled_in_a_workers_hand_leaves_its_batcher_uncomputed(start_puller, client):
+    puller = start_puller(max_batch_size=1, status_check_s=0.1)
+    puller.runner.hold()
+    first = enqueue(client, "first")
+    assert puller.runner.entered.wait(30)
+    second = enqueue(client, "cancelled behind the first")
+    wait_for(lambda: job(client, second).get("status") == jobqueue.RUNNING, what="the second job started")
+    assert client.eval(jobqueue.CANCEL, 2, KEYS.job(second), KEYS.done(second), time.time(), 60) == b"running"
+    wait_for(lambda: puller.jobs("cancelled") == 1, what="the cancel seen by the worker")
+    assert puller.metric(names.QUEUE_IN_HAND) == 1 and puller.service.queue.waiting_jobs == 0
+    puller.runner.release()
+    wait_for(lambda: ended(client, first) and client.xlen(KEYS.stream) == 0, what="the stream emptied")
+    assert [prompts for _, prompts, _ in puller.runner.calls] == [["first"]]
+    assert job(client, second)["status"] == jobqueue.CANCELLED and puller.jobs("done") == 1
+
+
+def test_a_job_whose_deadline_passes_in_the_batcher_ends_expired_uncomputed(start_puller, client):
+    puller = start_puller(max_batch_size=1)
+    puller.runner.hold()
+    first = enqueue(client, "first")
+    assert puller.runner.entered.wait(30)
+    late = enqueue(client, "waits past its deadline", deadline_s=1.0)
+    wait_for(lambda: job(client, late).get("status") == jobqueue.RUNNING, what="the job started in time")
+    time.sleep(1.5)
+    puller.runner.release()
+    wait_for(lambda: ended(client, first, late), what="both jobs ended")
+    stored = job(client, late)
+    assert stored["status"] == jobqueue.EXPIRED and "before its batch started" in stored["error"]
+    assert "result" not in stored and "computed_at" not in stored
+    assert [prompts for _, prompts, _ in puller.runner.calls] == [["first"]]
+    assert puller.jobs("expired") == 1 and puller.jobs("done") == 1
+    assert puller.metric(names.REQUESTS + "_total", outcome="timeout") == 1
 
 
 def test_a_poison_job_fails_alone_and_the_others_of_its_batch_complete(start_puller, client):
@@ -258,6 +320,57 @@ def test_a_job_that_keeps_killing_its_consumers_is_dead_lettered(start_puller, c
     assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
 
 
+def test_a_job_whose_hash_is_gone_is_dead_lettered_and_counted_missing(start_puller, client):
+    lost = enqueue(client, "evicted")
+    client.delete(KEYS.job(lost))  # what an eviction policy other than noeviction does under memory pressure
+    fine = enqueue(client, "kept")
+    puller = start_puller()
+    wait_for(lambda: ended(client, fine) and client.xlen(KEYS.stream) == 0, what="the stream emptied")
+    [(_, letter)] = client.xrange(KEYS.dead)
+    assert letter[b"job"].decode() == lost and b"maxmemory-policy noeviction" in letter[b"error"]
+    assert puller.jobs("missing") == 1 and puller.jobs("done") == 1 and pending(client) == 0
+
+
+def finish(client, job_id: str, entry_id: str, status: str = jobqueue.FAILED, dead_letter: bool = True) -> int:
+    keys = [KEYS.job(job_id), KEYS.stream, KEYS.done(job_id)] + ([KEYS.dead] if dead_letter else [])
+    args = [KEYS.group, entry_id, status, "error", "poison", time.time(), 60, ""]
+    return client.eval(jobqueue.FINISH, len(keys), *keys, *args, *([job_id, 4, 100] if dead_letter else []))
+
+
+def test_finish_dead_letters_only_a_job_it_ends_and_only_once(client):
+    ended_elsewhere, poison, lost = enqueue(client, "a"), enqueue(client, "b"), enqueue(client, "c")
+    entries = dict(zip((ended_elsewhere, poison, lost), die_holding(client, count=3)))
+    client.hset(KEYS.job(ended_elsewhere), "status", jobqueue.DONE)
+    client.delete(KEYS.job(lost))
+    for _ in range(2):  # the second call is a retry after a lost reply
+        finish(client, ended_elsewhere, entries[ended_elsewhere])
+        finish(client, poison, entries[poison])
+        finish(client, lost, entries[lost])
+    letters = [(letter[b"job"].decode(), letter[b"attempts"]) for _, letter in client.xrange(KEYS.dead)]
+    assert letters == [(poison, b"4"), (lost, b"4")]
+    assert job(client, poison)["status"] == jobqueue.FAILED and job(client, ended_elsewhere)["status"] == jobqueue.DONE
+    assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+    # without the dead-letter key, FINISH is what it was: no dead letter
+    plain = enqueue(client, "d")
+    [entry] = die_holding(client)
+    assert finish(client, plain, entry, dead_letter=False) == 1 and client.xlen(KEYS.dead) == 2
+
+
+def start(client, job_id: str, consumer: str, *delivery: str) -> list:
+    return client.eval(jobqueue.START, 1, KEYS.job(job_id), consumer, time.time(), 3, *delivery)
+
+
+def test_start_counts_a_delivery_once_however_often_it_is_retried(client):
+    job_id = enqueue(client)
+    assert start(client, job_id, "worker-a") == [b"run", 1]
+    assert start(client, job_id, "worker-a") == [b"run", 1]  # a retry after a lost reply: the same delivery
+    assert start(client, job_id, "worker-b") == [b"run", 2]  # reclaimed by another consumer
+    assert start(client, job_id, "worker-b", "worker-b/1") == [b"run", 3]  # a new delivery token
+    assert start(client, job_id, "worker-b", "worker-b/1") == [b"run", 3]
+    assert start(client, job_id, "worker-b", "worker-b/2") == [b"dead", 4]  # reclaimed by itself: counts
+    assert job(client, job_id)["consumer"] == "worker-b"
+
+
 def test_a_dead_consumers_job_is_reclaimed_after_the_claim_idle_time(start_puller, client):
     orphan = enqueue(client, "orphan", seed=5)
     died_at = time.time()
@@ -286,6 +399,22 @@ def test_a_slow_live_worker_keeps_its_job_through_the_heartbeat(start_puller, cl
     assert job(client, job_id)["attempts"] == "1" and job(client, job_id)["consumer"] == slow.consumer.name
     assert other.runner.calls == [] and other.metric(names.QUEUE_RECLAIMED + "_total") == 0
     assert slow.jobs("done") == 1 and other.jobs("duplicate") == 0
+
+
+def test_the_heartbeat_never_takes_back_an_entry_another_consumer_reclaimed(start_puller, client):
+    stalled = start_puller(claim_idle_s=3.0)
+    stalled.runner.hold()
+    job_id = enqueue(client, "taken over")
+    assert stalled.runner.entered.wait(30)
+    [entry] = client.xpending_range(KEYS.stream, KEYS.group, "-", "+", 10)
+    # another consumer took it over, as if this one had stalled past --claim-idle
+    client.xclaim(KEYS.stream, KEYS.group, "rescuer", 0, [entry["message_id"]], justid=True)
+    time.sleep(2.0)  # two heartbeat periods, less than --claim-idle: nobody may reclaim it from the rescuer
+    [entry] = client.xpending_range(KEYS.stream, KEYS.group, "-", "+", 10)
+    assert entry["consumer"] == b"rescuer"
+    stalled.runner.release()
+    wait_for(lambda: ended(client, job_id), what="the job ended")
+    assert stalled.jobs("done") == 1 and client.xlen(KEYS.stream) == 0 and pending(client) == 0
 
 
 def test_a_redis_outage_keeps_the_job_in_hand_and_its_result_lands_after(start_puller, client, redis_server, caplog):

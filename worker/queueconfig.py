@@ -1,0 +1,44 @@
+"""Pull mode's settings (`QueueConfig`): where jobs are read, and the delivery rules.
+
+Apart from the consumer (worker/queue.py) so that parsing flags imports no Redis client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from contract import jobqueue
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Where pull mode reads jobs, and its delivery rules; parsed once from flags."""
+
+    url: str  # redis://host:port/db (or rediss://, unix://), never with a password in it
+    stream: str = jobqueue.DEFAULT_STREAM
+    group: str = jobqueue.DEFAULT_GROUP
+    claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
+    max_deliveries: int = 3  # deliveries of one job before it is dead-lettered
+    result_ttl_s: int = 3600  # how long a finished job's hash (and result) is kept
+    password: str | None = field(default=None, repr=False)
+    block_s: float = 1.0  # how long one XREADGROUP waits for new entries
+    status_check_s: float = 1.0  # how often the statuses of the jobs in hand are read (cancels)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.password is not None:
+            raise ValueError("--queue carries a password; give it with --redis-password-file or "
+                             "WORKER_REDIS_PASSWORD instead, so it is never in the process list or the pod spec")
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"--queue must be a redis://, rediss:// or unix:// URL, not scheme {parts.scheme!r}")
+        if not self.claim_idle_s > 0:
+            raise ValueError(f"--claim-idle must be above 0 seconds, got {self.claim_idle_s}")
+        for value, flag in ((self.max_deliveries, "--max-deliveries"), (self.result_ttl_s, "--result-ttl")):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+        jobqueue.QueueKeys(self.stream, self.group)  # validates the names
+
+    @property
+    def keys(self) -> jobqueue.QueueKeys:
+        return jobqueue.QueueKeys(self.stream, self.group)
