@@ -10,8 +10,10 @@ and leaves when its queue is empty.
 
 With `pull` (the gateway and Redis Streams) the queue lives outside the workers instead:
 requests wait in a shared backlog, even at zero replicas, and each ready replica pulls, oldest
-first, only what one batch can take less what it holds. Nothing is rejected there (the
-gateway's bound is not modelled); a draining replica stops pulling and finishes what it holds.
+first, one request at a time while it holds fewer than `LOOKAHEAD_BATCHES` max batches of images
+(the batch running counts), as the pull-mode worker does: the next batch forms while one runs.
+Nothing is rejected there (the gateway's bound is not modelled); a draining replica stops
+pulling and finishes what it holds.
 
 The clock is the simulation's own; nothing here sleeps or reads the wall clock.
 """
@@ -28,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from lab.sim.traces import Arrival
+from worker.queue import LOOKAHEAD_BATCHES
 
 # The H100 table of docs/ARCHITECTURE.md: 80GB, SD-1.5 shape, fp16, 512x512, 20 steps: batch -> (seconds per batch, NVML util %)
 H100_SD15 = {1: (1.07, 27.0), 4: (1.18, 56.0), 8: (1.42, 78.0), 12: (1.85, 92.0), 16: (2.36, 96.0), 32: (4.55, 94.0)}
@@ -253,15 +256,16 @@ class Fleet:
         replica.waiting_images += request.arrival.images
 
     def _deliver(self) -> None:
-        """Pull mode: the least-loaded ready replicas read from the backlog, oldest first, what
-        one batch takes less the images in hand (one request at least with none in hand), as
-        the pull-mode worker sizes its XREADGROUP."""
+        """Pull mode: the least-loaded ready replicas read from the backlog, oldest first, one
+        request at a time while the images in hand, the batch running included, are fewer than
+        `LOOKAHEAD_BATCHES` max batches, as the pull-mode worker does (it learns a job's images
+        only once it has read the entry, so the last one read may take it past). So the next
+        batch is in hand when one finishes: a pull takes no time here, but in the worker one
+        made between batches would leave the GPU idle."""
+        limit = LOOKAHEAD_BATCHES * self.spec.max_batch
         for replica in sorted(self.ready(), key=lambda r: (r.load(), r.id)):
-            room = self.spec.max_batch - replica.load()
-            while self.backlog and (replica.load() == 0 or self.backlog[0].arrival.images <= room):
-                request = self.backlog.popleft()
-                self._hand(replica, request)
-                room -= request.arrival.images
+            while self.backlog and replica.load() < limit:
+                self._hand(replica, self.backlog.popleft())
             self._maybe_start(replica)
             if not self.backlog:
                 return

@@ -18,6 +18,7 @@ from lab.sim.observe import Observer
 from lab.sim.replay import Job, Setup, replay, run_job
 from lab.sim.traces import Arrival
 from lab.target import FleetTarget
+from worker.queue import LOOKAHEAD_BATCHES
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_20_S = StartupDelay(20.0, 20.0)  # every replica ready 20 s after it is asked for
@@ -74,21 +75,34 @@ def test_a_request_arriving_at_zero_waits_for_the_cold_start_and_counts_against_
     assert result.hours_at_zero == pytest.approx((120 + (800 - 420)) / 3600)
 
 
-def test_in_pull_mode_requests_wait_in_the_backlog_and_a_replica_takes_only_its_next_batch():
+def test_in_pull_mode_requests_wait_in_the_backlog_and_a_replica_holds_the_batch_running_and_the_next():
+    assert LOOKAHEAD_BATCHES == 2  # the worker's own constant, which the timeline below assumes
     fleet = Fleet(FleetSpec(pull=True, max_batch=12, startup=STARTUP_20_S))
     fleet.offer(Arrival(0.0) for _ in range(30))
     fleet.run_until(10)
     assert len(fleet.backlog) == 30 and fleet.in_flight() == 30  # nothing up, nothing rejected
     fleet.scale_to(1)
-    fleet.run_until(30)  # ready at 30: it pulls one batch of 12 and runs it; 18 stay in the stream
+    fleet.run_until(30)  # ready at 30: it pulls two batches of 12, runs one, holds the other; 6 stay in the stream
     [replica] = fleet.replicas
-    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (12, 0, 18)
-    fleet.run_until(31.9)  # the batch took 1.85 s: the next 12 were pulled as it finished
-    assert (replica.batch_images, len(fleet.backlog)) == (12, 6)
+    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (12, 12, 6)
+    fleet.run_until(31.9)  # the batch took 1.85 s: the next 12, in hand, ran at once; the last 6 were pulled
+    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (12, 6, 0)
+    assert [r.started_s for r in fleet.requests[12:24]] == pytest.approx([30 + 1.85] * 12)
     fleet.run_until(100)
     assert all(r.finished_s is not None and not r.rejected for r in fleet.requests)
     assert fleet.cold_starts == 1
     assert fleet.hours_at_zero(100) == pytest.approx(10 / 3600)
+
+
+def test_in_pull_mode_a_replica_reads_while_it_holds_less_than_two_batches_so_the_last_request_may_pass_them():
+    fleet = Fleet(FleetSpec(pull=True, max_batch=12, startup=STARTUP_20_S))
+    fleet.offer(Arrival(0.0, images=10) for _ in range(5))
+    fleet.scale_to(1)
+    fleet.run_until(20)  # ready at 20: it reads 10, 20 (< 24, so one more), 30 images; a batch holds one request
+    [replica] = fleet.replicas
+    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (10, 20, 2)
+    fleet.run_until(20 + fleet.spec.profile.seconds(10, 20) + 0.01)  # one done: 20 in hand, so it reads one more
+    assert (replica.batch_images, replica.waiting_images, len(fleet.backlog)) == (10, 20, 1)
 
 
 def test_keda_queue_min0_is_keda_on_the_queue_with_its_defaults_from_zero():
