@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from adapter import promql
 from adapter.policy import COMBINE_MODES, PolicySpec
 from adapter.promql import Queries
-from contract.jobqueue import DEFAULT_STREAM, QueueKeys
+from contract.jobqueue import CARRIES_PASSWORD, DEFAULT_STREAM, QueueKeys, redis_url_problem
 from contract.names import LATENCY, SIGNALS
 
 # Keys KEDA's external scaler reads for itself and forwards to us as part of the metadata.
@@ -143,16 +143,16 @@ def _url(key: MetadataKey, raw: str) -> str:
 
 
 def _redis_url(key: MetadataKey, raw: str) -> str:
-    try:
+    problem = redis_url_problem(raw, ("redis", "rediss"))
+    if problem == CARRIES_PASSWORD:  # shown without what precedes the @ or the query: never logged
         parts = urllib.parse.urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise MetadataError(key.name, raw, key.accepted) from None
-    if "@" in parts.netloc:  # shown without what precedes the @: a password never reaches a log
-        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2], query="").geturl()
         raise MetadataError(key.name, shown, "credentials never go in metadata; the scaler reads the password "
                             "from --redis-password-file or SCALER_REDIS_PASSWORD")
-    if (parts.scheme not in ("redis", "rediss") or not parts.hostname or parts.query or parts.fragment
+    if problem is not None:
+        raise MetadataError(key.name, raw, key.accepted)
+    parts = urllib.parse.urlsplit(raw)
+    if (parts.query or parts.fragment
             or not re.fullmatch(r"/?|/[0-9]{1,5}", parts.path)):
         raise MetadataError(key.name, raw, key.accepted)
     return raw

@@ -191,6 +191,33 @@ return status
 """
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+CARRIES_PASSWORD = "carries a password"  # redis_url_problem's answer for credentials in the URL
+
+
+def redis_url_problem(url: str, schemes: tuple[str, ...] = REDIS_SCHEMES) -> str | None:
+    """Why `url` cannot name this project's Redis, as words to follow the flag or key's name;
+    None when it can. Credentials are refused wherever they sit: in the user info, or as
+    `password=` / `username=` in the query, which redis-py's `from_url` also reads. A password
+    in a URL ends up in process listings, pod specs, ScaledObjects and logs; it comes from a
+    file or an environment variable instead (`password_from`)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "is not a valid URL (look at its port)"
+    query = parse_qs(parts.query)
+    if "@" in parts.netloc or "password" in query or "username" in query:
+        return CARRIES_PASSWORD
+    if parts.scheme not in schemes:
+        return f"must start with {', '.join(s + '://' for s in schemes)}, not {parts.scheme or '(no scheme)'}://"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "names no host"
+    return None
+
+
 def password_from(env_var: str, file: str | None) -> str | None:
     """A Redis password from a file (a mounted Secret) or else an environment variable; never
     from metadata or flags' values. Raises OSError when the file cannot be read."""

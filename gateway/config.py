@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
 
+from contract import jobqueue
 from contract.jobqueue import DEFAULT_GROUP, DEFAULT_STREAM, QueueKeys
 from contract.schema import MAX_SIDE, MIN_SIDE
-
-REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True)
@@ -62,13 +60,11 @@ class GatewayConfig:
 
 
 def check_redis_url(url: str) -> None:
-    """Raises ValueError for a URL redis-py cannot use or one that carries a password: a
-    password in a URL ends up in process listings, manifests and logs."""
-    parts = urlsplit(url)
-    if parts.password is not None or "password" in parse_qs(parts.query):
+    """Raises ValueError for a URL redis-py cannot use or one that carries a password
+    (`contract.jobqueue.redis_url_problem`)."""
+    problem = jobqueue.redis_url_problem(url)
+    if problem == jobqueue.CARRIES_PASSWORD:
         raise ValueError("--redis-url carries a password; give it with --redis-password-file "
                          "(env GATEWAY_REDIS_PASSWORD_FILE) or the GATEWAY_REDIS_PASSWORD variable")
-    if parts.scheme not in REDIS_SCHEMES:
-        raise ValueError(f"--redis-url must start with redis://, rediss:// or unix://, not {parts.scheme}://")
-    if parts.scheme != "unix" and not parts.hostname:
-        raise ValueError(f"--redis-url names no host: {url!r}")
+    if problem is not None:
+        raise ValueError(f"--redis-url {problem}")

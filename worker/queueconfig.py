@@ -6,7 +6,6 @@ Apart from the consumer (worker/queue.py) so that parsing flags imports no Redis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 from contract import jobqueue
 
@@ -26,12 +25,12 @@ class QueueConfig:
     status_check_s: float = 1.0  # how often the statuses of the jobs in hand are read (cancels)
 
     def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
-        if parts.password is not None:
+        problem = jobqueue.redis_url_problem(self.url)
+        if problem == jobqueue.CARRIES_PASSWORD:
             raise ValueError("--queue carries a password; give it with --redis-password-file or "
                              "WORKER_REDIS_PASSWORD instead, so it is never in the process list or the pod spec")
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"--queue must be a redis://, rediss:// or unix:// URL, not scheme {parts.scheme!r}")
+        if problem is not None:
+            raise ValueError(f"--queue {problem}")
         if not self.claim_idle_s > 0:
             raise ValueError(f"--claim-idle must be above 0 seconds, got {self.claim_idle_s}")
         for value, flag in ((self.max_deliveries, "--max-deliveries"), (self.result_ttl_s, "--result-ttl")):
