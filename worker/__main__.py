@@ -18,7 +18,7 @@ ENV_PREFIX = "WORKER_"
 
 
 _LIMITS = WorkerLimits()  # the batching and queue flags' defaults are written once, there
-_PULL = QueueConfig(url="redis://")  # and the pull-mode flags', there
+_PULL = QueueConfig(url="redis://localhost")  # the pull-mode flags' defaults are written once, there
 
 
 def build_parser() -> argparse.ArgumentParser:
