@@ -40,6 +40,23 @@ def workdir_of(output: str) -> str:
     return workdir
 
 
+def within_one_replica(real: list[int], simulated: list[int], phase_s: int) -> float:
+    """The share of seconds at which the stack's replica count is within one of the simulator's
+    count at some second no more than `phase_s` seconds away (both series one point a second)."""
+    near = [any(abs(count - other) <= 1 for other in simulated[max(0, t - phase_s): t + phase_s + 1])
+            for t, count in enumerate(real)]
+    return sum(near) / len(real)
+
+
+def test_the_phase_allowance_forgives_a_shift_of_a_few_seconds_and_nothing_more():
+    ci_failure = ("1111111111111111111111111111111111112222222222333333333333333333333333333333333333333333333333333322",
+                  "1111111111111111111111111111112222223333333333333333333333333333333333333333333333333331111111111111")
+    real, simulated = ([int(c) for c in series] for series in ci_failure)
+    assert within_one_replica(real, simulated, 0) == 0.89  # second to second, as the test used to compare
+    assert within_one_replica(real, simulated, 5) == 0.94  # the 11 s late scale-down still costs 6 s
+    assert within_one_replica([3] * 10, [1] * 10, 5) == 0.0
+
+
 @pytest.mark.timeout(540)
 def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_agrees(tmp_path):
     """One run serves two checks: the stack itself, and the replay simulator's faithfulness.
@@ -47,9 +64,12 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
     Heavier requests (24 steps) and `minBusyReplicas=1` make the queue and latency drive the
     replica count. The run is recorded (arrivals as sent, replicas per second, start-up delays,
     batches) and replayed through `lab.sim` with the raw pipeline's batch profile from
-    the worker benchmark. The stated bound: the two replica counts differ by at most one in at
-    least 90 % of the seconds, their peaks by at most one, their means by at most 25 %, and
-    their first scale-ups by at most 15 s.
+    the worker benchmark. The stated bound: in at least 90 % of the seconds the stack's count is
+    within one replica of the simulator's at a second no further than one KEDA poll plus one HPA
+    sync away (the stack's loops tick at a phase of their own, which the replay cannot know; a
+    CI run compared second to second once missed 90 % by one second, the stack's scale-down
+    landing 11 s after the replay's), their peaks differ by at most one, their means by at most
+    25 %, and their first scale-ups by at most 15 s.
     """
     require_prometheus()
     model = tmp_path / "tiny"
@@ -85,8 +105,9 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
     simulated = [point.desired for point in replayed.timeline][: len(real)]
     real = real[: len(simulated)]
     shown = f"\nstack     {''.join(map(str, real))}\nsimulator {''.join(map(str, simulated))}"
-    close = sum(abs(a - b) <= 1 for a, b in zip(real, simulated, strict=True)) / len(real)
-    assert close >= 0.9, f"only {close:.0%} of seconds within one replica" + shown
+    phase = round(recorded["settings"]["polling_interval_s"] + recorded["settings"]["sync_period_s"])
+    close = within_one_replica(real, simulated, phase)
+    assert close >= 0.9, f"only {close:.0%} of seconds within one replica ({phase} s of phase)" + shown
     assert abs(max(real) - max(simulated)) <= 1, shown
     assert abs(sum(simulated) - sum(real)) <= 0.25 * sum(real), shown
     first = [next((i for i, n in enumerate(series) if n > 1), len(series)) for series in (real, simulated)]
