@@ -14,17 +14,16 @@ other unknown keys are kept in `ScalerSpec.unknown_keys` so the caller can warn 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from adapter import promql
+from adapter import metadatavalues as parsers, promql
+from adapter.metadatavalues import REPLICAS, MetadataError, MetadataKey  # noqa: F401 - MetadataError is this module's too
 from adapter.policy import COMBINE_MODES, PolicySpec
-from adapter.promql import Queries
-from contract.jobqueue import CARRIES_PASSWORD, DEFAULT_STREAM, QueueKeys, redis_url_problem
+from adapter.promql import Queries, parse_duration_seconds  # noqa: F401 - parse_duration_seconds is this module's too
+from contract.jobqueue import DEFAULT_STREAM
 from contract.names import LATENCY, SIGNALS
 
 # Keys KEDA's external scaler reads for itself and forwards to us as part of the metadata.
@@ -36,29 +35,8 @@ KEDA_KEYS = frozenset(
 # resolved value under the `...FromEnv` key; we accept it wherever `<key>` is absent.
 FROM_ENV_SUFFIX = "FromEnv"
 
-_DURATION = re.compile(r"^(?:[0-9]+(?:ms|s|m|h|d|w|y))+$")
-_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
-_DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
-_MAX_REPLICAS = 1_000_000
-_REPLICAS = "accepted: a whole number of replicas >= 0"
 _QUERY = "accepted: PromQL returning one series or a scalar"
-
-
-class MetadataError(ValueError):
-    """A metadata value that cannot be used: names the key, the value and what is accepted.
-
-    `key` is a metadata key (one of KNOWN_KEYS), `value` its text (None when it is missing)
-    and `accepted` the sentence that says what would do; str() reads
-    `trigger metadata <key>: <value!r> is not valid; <accepted>`.
-    """
-
-    def __init__(self, key: str, value: str | None, accepted: str):
-        self.key = key
-        self.value = value
-        self.accepted = accepted
-        shown = "missing" if value is None else repr(value)
-        super().__init__(f"trigger metadata {key}: {shown} is not valid; {accepted}")
 
 
 @dataclass(frozen=True)
@@ -87,215 +65,71 @@ class ScalerSpec:
     stream: str = DEFAULT_STREAM  # the job stream's name (contract/jobqueue.py)
 
 
-def parse_duration_seconds(text: str) -> float:
-    """Seconds in a PromQL duration such as `1m` or `1h30m`; raises ValueError otherwise."""
-    if not _DURATION.match(text):
-        raise ValueError(text)
-    return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
-
-
-@dataclass(frozen=True)
-class MetadataKey:
-    """One row of the metadata table: a key, the field it sets, how its text is read.
-
-    `parse(key, text)` turns the key's stripped, non-empty text into the field's value, or
-    raises MetadataError(key.name, text, ...). `above` is an exclusive lower bound, `at_least`
-    and `at_most` inclusive ones, for the number and replica-count parsers. `accepted` is what a
-    rejection of this key says is accepted.
-    """
-
-    name: str
-    owner: type  # PolicySpec, ScalerSpec or Queries
-    field: str
-    parse: Callable[[MetadataKey, str], Any]
-    accepted: str
-    above: float | None = None
-    at_least: float | None = None
-    at_most: float | None = None
-
-    @property
-    def default(self) -> Any:
-        """The field's default in `owner`; None where it has none (a required key, a query)."""
-        [spec_field] = [f for f in dataclasses.fields(self.owner) if f.name == self.field]
-        if spec_field.default is not dataclasses.MISSING:
-            return spec_field.default
-        if spec_field.default_factory is not dataclasses.MISSING:
-            return spec_field.default_factory()
-        return None
-
-
-# -- parsers: (key, stripped text) -> value, or MetadataError naming the key ----------------------
-
-
-def _text(key: MetadataKey, raw: str) -> str:
-    return raw
-
-
-def _url(key: MetadataKey, raw: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise MetadataError(key.name, raw, key.accepted) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise MetadataError(key.name, raw, key.accepted)
-    return raw.rstrip("/")
-
-
-def _redis_url(key: MetadataKey, raw: str) -> str:
-    problem = redis_url_problem(raw, ("redis", "rediss"))
-    if problem == CARRIES_PASSWORD:  # shown without what precedes the @ or the query: never logged
-        parts = urllib.parse.urlsplit(raw)
-        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2], query="").geturl()
-        raise MetadataError(key.name, shown, "credentials never go in metadata; the scaler reads the password "
-                            "from --redis-password-file or SCALER_REDIS_PASSWORD")
-    if problem is not None:
-        raise MetadataError(key.name, raw, key.accepted)
-    parts = urllib.parse.urlsplit(raw)
-    if (parts.query or parts.fragment
-            or not re.fullmatch(r"/?|/[0-9]{1,5}", parts.path)):
-        raise MetadataError(key.name, raw, key.accepted)
-    return raw
-
-
-def _stream(key: MetadataKey, raw: str) -> str:
-    try:
-        QueueKeys(stream=raw)
-    except ValueError:
-        raise MetadataError(key.name, raw, key.accepted) from None
-    return raw
-
-
-def _matching(pattern: re.Pattern[str]) -> Callable[[MetadataKey, str], str]:
-    def parse(key: MetadataKey, raw: str) -> str:
-        if not pattern.match(raw):
-            raise MetadataError(key.name, raw, key.accepted)
-        return raw
-
-    return parse
-
-
-def _selector(key: MetadataKey, raw: str) -> str:
-    try:
-        promql.parse_selector(raw)  # the direct-scrape source reads it with the same parser
-    except ValueError:
-        raise MetadataError(key.name, raw, key.accepted) from None
-    return raw
-
-
-def _duration(key: MetadataKey, raw: str) -> str:
-    try:
-        seconds = parse_duration_seconds(raw)
-    except ValueError:
-        seconds = 0
-    if seconds <= 0:
-        raise MetadataError(key.name, raw, key.accepted)
-    return raw
-
-
-def _number(key: MetadataKey, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise MetadataError(key.name, raw, key.accepted) from None
-    if (
-        not math.isfinite(value)
-        or (key.above is not None and value <= key.above)
-        or (key.at_least is not None and value < key.at_least)
-        or (key.at_most is not None and value > key.at_most)
-    ):
-        raise MetadataError(key.name, raw, key.accepted)
-    return value
-
-
-def _count(key: MetadataKey, raw: str) -> int:
-    if not raw.isascii() or not raw.isdigit():
-        raise MetadataError(key.name, raw, _REPLICAS)
-    value = int(raw)
-    if value > _MAX_REPLICAS:
-        raise MetadataError(key.name, raw, f"accepted: a whole number of replicas from 0 to {_MAX_REPLICAS}")
-    if key.at_least is not None and value < key.at_least:
-        raise MetadataError(key.name, raw, key.accepted)
-    return value
-
-
-def _combine(key: MetadataKey, raw: str) -> str:
-    if raw not in COMBINE_MODES:
-        raise MetadataError(key.name, raw, key.accepted)
-    return raw
-
-
-def _signals(key: MetadataKey, raw: str) -> tuple[str, ...]:
-    names = [part.strip() for part in raw.split(",") if part.strip()]
-    if not names or any(n not in SIGNALS for n in names):
-        raise MetadataError(key.name, raw, key.accepted)
-    return tuple(s for s in SIGNALS if s in names)
-
-
-def _weights(key: MetadataKey, raw: str) -> dict[str, float]:
-    weights = dict(key.default)  # a signal the text leaves out keeps its default weight
-    for part in raw.split(","):
-        name, sep, number = part.partition("=")
-        name = name.strip()
-        try:
-            value = float(number)
-        except ValueError:
-            raise MetadataError(key.name, raw, key.accepted) from None
-        if not sep or name not in SIGNALS or not math.isfinite(value) or value < 0:
-            raise MetadataError(key.name, raw, key.accepted)
-        weights[name] = value
-    return weights
-
-
 # -- the table (README's metadata table, in its order) --------------------------------------------
 
 METADATA_KEYS: tuple[MetadataKey, ...] = (
-    MetadataKey("prometheusAddress", ScalerSpec, "prometheus_address", _url,
+    MetadataKey("prometheusAddress", ScalerSpec, "prometheus_address", parsers.url,
                 "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"),
-    MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", _text,
+    MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", parsers.text,
                 "accepted: a Prometheus file_sd JSON file inside the scaler's --scrape-targets-dir"),
-    MetadataKey("redisAddress", ScalerSpec, "redis_address", _redis_url,
+    MetadataKey("redisAddress", ScalerSpec, "redis_address", parsers.redis_url,
                 "accepted: redis://host:port/db or rediss://host:port/db, without credentials"),
-    MetadataKey("stream", ScalerSpec, "stream", _stream, "accepted: a Redis key, 1 to 200 characters without spaces"),
-    MetadataKey("selector", ScalerSpec, "selector", _selector,
+    MetadataKey("stream", ScalerSpec, "stream", parsers.stream, "accepted: a Redis key, 1 to 200 characters without spaces"),
+    MetadataKey("selector", ScalerSpec, "selector", parsers.selector,
                 'accepted: PromQL label matchers, e.g. namespace="ml",deployment="sd-worker"'),
-    MetadataKey("queueQuery", Queries, "queue", _text, _QUERY),
-    MetadataKey("gpuUtilizationQuery", Queries, "gpu", _text, _QUERY),
-    MetadataKey("latencyQuery", Queries, "latency", _text, _QUERY),
-    MetadataKey("readyReplicasQuery", Queries, "ready", _text, _QUERY),
-    MetadataKey("window", ScalerSpec, "window", _duration,
+    *(MetadataKey(name, Queries, query, parsers.text, _QUERY) for name, query in (
+        ("queueQuery", "queue"), ("gpuUtilizationQuery", "gpu"), ("latencyQuery", "latency"),
+        ("readyReplicasQuery", "ready"), ("demandQuery", "demand"), ("arrivalsQuery", "arrivals"),
+        ("capacityQuery", "capacity"), ("startupQuery", "startup"))),
+    MetadataKey("window", ScalerSpec, "window", parsers.duration,
                 "accepted: a PromQL duration above zero, e.g. 30s, 1m, 1h30m"),
-    MetadataKey("targetQueuePerReplica", PolicySpec, "target_queue_per_replica", _number,
+    MetadataKey("targetQueuePerReplica", PolicySpec, "target_queue_per_replica", parsers.number,
                 "accepted: a number above 0", above=0),
-    MetadataKey("targetGpuUtilization", PolicySpec, "target_gpu_util_percent", _number,
+    MetadataKey("targetGpuUtilization", PolicySpec, "target_gpu_util_percent", parsers.number,
                 "accepted: a percentage, 0 < x <= 100", above=0, at_most=100),
-    MetadataKey("targetP95Seconds", PolicySpec, "target_p95_seconds", _number,
+    MetadataKey("targetP95Seconds", PolicySpec, "target_p95_seconds", parsers.number,
                 "accepted: seconds, a number above 0", above=0),
-    MetadataKey("signals", PolicySpec, "signals", _signals,
+    MetadataKey("signals", PolicySpec, "signals", parsers.signals,
                 "accepted: a comma list of " + ", ".join(SIGNALS)),
-    MetadataKey("combine", PolicySpec, "combine", _combine,
+    MetadataKey("combine", PolicySpec, "combine", parsers.combine,
                 "accepted: " + " or ".join(COMBINE_MODES)),
-    MetadataKey("weights", PolicySpec, "weights", _weights,
+    MetadataKey("weights", PolicySpec, "weights", parsers.weights,
                 f"accepted: e.g. queue=2,gpu=1,latency=1 (signals among {', '.join(SIGNALS)}, weights >= 0)"),
-    MetadataKey("scaleUpWindowSeconds", PolicySpec, "scale_up_window_s", _number,
+    MetadataKey("scaleUpWindowSeconds", PolicySpec, "scale_up_window_s", parsers.number,
                 "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
-    MetadataKey("scaleDownWindowSeconds", PolicySpec, "scale_down_window_s", _number,
+    MetadataKey("scaleDownWindowSeconds", PolicySpec, "scale_down_window_s", parsers.number,
                 "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
-    MetadataKey("burstFactor", PolicySpec, "burst_factor", _number,
+    MetadataKey("burstFactor", PolicySpec, "burst_factor", parsers.number,
                 "accepted: a number above 0", above=0),
-    MetadataKey("minBusyReplicas", PolicySpec, "min_busy_replicas", _count,
+    MetadataKey("minBusyReplicas", PolicySpec, "min_busy_replicas", parsers.count,
                 "accepted: a whole number of replicas >= 1 (1 turns it off)", at_least=1),
-    MetadataKey("minReplicas", PolicySpec, "min_replicas", _count, _REPLICAS),
-    MetadataKey("maxReplicas", PolicySpec, "max_replicas", _count, _REPLICAS),
-    MetadataKey("activationQueue", PolicySpec, "activation_queue", _number,
+    MetadataKey("minReplicas", PolicySpec, "min_replicas", parsers.count, REPLICAS),
+    MetadataKey("maxReplicas", PolicySpec, "max_replicas", parsers.count, REPLICAS),
+    MetadataKey("activationQueue", PolicySpec, "activation_queue", parsers.number,
                 "accepted: a number >= 0", at_least=0),
-    MetadataKey("refreshSeconds", ScalerSpec, "refresh_s", _number,
+    MetadataKey("targetCapacityUtilization", PolicySpec, "target_capacity_utilization", parsers.number,
+                "accepted: a share of a replica's capacity, 0 < x <= 1", above=0, at_most=1),
+    MetadataKey("spareAboveLoad", PolicySpec, "spare_above_load", parsers.number,
+                "accepted: a share of one replica's capacity, >= 0 (0: the spare always holds)", at_least=0),
+    MetadataKey("keepWarmQuantile", PolicySpec, "keep_warm_quantile", parsers.number,
+                "accepted: a quantile, 0 < x <= 1", above=0, at_most=1),
+    MetadataKey("keepWarmMultiple", PolicySpec, "keep_warm_multiple", parsers.number,
+                "accepted: a number >= 0", at_least=0, at_most=1000),
+    MetadataKey("keepWarmMaxSeconds", PolicySpec, "keep_warm_max_s", parsers.number,
+                "accepted: seconds from 0 to 86400 (0 turns the hold off)", at_least=0, at_most=86400),
+    MetadataKey("headroomSigmas", PolicySpec, "headroom_sigmas", parsers.number,
+                "accepted: standard deviations, 0 to 10", at_least=0, at_most=10),
+    MetadataKey("drainSeconds", PolicySpec, "drain_seconds", parsers.number,
+                "accepted: seconds, a number above 0", above=0, at_most=3600),
+    MetadataKey("trendWindowSeconds", PolicySpec, "trend_window_s", parsers.number,
+                "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
+    MetadataKey("refreshSeconds", ScalerSpec, "refresh_s", parsers.number,
                 "accepted: seconds from 0.1 to 3600", at_least=0.1, at_most=3600),
-    MetadataKey("staleAfterSeconds", ScalerSpec, "stale_after_s", _number,
+    MetadataKey("staleAfterSeconds", ScalerSpec, "stale_after_s", parsers.number,
                 "accepted: seconds, above 0", above=0, at_most=86400),
-    MetadataKey("queryTimeoutSeconds", ScalerSpec, "query_timeout_s", _number,
+    MetadataKey("queryTimeoutSeconds", ScalerSpec, "query_timeout_s", parsers.number,
                 "accepted: seconds from above 0 to 300", above=0, at_most=300),
-    MetadataKey("metricName", ScalerSpec, "metric_name", _matching(_METRIC_NAME),
+    MetadataKey("metricName", ScalerSpec, "metric_name", parsers.matching(_METRIC_NAME),
                 "accepted: letters, digits, '_', '.', '-' (up to 200)"),
 )  # fmt: skip
 

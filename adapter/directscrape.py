@@ -11,6 +11,8 @@ same expressions evaluated the way Prometheus evaluates them:
 | ready   | `sum(diffusion_ready{sel})`                                           | the same |
 | gpu     | `avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{sel}[w]))`                    | mean of each series' samples in the window, averaged over series |
 | latency | `histogram_quantile(0.95, sum by (le) (rate(..._bucket{sel}[w])))`    | each bucket's increase over the window (counter resets handled), summed by `le`, then Prometheus' interpolation |
+| demand, arrivals | `sum(rate(diffusion_requested_image_steps_total{sel}[w]))`, `sum(rate(diffusion_requests_total{sel}[w]))` | each series' increase over the span of its samples in the window, per second, summed |
+| capacity, startup | `avg(diffusion_capacity_image_steps_per_second{sel})`, `avg(diffusion_startup_seconds{sel})` | mean of each series' latest sample |
 
 `rate` divides by the window and extrapolates to its edges; a quantile is unchanged by a
 common factor, so increases give the same p95 when the series are scraped together.
@@ -133,10 +135,29 @@ class ScrapeStore:
             return [(dict(labels), list(samples)) for (series, labels), samples in self._series.items()
                     if series == name and matches(dict(labels), matchers)]
 
+    def _latest(self, name: str, matchers, now: float) -> list[float]:
+        return [samples[-1][1] for _, samples in self._select(name, matchers)
+                if samples and now - self.stale_after_s <= samples[-1][0] <= now and not math.isnan(samples[-1][1])]
+
     def _latest_sum(self, name: str, matchers, now: float) -> float | None:
-        values = [samples[-1][1] for _, samples in self._select(name, matchers)
-                  if samples and now - self.stale_after_s <= samples[-1][0] <= now and not math.isnan(samples[-1][1])]
+        values = self._latest(name, matchers, now)
         return sum(values) if values else None
+
+    def _latest_mean(self, name: str, matchers, now: float) -> float | None:
+        values = self._latest(name, matchers, now)
+        return sum(values) / len(values) if values else None
+
+    def _rate_sum(self, name: str, matchers, since: float, now: float) -> float | None:
+        """`sum(rate(name[w]))`: each series' increase over its samples inside the window,
+        per second of the span they cover (Prometheus extrapolates that rate to the window's
+        edges, which leaves it unchanged), summed; None when no series has two samples."""
+        rates = []
+        for _, samples in self._select(name, matchers):
+            inside = [(stamp, value) for stamp, value in samples if since < stamp <= now and not math.isnan(value)]
+            grown = increase(inside)
+            if grown is not None and inside[-1][0] > inside[0][0]:
+                rates.append(grown / (inside[-1][0] - inside[0][0]))
+        return sum(rates) if rates else None
 
     def answers(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> dict[str, float | None]:
         """Each built-in query's raw answer at `now`, by query name, as Prometheus would give it
@@ -159,6 +180,10 @@ class ScrapeStore:
             names.READY_REPLICAS: self._latest_sum(names.READY, matchers, now),
             names.GPU: sum(gpu_means) / len(gpu_means) if gpu_means else None,
             names.LATENCY: histogram_quantile(quantile, buckets.items()) if buckets else None,
+            names.DEMAND: self._rate_sum(names.REQUESTED_IMAGE_STEPS + "_total", matchers, since, now),
+            names.ARRIVALS: self._rate_sum(names.REQUESTS + "_total", matchers, since, now),
+            names.CAPACITY: self._latest_mean(names.CAPACITY_IMAGE_STEPS, matchers, now),
+            names.STARTUP: self._latest_mean(names.STARTUP_SECONDS, matchers, now),
         }
 
 

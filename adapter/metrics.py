@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from adapter.kube import FALLBACK_REASONS
+from adapter.policy import demand_trend
 from adapter.reading import Reading
 from adapter.targets import Target, Unavailable
 from contract import names
-from contract.names import GPU, QUERIES, SIGNALS
+from contract.names import CAPACITY, GPU, QUERIES, SIGNALS
 
 LABELS = names.SCALER_LABELS
 HELD_BY = ("scale_up_window", "scale_down_window", "restart_hold", "min_replicas", "max_replicas")
@@ -123,6 +124,11 @@ class TargetCollector:
             g.gpu.add_metric(labels, signals.gpu_util_percent)
         if signals.p95_seconds is not None:
             g.p95.add_metric(labels, signals.p95_seconds)
+        for family, value in ((g.demand, signals.demand), (g.capacity, signals.capacity), (g.startup, signals.startup_s)):
+            if value is not None:
+                family.add_metric(labels, value)
+        if CAPACITY in target.spec.policy.signals and signals.demand is not None:
+            g.trend.add_metric(labels, demand_trend(decision.state.demand_history))
         for signal in SIGNALS:
             if signal in decision.proposals:
                 g.proposal.add_metric(labels + [signal], decision.proposals[signal])
@@ -148,6 +154,13 @@ class _Families:
         self.ready = gauge(names.SCALER_READY, f"Replicas reporting ready ({names.READY})")
         self.gpu = gauge(names.SCALER_GPU, "GPU signal: mean utilization over the target's GPUs")
         self.p95 = gauge(names.SCALER_P95, "Latency signal: p95 request latency over the window")
+        self.demand = gauge(names.SCALER_DEMAND, "Capacity signal: image-steps per second asked of the target "
+                            "over the window")
+        self.capacity = gauge(names.SCALER_CAPACITY, "Capacity signal: image-steps per second one replica serves "
+                              "at its max batch, mean over the replicas")
+        self.startup = gauge(names.SCALER_STARTUP, "Capacity signal: seconds from a replica's start to ready, mean")
+        self.trend = gauge(names.SCALER_DEMAND_TREND, "Capacity signal: the demand's least-squares slope over "
+                           "trendWindowSeconds, per second")
         self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", (names.SIGNAL,))
         self.composite = gauge(names.SCALER_COMPOSITE, "Composite of the proposals, before stabilization")
         self.desired = gauge(names.SCALER_DESIRED, "Composite after stabilization: the value KEDA receives")

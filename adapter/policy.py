@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from adapter.windows import RecommendationWindow
-from contract.names import GPU, LATENCY, QUEUE, SIGNALS
+from contract.names import CAPACITY, GPU, LATENCY, QUEUE, SIGNALS
 
 # Float arithmetic such as 3 * 75 / 75 must not round up to 4 replicas.
 _CEIL_SLACK = 1e-9
+
+# Idle gaps the keep-warm hold needs before it trusts their quantile, and how many it keeps.
+MIN_GAPS, MAX_GAPS = 20, 512
 
 # How the proposals become one composite: their maximum, or their weighted mean.
 COMBINE_MODES = ("max", "weighted")
@@ -46,6 +49,14 @@ class PolicySpec:
     min_replicas: int | None = None  # clamps on the composite; None: no clamp
     max_replicas: int | None = None
     activation_queue: float = 0.0  # active while the queue exceeds this
+    target_capacity_utilization: float = 0.8  # 0 < x <= 1: the share of a replica's capacity to plan for
+    drain_seconds: float | None = None  # the capacity signal drains the backlog within this; None: target_p95_seconds, else 10
+    trend_window_s: float = 60.0  # the capacity signal's demand trend is fitted over this many seconds
+    spare_above_load: float = 0.0  # min_busy_replicas holds only while demand >= this x one replica's capacity
+    headroom_sigmas: float = 2.0  # capacity headroom: standard deviations of the arrivals over one start-up
+    keep_warm_quantile: float = 1.0  # stay active through idle gaps up to this quantile of those seen ...
+    keep_warm_multiple: float = 2.0  # ... times this
+    keep_warm_max_s: float = 0.0  # and never longer than this after the last request; 0: no hold
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,11 @@ class Signals:
     ready_replicas: float
     gpu_util_percent: float | None = None  # None: no GPU series, the signal abstains
     p95_seconds: float | None = None  # None: no request finished inside the window
+    # The capacity signal's inputs; any None and it abstains (absent is not zero).
+    demand: float | None = None  # image-steps per second arriving, over the window, summed over the target
+    arrivals: float | None = None  # requests per second arriving, over the window
+    capacity: float | None = None  # image-steps per second one replica serves at its max batch (mean over replicas)
+    startup_s: float | None = None  # seconds a new replica takes to serve: process start to ready (mean)
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,10 @@ class PolicyState:
     started_at: float | None = None  # time of the first decision since the scaler (re)started
     window: RecommendationWindow = field(default_factory=RecommendationWindow)
     last_value: float | None = None
+    demand_history: tuple[tuple[float, float], ...] = ()  # (time, demand) inside the trend window
+    last_busy_at: float | None = None  # the last decision that saw requests in flight or arriving
+    idle_gaps: tuple[float, ...] = ()  # seconds of the last idle stretches that ended, oldest first
+    idle: bool = False  # the last decision saw nothing in flight or arriving
 
 
 @dataclass(frozen=True)
@@ -77,8 +97,9 @@ class Decision:
     limiting: str  # the signal whose proposal is the composite, or "none"
     held_by: str  # what moved value away from composite: "" when nothing did
     burst: bool  # the queue proposal skipped the scale-up window
-    active: bool  # the queue exceeds the activation threshold
+    active: bool  # the queue exceeds the activation threshold, or an idle fleet is kept warm (`keep_warm`)
     state: PolicyState
+    kept_warm: bool = False  # active only because of the keep-warm hold (`keep_warm_s`)
 
 
 def ceil_replicas(x: float) -> int:
@@ -90,15 +111,82 @@ def queue_active(spec: PolicySpec, queue: float) -> bool:
     return queue > spec.activation_queue
 
 
-def proposals(spec: PolicySpec, signals: Signals) -> dict[str, float]:
-    """Replicas each enabled signal asks for; a signal without data proposes nothing."""
+def demand_trend(history: tuple[tuple[float, float], ...]) -> float:
+    """The least-squares slope of demand over time, in image-steps per second per second; 0
+    with fewer than two samples or no spread in time."""
+    if len(history) < 2:
+        return 0.0
+    n = len(history)
+    mean_t = sum(t for t, _ in history) / n
+    mean_d = sum(d for _, d in history) / n
+    spread = sum((t - mean_t) ** 2 for t, _ in history)
+    if spread <= 0:
+        return 0.0
+    return sum((t - mean_t) * (d - mean_d) for t, d in history) / spread
+
+
+def capacity_need(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> float | None:
+    """Replicas the measured demand needs, unrounded; None when an input is missing.
+
+        need = (demand + max(0, trend) x L + z x sqrt(demand x work / L)) / (capacity x u)
+           + queue x work / (capacity x drain)
+
+    `demand` is image-steps per second arriving and `capacity` what one replica serves at its
+    max batch, both measured (the workers export them). The first term is Little's-law
+    steady state at utilization `u` (`target_capacity_utilization`), with the demand projected
+    one start-up delay L ahead along its rising trend (a replica asked for now serves only then),
+    plus headroom for the arrivals' randomness over L: z (`headroom_sigmas`) standard deviations
+    of a Poisson stream at the measured rate of requests of the measured size. The second drains what is in flight (requests, at `work` = demand / arrivals image-steps
+    each) within `drain_seconds` (the latency objective by default), so a backlog left by a
+    burst is cleared in time instead of waiting for the steady term to notice it.
+    """
+    demand, capacity = signals.demand, signals.capacity
+    if demand is None or capacity is None or capacity <= 0:
+        return None
+    u = spec.target_capacity_utilization
+    startup = signals.startup_s or 0.0
+    lead = max(0.0, trend) * startup
+    work = demand / signals.arrivals if signals.arrivals else 0.0  # image-steps per request
+    # Poisson arrivals of `work` each: over a start-up delay L the rate varies by sqrt(demand x work / L)
+    spread = math.sqrt(demand * work / max(startup, 1.0))
+    need = (demand + lead + spec.headroom_sigmas * spread) / (capacity * u)
+    if signals.queue > 0 and work:
+        drain_s = spec.drain_seconds or spec.target_p95_seconds or 10.0
+        need += signals.queue * work / (capacity * drain_s)
+    return need
+
+
+def keep_warm_s(spec: PolicySpec, signals: Signals, gaps: tuple[float, ...]) -> float:
+    """How long an idle fleet stays active after its last request, in seconds: 0 when a cold
+    start meets the objective anyway (start-up within `target_p95_seconds`), else the
+    `keep_warm_quantile` of the idle gaps seen (so at most that share of gaps ends in a cold
+    start), at most `keep_warm_max_s`, and that maximum while fewer than 20 gaps are known.
+    Ski rental with the objective first: a cold start costs missed requests, an idle replica
+    only its GPU."""
+    if signals.startup_s is not None and spec.target_p95_seconds and signals.startup_s <= spec.target_p95_seconds:
+        return 0.0
+    if len(gaps) < MIN_GAPS:
+        return spec.keep_warm_max_s
+    ordered = sorted(gaps)
+    rank = min(len(ordered) - 1, math.ceil(spec.keep_warm_quantile * len(ordered)) - 1)
+    return min(spec.keep_warm_max_s, spec.keep_warm_multiple * ordered[max(0, rank)])
+
+
+def proposals(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> dict[str, float]:
+    """Replicas each enabled signal asks for; a signal without data proposes nothing.
+    `trend` is the demand's slope (`demand_trend`), for the capacity signal's lead."""
     out: dict[str, float] = {}
     ready = signals.ready_replicas
     queue_need = ceil_replicas(signals.queue / spec.target_queue_per_replica)
     if QUEUE in spec.signals:
         # While requests are in flight, never rely on a lone replica: new ones take tens of
         # seconds to start, and one replica cannot absorb a step in load meanwhile.
-        out[QUEUE] = max(queue_need, spec.min_busy_replicas) if signals.queue > 0 else queue_need
+        # The spare is for load that a step could push past one replica: held while the measured
+        # demand is at least `spare_above_load` of a replica's capacity (always, unmeasured).
+        trickle = (signals.demand is not None and signals.capacity
+                   and signals.demand < spec.spare_above_load * signals.capacity)
+        busy_floor = 1 if trickle else spec.min_busy_replicas
+        out[QUEUE] = max(queue_need, busy_floor) if signals.queue > 0 else queue_need
     if GPU in spec.signals and signals.gpu_util_percent is not None:
         out[GPU] = ceil_replicas(ready * signals.gpu_util_percent / spec.target_gpu_util_percent)
     if LATENCY in spec.signals and signals.p95_seconds is not None and spec.target_p95_seconds:
@@ -109,6 +197,11 @@ def proposals(spec: PolicySpec, signals: Signals) -> dict[str, float]:
         held = max(ceil_replicas(ready), queue_need)
         out[LATENCY] = min(ceil_replicas(ready * signals.p95_seconds / spec.target_p95_seconds),
                            held + 1 if queue_need >= ready else held)
+    if CAPACITY in spec.signals:
+        need = capacity_need(spec, signals, trend)
+        if need is not None:
+            # a request in flight needs a replica even when the rate rounds to none
+            out[CAPACITY] = max(ceil_replicas(need), 1 if signals.queue > 0 else 0)
     return out
 
 
@@ -140,7 +233,11 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
     started_at = state.started_at if state.started_at is not None else now
     current = state.last_value if state.last_value is not None else signals.ready_replicas
 
-    proposed = proposals(spec, signals)
+    cutoff = now - spec.trend_window_s
+    history = tuple(h for h in state.demand_history if h[0] > cutoff)
+    if signals.demand is not None:
+        history += ((now, signals.demand),)
+    proposed = proposals(spec, signals, demand_trend(history))
     raw, limiting = _combine(spec, proposed, fallback=current)
     composite, composite_clamped_by = _clamp(spec, raw)
 
@@ -169,11 +266,26 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
     value, clamped_by = _clamp(spec, value)
     held_by = clamped_by or held_by
 
+    # Idle gaps: a stretch without requests in flight or arriving, measured at its end.
+    busy = signals.queue > 0 or bool(signals.arrivals)
+    last_busy, gaps = state.last_busy_at, state.idle_gaps
+    if busy:
+        if state.idle and last_busy is not None:
+            gaps = (gaps + (now - last_busy,))[-MAX_GAPS:]
+        last_busy = now
+    active = queue_active(spec, signals.queue)
+    kept_warm = (not active and last_busy is not None and signals.ready_replicas > 0
+                 and now - last_busy < keep_warm_s(spec, signals, gaps))
+
     keep_s = max(spec.scale_up_window_s, spec.scale_down_window_s)
     next_state = PolicyState(
         started_at=started_at,
         window=window.record(now, composite, keep_s),
         last_value=value,
+        demand_history=history,
+        last_busy_at=last_busy,
+        idle_gaps=gaps,
+        idle=not busy,
     )
     return Decision(
         proposals=proposed,
@@ -182,6 +294,7 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
         limiting=limiting,
         held_by=held_by,
         burst=burst,
-        active=queue_active(spec, signals.queue),
+        active=active or kept_warm,
+        kept_warm=kept_warm,
         state=next_state,
     )

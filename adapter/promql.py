@@ -18,6 +18,18 @@ _MATCHER = re.compile(
 )
 
 
+_DURATION = re.compile(r"^(?:[0-9]+(?:ms|s|m|h|d|w|y))+$")
+_DURATION_PART = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
+_DURATION_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def parse_duration_seconds(text: str) -> float:
+    """Seconds in a PromQL duration such as `1m` or `1h30m`; raises ValueError otherwise."""
+    if not _DURATION.match(text):
+        raise ValueError(text)
+    return sum(int(n) * _DURATION_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
 _ESCAPE = re.compile(r"\\(.)")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
 # What Python's re accepts and RE2 (Prometheus) refuses: lookaround and backreferences.
@@ -52,12 +64,17 @@ def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
 
 @dataclass(frozen=True)
 class Queries:
-    """The four PromQL expressions one refresh evaluates (instant queries), by query name."""
+    """The PromQL expressions a refresh may evaluate (instant queries), by query name: the
+    counts and the GPU and latency signals', and the capacity signal's four."""
 
     queue: str
     gpu: str
     latency: str
     ready: str
+    demand: str
+    arrivals: str
+    capacity: str
+    startup: str
 
 
 def builtin_queries(selector: str, window: str) -> Queries:
@@ -74,4 +91,13 @@ def builtin_queries(selector: str, window: str) -> Queries:
             f"(rate({names.REQUEST_DURATION}_bucket{sel}[{window}])))"
         ),
         ready=f"sum({names.READY}{sel})",
+        # image-steps per second asked of the target over the window (the workers count on arrival)
+        demand=f"sum(rate({names.REQUESTED_IMAGE_STEPS}_total{sel}[{window}]))",
+        # requests per second answered over the window, every outcome: demand / arrivals is the
+        # mean image-steps of a request
+        arrivals=f"sum(rate({names.REQUESTS}_total{sel}[{window}]))",
+        # image-steps per second one replica serves at its max batch, mean over the replicas
+        capacity=f"avg({names.CAPACITY_IMAGE_STEPS}{sel})",
+        # seconds from a replica's process start to ready, mean over the replicas
+        startup=f"avg({names.STARTUP_SECONDS}{sel})",
     )

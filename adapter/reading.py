@@ -9,6 +9,7 @@ Interpretation is where "a missing answer never becomes 0" is enforced:
 | ready   | 0 (no worker up)* | failure               | failure  |
 | gpu     | abstains          | abstains              | failure  |
 | latency | abstains          | abstains              | failure  |
+| demand, arrivals, capacity, startup | abstains (the capacity signal) | abstains | failure |
 
 * unless the target has ready replicas (the Kubernetes API says so, or, where it cannot say, the last
   good reading had ready replicas): `absent_is_not_zero`.
@@ -31,7 +32,7 @@ from dataclasses import dataclass, replace
 
 from adapter.config import ScalerSpec
 from adapter.policy import Signals
-from contract.names import GPU, LATENCY, QUEUE, READY_REPLICAS
+from contract.names import ARRIVALS, CAPACITY, CAPACITY_QUERIES, DEMAND, GPU, LATENCY, QUEUE, READY_REPLICAS, STARTUP
 
 _COUNTS = (QUEUE, READY_REPLICAS)  # an empty answer is 0 of these, never a missing signal
 
@@ -71,7 +72,8 @@ def needed_queries(spec: ScalerSpec) -> tuple[str, ...]:
     """What Prometheus or the direct scrapes answer: queue (activity) and ready replicas always,
     GPU and latency when enabled; the queue not when it is read from Redis (`redis_address`)."""
     counts = (READY_REPLICAS,) if spec.redis_address else (QUEUE, READY_REPLICAS)
-    return counts + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals)
+    capacity = CAPACITY_QUERIES if CAPACITY in spec.policy.signals or spec.policy.spare_above_load > 0 else ()
+    return counts + tuple(s for s in (GPU, LATENCY) if s in spec.policy.signals) + capacity
 
 
 def interpret(name: str, value: float | None) -> float | None:
@@ -108,6 +110,10 @@ def to_reading(outcomes: tuple[QueryOutcome, ...], requests: tuple[tuple[str, fl
         ready_replicas=values[READY_REPLICAS],
         gpu_util_percent=values.get(GPU),
         p95_seconds=values.get(LATENCY),
+        demand=values.get(DEMAND),
+        arrivals=values.get(ARRIVALS),
+        capacity=values.get(CAPACITY),
+        startup_s=values.get(STARTUP),
     )
     return Reading(signals, outcomes, requests)
 

@@ -145,7 +145,8 @@ class Target:
         the snapshot's (`current`: raises Unavailable)."""
         activity = self.activity
         if activity is not None and now - activity.at <= self.spec.stale_after_s:
-            return activity.active
+            # the keep-warm hold (adapter/policy.py keep_warm_s) is the snapshot's, when it has one
+            return activity.active or (self.snapshot is not None and self.snapshot.decision.kept_warm)
         if activity is not None:
             raise Unavailable(
                 f"last good backlog for {self.namespace}/{self.name} is {now - activity.at:.0f}s old "

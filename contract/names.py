@@ -25,6 +25,12 @@ READY = "diffusion_ready"  # gauge, 1 when the model is loaded and the worker is
 MODEL_LOAD = "diffusion_model_load_seconds"  # gauge, seconds the model took to load
 BATCH_SPLITS = "diffusion_batch_splits"  # counter (exposed with _total), failed batches bisected for retry
 ISOLATED_FAILURES = "diffusion_isolated_failures"  # counter (exposed with _total), failed alone after a split
+# What a replica can serve and what is asked of it, in image-steps (images x denoising steps):
+CAPACITY_IMAGE_STEPS = "diffusion_capacity_image_steps_per_second"  # gauge, served at the max batch size, measured
+BATCH_THROUGHPUT = "diffusion_batch_throughput_image_steps_per_second"  # gauge by BATCH_SIZE_LABEL, measured
+BATCH_SIZE_LABEL = "batch_size"  # BATCH_THROUGHPUT: images in the batch
+STARTUP_SECONDS = "diffusion_startup_seconds"  # gauge, process start to ready (load, warm-up, capacity probe)
+REQUESTED_IMAGE_STEPS = "diffusion_requested_image_steps"  # counter (exposed with _total), asked of this worker, on arrival
 
 # pull mode (worker/queue.py): jobs taken off the Redis stream
 QUEUE_JOBS = "diffusion_queue_jobs"  # counter (exposed with _total), jobs ended by this worker, by JOB_OUTCOME_LABEL
@@ -33,6 +39,7 @@ QUEUE_IN_HAND = "diffusion_queue_jobs_in_hand"  # gauge, jobs pulled off the str
 
 WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, BUSY_SECONDS,
                   REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, BATCH_SPLITS, ISOLATED_FAILURES,
+                  CAPACITY_IMAGE_STEPS, BATCH_THROUGHPUT, STARTUP_SECONDS, REQUESTED_IMAGE_STEPS,
                   QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND)
 
 JOB_OUTCOME_LABEL = "outcome"  # QUEUE_JOBS: done, failed, expired, cancelled, dead_lettered, duplicate, missing
@@ -45,7 +52,9 @@ GATEWAY_REJECTED = "gateway_requests_rejected"  # counter (exposed with _total),
 GATEWAY_QUEUE_WAIT = "gateway_queue_wait_seconds"  # histogram, enqueue to a worker's start, of jobs seen to end
 GATEWAY_LATENCY = "gateway_request_duration_seconds"  # histogram, arrival to answer of the synchronous API
 GATEWAY_BACKLOG = "gateway_backlog_jobs"  # gauge, the stream's backlog when last read
-GATEWAY_METRICS = (GATEWAY_ACCEPTED, GATEWAY_REJECTED, GATEWAY_QUEUE_WAIT, GATEWAY_LATENCY, GATEWAY_BACKLOG)
+GATEWAY_REQUESTED_IMAGE_STEPS = "gateway_requested_image_steps"  # counter (exposed with _total), of jobs accepted, on enqueue
+GATEWAY_METRICS = (GATEWAY_ACCEPTED, GATEWAY_REJECTED, GATEWAY_QUEUE_WAIT, GATEWAY_LATENCY, GATEWAY_BACKLOG,
+                   GATEWAY_REQUESTED_IMAGE_STEPS)
 API_LABEL = "api"  # GATEWAY_ACCEPTED: sync (/v1/images/generations) or async (/v1/jobs)
 REJECT_REASON_LABEL = "reason"  # GATEWAY_REJECTED: invalid, backlog_full, redis_unavailable
 REJECT_REASONS = ("invalid", "backlog_full", "redis_unavailable")
@@ -156,8 +165,11 @@ EXPORTER_CODE_LABEL = "code"  # EXPORTER_PODRESOURCES_ERRORS: the gRPC status
 # -- the scaler's signals -------------------------------------------------------------------------
 
 QUEUE, GPU, LATENCY, READY_REPLICAS = "queue", "gpu", "latency", "ready"
-SIGNALS = (QUEUE, GPU, LATENCY)  # the signals that propose replicas, in tie-break order
-QUERIES = (QUEUE, READY_REPLICAS, GPU, LATENCY)  # what one refresh reads
+CAPACITY = "capacity"  # the signal that divides demand by what one replica serves
+DEMAND, ARRIVALS, STARTUP = "demand", "arrivals", "startup"  # its queries, with CAPACITY
+SIGNALS = (QUEUE, GPU, LATENCY, CAPACITY)  # the signals that propose replicas, in tie-break order
+CAPACITY_QUERIES = (DEMAND, ARRIVALS, CAPACITY, STARTUP)  # what the capacity signal reads
+QUERIES = (QUEUE, READY_REPLICAS, GPU, LATENCY, *CAPACITY_QUERIES)  # what one refresh reads
 SIGNAL_LABEL = "scaler_signal"  # tags each part of the joined PromQL query
 
 # -- the scaler's own metrics (adapter/metrics.py), read by the dashboards and rules --------------
@@ -173,6 +185,10 @@ SCALER_QUEUE = "scaler_queue_requests"
 SCALER_READY = "scaler_ready_replicas"
 SCALER_GPU = "scaler_gpu_utilization_percent"
 SCALER_P95 = "scaler_latency_p95_seconds"
+SCALER_DEMAND = "scaler_demand_image_steps_per_second"
+SCALER_CAPACITY = "scaler_capacity_image_steps_per_second"
+SCALER_STARTUP = "scaler_startup_seconds"
+SCALER_DEMAND_TREND = "scaler_demand_trend_image_steps_per_second_squared"
 SCALER_PROPOSAL = "scaler_proposal_replicas"
 SCALER_COMPOSITE = "scaler_composite_replicas"
 SCALER_DESIRED = "scaler_desired_replicas"

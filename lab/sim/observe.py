@@ -3,6 +3,11 @@
 A scrape every second of the same series the worker and the exporter export; the GPU
 utilization averaged over the window (`avg_over_time`), the p95 through the worker's own
 latency buckets with `histogram_quantile`'s interpolation, the queue as an instant gauge.
+The capacity signal's inputs as the workers export them: demand and arrivals as rates over the
+window of what arrived (image-steps, requests; counted on arrival, as the worker and the gateway
+do), each ready replica's capacity as its profile's image-steps per second at the max batch
+(what the worker's warm-up probe measures), and its start-up delay; capacity and start-up are
+absent at zero ready replicas, as their series are.
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ class Observer:
         self._seen = 0  # requests of fleet.finished already taken into the window
         self._recent: deque[tuple[float, float]] = deque()  # (finished at, latency) inside the window
         self._p95_now: float | None = None  # _p95() of _recent as it stands, kept until _recent changes
+        self._arrived = 0  # requests of fleet.requests already taken into the demand window
+        self._demand: deque[tuple[float, float]] = deque()  # (arrived at, image-steps) inside the window
+        self._demand_work = 0.0  # image-steps inside the window
+        spec = fleet.spec
+        steps = spec.profile.reference_steps
+        self._capacity = spec.max_batch * steps / spec.profile.seconds(spec.max_batch, steps)
 
     def observe(self, now: float) -> Observation:
         fleet = self.fleet
@@ -57,8 +68,23 @@ class Observer:
             changed = True
         if changed:
             self._p95_now = self._p95()
+        requests = fleet.requests
+        while self._arrived < len(requests) and requests[self._arrived].arrival.t_s <= now:
+            arrival = requests[self._arrived].arrival
+            work = arrival.images * arrival.steps
+            self._demand.append((arrival.t_s, work))
+            self._demand_work += work
+            self._arrived += 1
+        while self._demand and self._demand[0][0] <= now - self.window_s:
+            self._demand_work -= self._demand.popleft()[1]
+        span = min(self.window_s, now) or self.window_s  # a rate over the part of the window that exists
+        # a replica that was there from the start exports the start-up it had: the spec's median
+        startup = [r.ready_s - r.created_s or fleet.spec.startup.median_s for r in ready]
         signals = Signals(queue=float(fleet.in_flight()), ready_replicas=len(ready),
-                          gpu_util_percent=sum(utils) / len(utils) if utils else None, p95_seconds=self._p95_now)
+                          gpu_util_percent=sum(utils) / len(utils) if utils else None, p95_seconds=self._p95_now,
+                          demand=max(0.0, self._demand_work) / span, arrivals=len(self._demand) / span,
+                          capacity=self._capacity if ready else None,
+                          startup_s=sum(startup) / len(startup) if startup else None)
         return Observation(now, len(fleet.serving()), signals)
 
     def _p95(self) -> float | None:

@@ -127,7 +127,7 @@ def test_kedas_own_keys_are_not_reported_as_unknown_but_others_are():
 
 def test_weights_parse_in_weighted_mode():
     spec = parse(combine="weighted", weights="queue=2, gpu=0.5", targetP95Seconds="5")
-    assert dict(spec.policy.weights) == {"queue": 2.0, "gpu": 0.5, "latency": 1.0}
+    assert dict(spec.policy.weights) == {"queue": 2.0, "gpu": 0.5, "latency": 1.0, "capacity": 1.0}
 
 
 def test_allowed_prefixes_restrict_the_prometheus_address():

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from adapter.policy import PolicySpec, PolicyState, Signals, decide, proposals
+import math
+
+from adapter.policy import (
+    MIN_GAPS, PolicySpec, PolicyState, Signals, capacity_need, decide, demand_trend, keep_warm_s, proposals,
+)
 
 
 class Timeline:
@@ -191,7 +195,7 @@ def test_max_replicas_caps_the_restart_hold_too():
 
 
 def test_activity_follows_the_activation_queue():
-    line = Timeline(spec(activation_queue=2))
+    line = Timeline(spec(activation_queue=2, keep_warm_max_s=0))  # the keep-warm hold off: tested below
     line.at(0, queue=2, ready_replicas=1)
     assert not line.last.active
     line.at(5, queue=3, ready_replicas=1)
@@ -203,3 +207,115 @@ def test_history_is_kept_only_for_the_longest_window():
     for _ in range(100):
         line.at(5, queue=8, ready_replicas=1)
     assert len(line.state.window) == 12
+
+
+# --- the capacity signal (issue 14) ----------------------------------------------------------
+
+# One replica serves 130 image-steps per second at its max batch (the H100 table: 12 images x 20
+# steps in 1.85 s); requests are 1 image x 20 steps.
+CAP = 130.0
+
+
+def test_capacity_divides_demand_by_what_one_replica_serves_at_the_target_utilization():
+    need = capacity_need(spec(target_capacity_utilization=0.8, headroom_sigmas=0),
+                         Signals(queue=0, ready_replicas=2, demand=208.0, arrivals=10.4, capacity=CAP))
+    assert need == pytest.approx(208 / (130 * 0.8))  # 2.0: two replicas at 80 %
+
+
+def test_capacity_leads_a_rising_demand_by_one_start_up_delay():
+    signals = Signals(queue=0, ready_replicas=2, demand=208.0, arrivals=10.4, capacity=CAP, startup_s=30.0)
+    flat = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0), signals, trend=0.0)
+    rising = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0), signals, trend=2.0)
+    assert rising - flat == pytest.approx(2.0 * 30 / 130)  # 60 image-steps/s more by the time a replica serves
+    falling = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0), signals, trend=-5.0)
+    assert falling == flat  # a falling trend never sheds ahead of the demand
+
+
+def test_capacity_headroom_is_poisson_spread_over_the_start_up_delay():
+    signals = Signals(queue=0, ready_replicas=1, demand=40.0, arrivals=2.0, capacity=CAP, startup_s=20.0)
+    none = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0), signals)
+    two = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=2), signals)
+    assert two - none == pytest.approx(2 * math.sqrt(40 * 20 / 20) / 130)
+
+
+def test_capacity_drains_what_is_in_flight_within_the_objective():
+    signals = Signals(queue=39, ready_replicas=1, demand=0.0, arrivals=0.0, capacity=CAP)
+    assert capacity_need(spec(headroom_sigmas=0), signals) == 0.0  # no arrivals: no request size to drain by
+    signals = Signals(queue=39, ready_replicas=1, demand=20.0, arrivals=1.0, capacity=CAP)
+    need = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0, target_p95_seconds=6), signals)
+    assert need == pytest.approx(20 / 130 + 39 * 20 / (130 * 6))  # 39 requests of 20 image-steps in 6 s
+
+
+@pytest.mark.parametrize("missing", ["demand", "capacity"])
+def test_capacity_abstains_without_its_measurements(missing):
+    values = dict(queue=5, ready_replicas=1, demand=40.0, arrivals=2.0, capacity=CAP)
+    values[missing] = None
+    got = proposals(spec(signals=("queue", "capacity")), Signals(**values))
+    assert "capacity" not in got and got["queue"] == 1  # absent is not zero: the other signals decide
+
+
+def test_a_request_in_flight_needs_a_replica_even_when_its_rate_rounds_to_none():
+    got = proposals(spec(signals=("capacity",)), Signals(queue=1, ready_replicas=0, demand=0.3, arrivals=0.02,
+                                                        capacity=CAP))
+    assert got["capacity"] == 1
+
+
+def test_the_demand_trend_is_the_least_squares_slope():
+    assert demand_trend(((0.0, 10.0), (5.0, 20.0), (10.0, 30.0))) == pytest.approx(2.0)
+    assert demand_trend(((0.0, 10.0),)) == 0.0
+    assert demand_trend(((3.0, 10.0), (3.0, 50.0))) == 0.0
+
+
+def test_decide_fits_the_trend_over_the_trend_window_only():
+    line = Timeline(spec(signals=("capacity",), trend_window_s=12, target_capacity_utilization=1.0,
+                         headroom_sigmas=0))
+    for demand in (100.0, 100.0, 100.0, 200.0, 300.0):  # every 5 s
+        line.at(5, queue=0, ready_replicas=2, demand=demand, arrivals=5.0, capacity=CAP, startup_s=10.0)
+    assert [d for _, d in line.state.demand_history] == [100.0, 200.0, 300.0]  # 12 s: the last three
+    assert line.last.proposals["capacity"] == math.ceil((300 + 20 * 10) / 130)  # slope 20/s, 10 s ahead
+
+
+# --- the spare only where measured load needs it -------------------------------------------
+
+
+def test_the_spare_holds_only_while_demand_is_a_real_share_of_a_replica():
+    busy_spec = spec(min_busy_replicas=2, spare_above_load=0.2)
+    trickle = Signals(queue=1, ready_replicas=1, demand=0.02 * CAP, arrivals=0.1, capacity=CAP)
+    assert proposals(busy_spec, trickle)["queue"] == 1
+    loaded = Signals(queue=1, ready_replicas=1, demand=0.3 * CAP, arrivals=2.0, capacity=CAP)
+    assert proposals(busy_spec, loaded)["queue"] == 2
+    unmeasured = Signals(queue=1, ready_replicas=1)
+    assert proposals(busy_spec, unmeasured)["queue"] == 2  # no measurement: the spare holds, as before
+
+
+# --- scale to zero, chosen: the keep-warm hold -----------------------------------------------
+
+
+def test_no_hold_when_a_cold_start_meets_the_objective():
+    assert keep_warm_s(spec(target_p95_seconds=10), Signals(queue=0, ready_replicas=1, startup_s=8.0), ()) == 0.0
+
+
+def test_the_hold_is_the_longest_gap_seen_times_the_multiple_capped():
+    slow = Signals(queue=0, ready_replicas=1, startup_s=30.0)
+    gaps = tuple(float(g) for g in range(10, 10 + MIN_GAPS))
+    assert keep_warm_s(spec(keep_warm_multiple=2, keep_warm_max_s=3600), slow, gaps) == 2 * (9 + MIN_GAPS)
+    assert keep_warm_s(spec(keep_warm_multiple=2, keep_warm_max_s=40), slow, gaps) == 40
+    assert keep_warm_s(spec(keep_warm_quantile=0.5, keep_warm_multiple=1, keep_warm_max_s=3600), slow, gaps) == 10 + MIN_GAPS // 2 - 1
+    assert keep_warm_s(spec(keep_warm_max_s=900), slow, gaps[:MIN_GAPS - 1]) == 900  # too few gaps: the cap
+
+
+def test_an_idle_fleet_stays_active_through_the_hold_then_lets_go():
+    line = Timeline(spec(keep_warm_multiple=1, keep_warm_max_s=3600))
+    idle = dict(queue=0, ready_replicas=1, demand=0.0, arrivals=0.0, capacity=CAP, startup_s=30.0)
+    for _ in range(MIN_GAPS):  # requests every 60 s: idle gaps of 60 s
+        line.at(5, **{**idle, "queue": 1, "arrivals": 0.1})
+        line.at(55, **idle)
+    assert max(line.state.idle_gaps) == 60 and len(line.state.idle_gaps) == MIN_GAPS - 1
+    line.at(5, **{**idle, "queue": 1, "arrivals": 0.1})
+    assert line.last.active and not line.last.kept_warm
+    line.at(40, **idle)
+    assert line.last.active and line.last.kept_warm  # 40 s idle: within the longest gap seen
+    line.at(25, **idle)
+    assert not line.last.active  # 65 s idle: beyond it, KEDA's cooldown may take the fleet to zero
+    line.at(5, **{**idle, "ready_replicas": 0})
+    assert not line.last.kept_warm  # nothing to keep warm at zero
