@@ -10,8 +10,14 @@ Down to zero, on a queue (the gateway and Redis Streams: requests wait there for
 `composite-min0` (the composite as the queue overlay ships it: activation above 0, no spare
 replica, KEDA polling every 5 s and a 900 s cooldown unless --polling-interval and
 --cooldown-period say otherwise) and `keda-queue-min0` (KEDA on the queue's length, 5 per
-replica, activation above 0, polling 30 s, cooldown 300 s). docs/EVALUATION.md has the results
-and the method.
+replica, activation above 0, polling 30 s, cooldown 300 s).
+The yardsticks: `oracle` (a clairvoyant policy that knows every arrival and each start-up delay,
+at the run's min replicas) and `oracle-min0` (the same down to zero, on a queue); with one among
+the policies, the table gets a column "x oracle": each policy's GPU-hours over the oracle's
+(a policy at min 0 against `oracle-min0` where both oracles ran, the others against `oracle`).
+The output states the work bound: the GPU-hours of pure compute for every request at the best
+batch, below which no policy that answers every request can go. docs/EVALUATION.md has the
+results and the method.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from adapter.config import MetadataError
@@ -28,8 +35,9 @@ from lab.metadata import metadata_item
 from lab.sim.baselines import BASELINE_NAMES, KEDA_QUEUE_MIN0
 from lab.sim.composite import composite_spec
 from lab.sim.fleet import BatchProfile, FleetSpec, StartupDelay
-from lab.sim.replay import Job, Setup, run_jobs, write_timelines
-from lab.sim.report import markdown, pareto_front
+from lab.sim.oracle import ORACLE, ORACLE_MIN0, best_batch, work_bound_gpu_hours
+from lab.sim.replay import Job, Setup, job_min_replicas, run_jobs, write_timelines
+from lab.sim.report import PolicyResult, markdown, oracle_ratio, pareto_front
 from lab.sim.shipped import (
     SHIPPED_MAX_BATCH, SHIPPED_MAX_QUEUE, SHIPPED_MAX_REPLICAS, SHIPPED_MAX_WAIT_S, SHIPPED_METADATA,
     SHIPPED_MIN_REPLICAS, SHIPPED_POLLING_INTERVAL_S, SHIPPED_QUEUE_COOLDOWN_PERIOD_S, SHIPPED_QUEUE_METADATA,
@@ -39,8 +47,8 @@ from lab.sim.traces import SCENARIOS, TraceError, load_trace, synthetic
 
 PROG = "python -m lab.sim"
 COMPOSITE_MIN0 = "composite-min0"
-POLICY_NAMES = ("composite", *BASELINE_NAMES, COMPOSITE_MIN0, KEDA_QUEUE_MIN0)
-ZERO_CAPABLE = ("composite", "keda-queue")  # KEDA's policies: activation takes them 0 -> 1
+POLICY_NAMES = ("composite", *BASELINE_NAMES, COMPOSITE_MIN0, KEDA_QUEUE_MIN0, ORACLE, ORACLE_MIN0)
+ZERO_CAPABLE = ("composite", "keda-queue", ORACLE)  # KEDA's policies (activation takes them 0 -> 1), and the oracle
 
 
 def sweep_grid(assignments: Sequence[str]) -> list[dict[str, str]]:
@@ -64,6 +72,22 @@ def sweep_grid(assignments: Sequence[str]) -> list[dict[str, str]]:
 
 def sweep_name(overrides: Mapping[str, str]) -> str:
     return "composite " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else "composite"
+
+
+def with_oracle_ratios(results: Sequence[PolicyResult], jobs: Sequence[Job], setup: Setup) -> list[PolicyResult]:
+    """`results` (one per job, in the jobs' order) with each one's `oracle_ratio`: over the oracle
+    that ran at zero for a job at min 0 and over the other for the rest, where both ran; over
+    the one that ran otherwise; None without an oracle."""
+    oracles = {job_min_replicas(job, setup) == 0: result
+               for job, result in zip(jobs, results, strict=True) if job.kind == ORACLE}
+    if not oracles:
+        return list(results)
+    ratioed = []
+    for job, result in zip(jobs, results, strict=True):
+        at_zero = job_min_replicas(job, setup) == 0
+        reference = oracles.get(at_zero, oracles.get(not at_zero))
+        ratioed.append(replace(result, oracle_ratio=oracle_ratio(result, reference)))
+    return ratioed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--startup-median", type=float, default=23.0, help="replica start-up delay median, s (default 23)")
     parser.add_argument("--startup-p99", type=float, default=52.0, help="replica start-up delay p99, s (default 52)")
     parser.add_argument("--min-replicas", type=int, default=SHIPPED_MIN_REPLICAS,
-                        help="(default 1; 0 only for composite and keda-queue, and implies --queue; the composite "
-                        "at 0 takes the queue overlay's polling and cooldown, the base's metadata)")
+                        help="(default 1; 0 only for composite, keda-queue and oracle, and implies --queue; the "
+                        "composite at 0 takes the queue overlay's polling and cooldown, the base's metadata)")
     parser.add_argument("--max-replicas", type=int, default=SHIPPED_MAX_REPLICAS, help="(default 16)")
     parser.add_argument("--polling-interval", type=float,
                         help=f"KEDA pollingInterval for the composite, s (default {SHIPPED_POLLING_INTERVAL_S:g}, the "
@@ -111,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                         "and print the Pareto front of SLO attainment against GPU-hours")
     parser.add_argument("--policies", default="composite," + ",".join(BASELINE_NAMES),
                         help=f"which policies to run, comma-separated, of {', '.join(POLICY_NAMES)} "
-                        "(default: the first five)")
+                        f"(default: the first five; {ORACLE} runs at --min-replicas, {ORACLE_MIN0} at 0 on a queue)")
     parser.add_argument("--tail", type=float, default=300.0, help="seconds simulated after the last arrival (default 300)")
     parser.add_argument("--plots", type=Path, metavar="DIR", help="write a PNG timeline per policy into DIR")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
@@ -172,13 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(Job("composite", tuple(sorted(metadata.items())), COMPOSITE_MIN0, min_replicas=0))
     if KEDA_QUEUE_MIN0 in policies:
         jobs.append(Job(KEDA_QUEUE_MIN0, name=KEDA_QUEUE_MIN0, min_replicas=0))
-    results = run_jobs(arrivals, setup, jobs, args.jobs)
+    if ORACLE in policies:
+        jobs.append(Job(ORACLE, name=ORACLE))
+    if ORACLE_MIN0 in policies:
+        jobs.append(Job(ORACLE, name=ORACLE_MIN0, min_replicas=0))
+    results = with_oracle_ratios(run_jobs(arrivals, setup, jobs, args.jobs), jobs, setup)
     if args.json:
         front = {id(r) for r in pareto_front(results)}
         for result in results:
             print(json.dumps({**result.summary(), **({"pareto": id(result) in front} if args.sweep else {})}))
     else:
         print(f"{len(arrivals)} requests over {arrivals[-1].t_s / 60:.1f} min; objective {args.slo_seconds:g} s")
+        batch, rate = best_batch(setup.fleet, max(a.images for a in arrivals))
+        print(f"work bound: {work_bound_gpu_hours(arrivals, setup.fleet):.2f} GPU-hours (every request's image-steps "
+              f"at batch {batch}, {rate:.0f} image-steps/s, no start-up and no idle time)")
         print(markdown(results, args.slo_seconds))
         if args.sweep:
             print("\nPareto front (SLO attainment against GPU-hours, cheapest first):\n")

@@ -2,8 +2,9 @@
 
 Every policy sees the fleet only as Prometheus would (`lab.sim.observe`); the composite is the
 scaler's own code (`lab.sim.composite`), the baselines are what users run today
-(`lab.sim.baselines`). A replay lasts until the last arrival plus a tail, so the cool-down is
-paid for too; the result (`lab.sim.report.PolicyResult`) counts every request. A policy at
+(`lab.sim.baselines`), the oracle knows the future (`lab.sim.oracle`). A replay lasts until
+the last arrival plus a tail, so the cool-down is paid for too; the result
+(`lab.sim.report.PolicyResult`) counts every request and states the work bound. A policy at
 min 0 replays on a queue (`FleetSpec.pull`): requests wait for a cold start there.
 """
 
@@ -19,6 +20,7 @@ from lab.sim.composite import CompositeController
 from lab.sim.controller import Controller
 from lab.sim.fleet import BatchProfile, Fleet, FleetSpec, StartupDelay
 from lab.sim.observe import Observer
+from lab.sim.oracle import ORACLE, ORACLE_UTILIZATIONS, OracleController, cheapest_best, work_bound_gpu_hours
 from lab.sim.report import PolicyResult, percentile
 from lab.sim.shipped import SHIPPED_QUEUE_COOLDOWN_PERIOD_S
 from lab.sim.traces import Arrival
@@ -69,6 +71,7 @@ def replay(arrivals: Sequence[Arrival], controller: Controller, fleet_spec: Flee
         scale_events=target.events,
         peak_queue=peak_queue,
         timeline=timeline,
+        work_bound_gpu_hours=work_bound_gpu_hours(arrivals, fleet_spec),
     )
 
 
@@ -116,10 +119,11 @@ def replay_record(record: Mapping, profile: BatchProfile) -> PolicyResult:
 class Job:
     """One replay, described so it can cross a process boundary (controllers hold lambdas)."""
 
-    kind: str  # "composite" or a baseline's name
+    kind: str  # "composite", "oracle" or a baseline's name
     metadata: tuple[tuple[str, str], ...] = ()
     name: str = "composite"
     min_replicas: int | None = None  # None: the setup's
+    target_utilization: float | None = None  # the oracle's; None: search `ORACLE_UTILIZATIONS`
 
 
 @dataclass(frozen=True)
@@ -148,26 +152,49 @@ def _run_job(job: Job) -> PolicyResult:
     return run_job(arrivals, setup, job)
 
 
+def job_min_replicas(job: Job, setup: Setup) -> int:
+    """The min replicas a job runs at: 0 for `keda-queue-min0`, else its own, else the setup's."""
+    return 0 if job.kind == KEDA_QUEUE_MIN0 else setup.min_replicas if job.min_replicas is None else job.min_replicas
+
+
+def oracle_candidates(job: Job) -> list[Job]:
+    """An oracle job without a utilization as one job per `ORACLE_UTILIZATIONS`; others as they are."""
+    if job.kind != ORACLE or job.target_utilization is not None:
+        return [job]
+    return [replace(job, target_utilization=u) for u in ORACLE_UTILIZATIONS]
+
+
 def run_job(arrivals: Sequence[Arrival], setup: Setup, job: Job) -> PolicyResult:
-    """One job's replay; a policy at min 0 (`keda-queue-min0` always) starts from zero on a queue."""
-    min_replicas = 0 if job.kind == KEDA_QUEUE_MIN0 else setup.min_replicas if job.min_replicas is None else job.min_replicas
-    if job.kind == "composite":
-        controller: Controller = CompositeController(dict(job.metadata), min_replicas, setup.max_replicas,
-                                                     setup.polling_interval_s, name=job.name, cooldown_s=setup.cooldown_s)
+    """One job's replay; a policy at min 0 (`keda-queue-min0` always) starts from zero on a queue.
+    An oracle job without a utilization replays at each of `ORACLE_UTILIZATIONS` and keeps the
+    cheapest run at the best SLO attainment it reaches (`lab.sim.oracle.cheapest_best`)."""
+    min_replicas = job_min_replicas(job, setup)
+    fleet = replace(setup.fleet, pull=True) if min_replicas == 0 else setup.fleet
+    if job.kind == ORACLE:
+        if job.target_utilization is None:
+            return cheapest_best([run_job(arrivals, setup, candidate) for candidate in oracle_candidates(job)])
+        controller: Controller = OracleController(arrivals, fleet, setup.seed, min_replicas, setup.max_replicas,
+                                                  setup.slo_s, job.target_utilization, name=job.name)
+    elif job.kind == "composite":
+        controller = CompositeController(dict(job.metadata), min_replicas, setup.max_replicas,
+                                         setup.polling_interval_s, name=job.name, cooldown_s=setup.cooldown_s)
     else:
         controller = baseline(job.kind, setup.fleet.max_batch, min_replicas, setup.max_replicas)
-    fleet = replace(setup.fleet, pull=True) if min_replicas == 0 else setup.fleet
     return replay(arrivals, controller, fleet, setup.slo_s, initial_replicas=min_replicas,
                   seed=setup.seed, tail_s=setup.tail_s)
 
 
 def run_jobs(arrivals: Sequence[Arrival], setup: Setup, jobs: Sequence[Job], processes: int = 1) -> list[PolicyResult]:
-    """Replays each job, in `processes` processes when above 1; results in the jobs' order."""
+    """Replays each job, in `processes` processes when above 1; results in the jobs' order. An
+    oracle's search is spread over the processes as one replay per utilization."""
     if processes <= 1 or len(jobs) <= 1:
         return [run_job(arrivals, setup, job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+    expanded = [oracle_candidates(job) for job in jobs]
+    flat = [candidate for candidates in expanded for candidate in candidates]
+    with ProcessPoolExecutor(min(processes, len(flat)), mp_context=multiprocessing.get_context("fork"),
                              initializer=_init_worker, initargs=(arrivals, setup)) as pool:
-        return list(pool.map(_run_job, jobs))
+        runs = iter(pool.map(_run_job, flat))
+        return [cheapest_best([next(runs) for _ in candidates]) for candidates in expanded]

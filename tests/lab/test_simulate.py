@@ -143,7 +143,8 @@ def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
     assert [r["policy"] for r in rows] == ["composite", "hpa-gpu", "keda-queue", "fixed-interval", "knative"]
     for row in rows:
         assert set(row) == {"policy", "requests", "slo_attainment", "p50_s", "p95_s", "p99_s", "rejected",
-                            "gpu_hours", "hours_at_zero", "cold_starts", "scale_events", "peak_queue"}
+                            "gpu_hours", "hours_at_zero", "cold_starts", "scale_events", "peak_queue",
+                            "work_bound_gpu_hours", "oracle_ratio"}
         assert row["cold_starts"] == 0 and row["hours_at_zero"] == 0  # min 1: never at zero
 
 
