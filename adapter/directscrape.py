@@ -89,6 +89,28 @@ def increase(samples: Iterable[tuple[float, float]]) -> float | None:
     return grown
 
 
+def extrapolated_rate(samples: list[tuple[float, float]], since: float, now: float) -> float | None:
+    """Prometheus' `rate` of a counter over the window (since, now] from its samples inside it
+    (promql/functions.go `extrapolatedRate`): the increase across resets, extrapolated from the
+    sampled span to the window's edges (fully where a sample lies within 1.1 average intervals of
+    an edge, else half an interval; never below the counter's zero), per second of the window.
+    None with fewer than two samples."""
+    grown = increase(samples)
+    if grown is None:
+        return None
+    (first_t, first_v), (last_t, _) = samples[0], samples[-1]
+    sampled = last_t - first_t
+    if sampled <= 0:
+        return None
+    to_start, to_end = first_t - since, now - last_t
+    average = sampled / (len(samples) - 1)
+    if grown > 0 and first_v >= 0:  # a counter does not extrapolate below zero
+        to_start = min(to_start, sampled * (first_v / grown))
+    threshold = average * 1.1
+    span = sampled + (to_start if to_start < threshold else average / 2) + (to_end if to_end < threshold else average / 2)
+    return grown * (span / sampled) / (now - since)
+
+
 class ScrapeStore:
     """Samples per series from scraped exposition text, kept for `retain_s`."""
 
@@ -148,15 +170,14 @@ class ScrapeStore:
         return sum(values) / len(values) if values else None
 
     def _rate_sum(self, name: str, matchers, since: float, now: float) -> float | None:
-        """`sum(rate(name[w]))`: each series' increase over its samples inside the window,
-        per second of the span they cover (Prometheus extrapolates that rate to the window's
-        edges, which leaves it unchanged), summed; None when no series has two samples."""
+        """`sum(rate(name[w]))`: each series' `extrapolated_rate` over its samples inside the
+        window, summed; None when no series has two samples."""
         rates = []
         for _, samples in self._select(name, matchers):
             inside = [(stamp, value) for stamp, value in samples if since < stamp <= now and not math.isnan(value)]
-            grown = increase(inside)
-            if grown is not None and inside[-1][0] > inside[0][0]:
-                rates.append(grown / (inside[-1][0] - inside[0][0]))
+            rate = extrapolated_rate(inside, since, now)
+            if rate is not None:
+                rates.append(rate)
         return sum(rates) if rates else None
 
     def answers(self, selector: str, window_s: float, now: float, quantile: float = 0.95) -> dict[str, float | None]:

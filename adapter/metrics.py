@@ -164,7 +164,7 @@ class _Families:
         self.proposal = gauge(names.SCALER_PROPOSAL, "Replicas each signal proposes", (names.SIGNAL,))
         self.composite = gauge(names.SCALER_COMPOSITE, "Composite of the proposals, before stabilization")
         self.desired = gauge(names.SCALER_DESIRED, "Composite after stabilization: the value KEDA receives")
-        self.active = gauge(names.SCALER_ACTIVE, "1 when IsActive answers true (queue above activationQueue)")
+        self.active = gauge(names.SCALER_ACTIVE, "1 when IsActive answers true (queue above activationQueue, or the keep-warm hold)")
         self.burst = gauge(names.SCALER_BURST, "1 when the queue proposal skipped the scale-up window")
         self.limiting = gauge(names.SCALER_LIMITING, "1 for the signal whose proposal is the composite", (names.SIGNAL,))
         self.held = gauge(names.SCALER_HOLD, "1 for what holds the value away from the composite", (names.REASON,))

@@ -141,10 +141,10 @@ def capacity_need(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> flo
     burst is cleared in time instead of waiting for the steady term to notice it.
     """
     demand, capacity = signals.demand, signals.capacity
-    if demand is None or capacity is None or capacity <= 0:
+    if demand is None or capacity is None or capacity <= 0 or signals.arrivals is None or signals.startup_s is None:
         return None
     u = spec.target_capacity_utilization
-    startup = signals.startup_s or 0.0
+    startup = signals.startup_s
     lead = max(0.0, trend) * startup
     work = demand / signals.arrivals if signals.arrivals else 0.0  # image-steps per request
     # Poisson arrivals of `work` each: over a start-up delay L the rate varies by sqrt(demand x work / L)
@@ -233,10 +233,12 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
     started_at = state.started_at if state.started_at is not None else now
     current = state.last_value if state.last_value is not None else signals.ready_replicas
 
-    cutoff = now - spec.trend_window_s
-    history = tuple(h for h in state.demand_history if h[0] > cutoff)
-    if signals.demand is not None:
-        history += ((now, signals.demand),)
+    history = ()
+    if CAPACITY in spec.signals:  # the trend only leads the capacity signal
+        cutoff = now - spec.trend_window_s
+        history = tuple(h for h in state.demand_history if h[0] > cutoff)
+        if signals.demand is not None:
+            history += ((now, signals.demand),)
     proposed = proposals(spec, signals, demand_trend(history))
     raw, limiting = _combine(spec, proposed, fallback=current)
     composite, composite_clamped_by = _clamp(spec, raw)
@@ -274,7 +276,7 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
             gaps = (gaps + (now - last_busy,))[-MAX_GAPS:]
         last_busy = now
     active = queue_active(spec, signals.queue)
-    kept_warm = (not active and last_busy is not None and signals.ready_replicas > 0
+    kept_warm = (not active and last_busy is not None and signals.ready_replicas > 0 and spec.keep_warm_max_s > 0
                  and now - last_busy < keep_warm_s(spec, signals, gaps))
 
     keep_s = max(spec.scale_up_window_s, spec.scale_down_window_s)

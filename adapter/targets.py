@@ -145,8 +145,11 @@ class Target:
         the snapshot's (`current`: raises Unavailable)."""
         activity = self.activity
         if activity is not None and now - activity.at <= self.spec.stale_after_s:
-            # the keep-warm hold (adapter/policy.py keep_warm_s) is the snapshot's, when it has one
-            return activity.active or (self.snapshot is not None and self.snapshot.decision.kept_warm)
+            # the keep-warm hold (adapter/policy.py keep_warm_s) is the snapshot's, while it is fresh:
+            # a hold decided before an outage must not keep an idle fleet up for the whole outage
+            snapshot = self.snapshot
+            held = snapshot is not None and snapshot.decision.kept_warm and now - snapshot.at <= self.spec.stale_after_s
+            return activity.active or held
         if activity is not None:
             raise Unavailable(
                 f"last good backlog for {self.namespace}/{self.name} is {now - activity.at:.0f}s old "

@@ -105,3 +105,109 @@ def test_a_regex_one_source_cannot_read_is_refused(regex):
     with pytest.raises(ValueError, match="RE2|both sources"):
         parse_selector(f'a=~"{regex}"')
 
+
+
+# --- the capacity signal's measurements (issue 14) -----------------------------------------------
+
+
+def capacity_scrape(pod: str, requested: float | None = None, requests: float | None = None,
+                    capacity: float | None = None, startup: float | None = None, instance: str = "") -> str:
+    """One pod's exposition of the worker's capacity families; a family left None is not exported."""
+    labels = f'deployment="sd",pod="{pod}"' + (f',instance="{instance}"' if instance else "")
+    families = [(names.REQUESTED_IMAGE_STEPS, "counter", "_total", requested),
+                (names.REQUESTS, "counter", "_total", requests),
+                (names.CAPACITY_IMAGE_STEPS, "gauge", "", capacity),
+                (names.STARTUP_SECONDS, "gauge", "", startup)]
+    return "".join(f"# TYPE {name} {kind}\n{name}{suffix}{{{labels}}} {value}\n"
+                   for name, kind, suffix, value in families if value is not None)
+
+
+def test_demand_and_arrivals_are_each_series_rate_summed():
+    """`sum(rate(x[30s]))` at 60 over scrapes every 10 s: each series grows over the samples at
+    40, 50 and 60 (the one at 30 is outside the window), per second of those 20 s. Prometheus
+    extrapolates that to the window's edges (the first sample is within 1.1 intervals of the start),
+    which gives the same rate; dividing by the 30 s window instead would read 13.3 and 3.3."""
+    store = ScrapeStore(stale_after_s=30)
+    for t in range(0, 61, 10):
+        store.record(t, capacity_scrape("a", requested=20 * t, requests=t))
+        store.record(t, capacity_scrape("b", requested=100 + 5 * t, requests=0.25 * t))
+    answers = store.answers('deployment="sd"', window_s=30, now=60)
+    assert answers[names.DEMAND] == pytest.approx(20 + 5)
+    assert answers[names.ARRIVALS] == pytest.approx(1 + 0.25)
+    assert store.answers('pod="b"', window_s=30, now=60)[names.DEMAND] == pytest.approx(5)
+
+
+def test_a_counter_reset_counts_what_came_after_it():
+    """A worker restarted between 40 and 50: 400 -> 50 is 50 image-steps, not -350."""
+    store = ScrapeStore(stale_after_s=30)
+    for t, value in ((30, 300), (40, 400), (50, 50), (60, 150)):
+        store.record(t, capacity_scrape("a", requested=value))
+    assert store.answers('deployment="sd"', window_s=30, now=60)[names.DEMAND] == pytest.approx((50 + 100) / 20)
+
+
+def test_a_series_with_one_sample_in_the_window_gives_no_rate():
+    store = ScrapeStore(stale_after_s=30)
+    for t in (40, 50, 60):
+        store.record(t, capacity_scrape("a", requested=10 * t))
+    store.record(60, capacity_scrape("new", requested=500))  # first scraped at 60: no rate yet, as in Prometheus
+    assert store.answers('deployment="sd"', window_s=30, now=60)[names.DEMAND] == pytest.approx(10)
+    assert store.answers('pod="new"', window_s=30, now=60)[names.DEMAND] is None  # not 0
+
+
+def test_capacity_measurements_matching_no_series_are_none_not_zero():
+    store = ScrapeStore(stale_after_s=30)
+    for t in (40, 50, 60):
+        store.record(t, capacity_scrape("a", requested=10 * t, requests=t, capacity=130, startup=30))
+    answers = store.answers('deployment="other"', window_s=30, now=60)
+    assert [answers[q] for q in names.CAPACITY_QUERIES] == [None] * 4
+    # a fleet whose workers export no capacity families yet: the queries answer nothing
+    store.record(60, scrape(1, 1, 50, (0, 0, 0), pod="old"))
+    answers = store.answers('pod="old"', window_s=30, now=60)
+    assert answers[names.QUEUE] == 1 and [answers[q] for q in names.CAPACITY_QUERIES] == [None] * 4
+
+
+def test_capacity_and_startup_are_the_mean_of_each_replicas_latest_sample():
+    store = ScrapeStore(stale_after_s=30)
+    for t, capacity_a in ((40, 110), (50, 120), (60, 130)):  # a's estimate moves: only the latest counts
+        store.record(t, capacity_scrape("a", capacity=capacity_a, startup=30))
+        store.record(t, capacity_scrape("b", capacity=150, startup=50))
+    answers = store.answers('deployment="sd"', window_s=30, now=60)
+    assert answers[names.CAPACITY] == pytest.approx((130 + 150) / 2)
+    assert answers[names.STARTUP] == pytest.approx((30 + 50) / 2)
+
+
+def test_a_stale_replica_drops_out_of_capacity_and_startup():
+    """Not scraped for the lookback (`stale_after_s`), or marked stale (a failed scrape, a pod
+    removed from the file): its last capacity and start-up no longer count in the mean."""
+    store = ScrapeStore(stale_after_s=30)
+    store.record(0, capacity_scrape("gone", capacity=50, startup=300, instance="10.0.0.1:8000"))
+    store.record(50, capacity_scrape("failed", capacity=60, startup=200, instance="10.0.0.2:8000"))
+    store.mark_stale("10.0.0.2:8000", 55)
+    store.record(55, capacity_scrape("here", capacity=130, startup=30, instance="10.0.0.3:8000"))
+    answers = store.answers('deployment="sd"', window_s=30, now=60)
+    assert (answers[names.CAPACITY], answers[names.STARTUP]) == (130, 30)
+    store.mark_stale("10.0.0.3:8000", 60)
+    answers = store.answers('deployment="sd"', window_s=30, now=60)
+    assert (answers[names.CAPACITY], answers[names.STARTUP]) == (None, None)
+
+
+@pytest.mark.parametrize(("pod", "samples", "prometheus_rate"), [
+    # joined at 50, counter from 0, 10/s: increase 100 over the 10 s sampled, the zero point at the
+    # first sample, so nothing extrapolated before it and 0 s after it: 100 x 10 / 10 / 30
+    ("joined", ((50, 0), (55, 50), (60, 100)), 100 / 30),
+    # left after 40 (marked stale at 45), 10/s: increase 50 over 5 s, extrapolated 5 s to the start
+    # (within 1.1 intervals) and half an interval after the end (20 s away): 50 x 12.5 / 5 / 30
+    ("left", ((35, 350), (40, 400)), 50 * 12.5 / 5 / 30),
+], ids=["joined", "left"])
+def test_a_replica_inside_the_window_counts_as_prometheus_extrapolates_it(pod, samples, prometheus_rate):
+    """Prometheus' `extrapolatedRate` (promql/functions.go): the increase over the sampled
+    interval, extended to the window's edges only where the first or last sample lies within
+    1.1 average intervals of them (else by half an interval), then divided by the window."""
+    store = ScrapeStore(stale_after_s=30)
+    for t in range(30, 61, 5):
+        store.record(t, capacity_scrape("steady", requested=1000 + 20 * t, instance="steady:8000"))
+    for t, value in samples:
+        store.record(t, capacity_scrape(pod, requested=value, instance=f"{pod}:8000"))
+    store.mark_stale("left:8000", 45)
+    demand = store.answers('deployment="sd"', window_s=30, now=60)[names.DEMAND]
+    assert demand == pytest.approx(20 + prometheus_rate)  # the steady replica's 20, extrapolated to the edges

@@ -218,7 +218,7 @@ CAP = 130.0
 
 def test_capacity_divides_demand_by_what_one_replica_serves_at_the_target_utilization():
     need = capacity_need(spec(target_capacity_utilization=0.8, headroom_sigmas=0),
-                         Signals(queue=0, ready_replicas=2, demand=208.0, arrivals=10.4, capacity=CAP))
+                         Signals(queue=0, ready_replicas=2, demand=208.0, arrivals=10.4, capacity=CAP, startup_s=30))
     assert need == pytest.approx(208 / (130 * 0.8))  # 2.0: two replicas at 80 %
 
 
@@ -239,16 +239,16 @@ def test_capacity_headroom_is_poisson_spread_over_the_start_up_delay():
 
 
 def test_capacity_drains_what_is_in_flight_within_the_objective():
-    signals = Signals(queue=39, ready_replicas=1, demand=0.0, arrivals=0.0, capacity=CAP)
+    signals = Signals(queue=39, ready_replicas=1, demand=0.0, arrivals=0.0, capacity=CAP, startup_s=30)
     assert capacity_need(spec(headroom_sigmas=0), signals) == 0.0  # no arrivals: no request size to drain by
-    signals = Signals(queue=39, ready_replicas=1, demand=20.0, arrivals=1.0, capacity=CAP)
+    signals = Signals(queue=39, ready_replicas=1, demand=20.0, arrivals=1.0, capacity=CAP, startup_s=30)
     need = capacity_need(spec(target_capacity_utilization=1.0, headroom_sigmas=0, target_p95_seconds=6), signals)
     assert need == pytest.approx(20 / 130 + 39 * 20 / (130 * 6))  # 39 requests of 20 image-steps in 6 s
 
 
-@pytest.mark.parametrize("missing", ["demand", "capacity"])
+@pytest.mark.parametrize("missing", ["demand", "arrivals", "capacity", "startup_s"])
 def test_capacity_abstains_without_its_measurements(missing):
-    values = dict(queue=5, ready_replicas=1, demand=40.0, arrivals=2.0, capacity=CAP)
+    values = dict(queue=5, ready_replicas=1, demand=40.0, arrivals=2.0, capacity=CAP, startup_s=30.0)
     values[missing] = None
     got = proposals(spec(signals=("queue", "capacity")), Signals(**values))
     assert "capacity" not in got and got["queue"] == 1  # absent is not zero: the other signals decide
@@ -256,7 +256,7 @@ def test_capacity_abstains_without_its_measurements(missing):
 
 def test_a_request_in_flight_needs_a_replica_even_when_its_rate_rounds_to_none():
     got = proposals(spec(signals=("capacity",)), Signals(queue=1, ready_replicas=0, demand=0.3, arrivals=0.02,
-                                                        capacity=CAP))
+                                                        capacity=CAP, startup_s=30))
     assert got["capacity"] == 1
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from adapter.config import parse_metadata
 from adapter.policy import Signals
-from adapter.reading import QueryOutcome, absent_is_not_zero, to_reading
+from adapter.reading import QueryOutcome, absent_is_not_zero, needed_queries, outcome, to_reading
 from adapter.targets import Target, Unavailable
 from contract import names
 
@@ -117,3 +119,82 @@ def test_isactive_never_comes_from_a_failed_refresh_without_redis():
     with pytest.raises(Unavailable, match="no value yet"):
         target.is_active(0)
     assert target.activity is None
+
+
+# --- the capacity signal's measurements (issue 14) -----------------------------------------------
+
+CAPACITY_ANSWERS = {names.DEMAND: 208.0, names.ARRIVALS: 10.4, names.CAPACITY: 130.0, names.STARTUP: 30.0}
+
+
+def capacity_reading(queue: float = 4.0, ready: float = 2.0, **answers: float | None):
+    """A reading of the counts and the capacity signal's four queries; a query given None answered
+    no series."""
+    raw = {**CAPACITY_ANSWERS, **answers}
+    return to_reading((QueryOutcome(names.QUEUE, 0.01, queue), QueryOutcome(names.READY_REPLICAS, 0.01, ready),
+                       *(outcome(name, raw[name], 0.01) for name in names.CAPACITY_QUERIES)), ())
+
+
+@pytest.mark.parametrize(("metadata", "capacity_read"), [
+    ({"signals": "queue"}, False),
+    ({}, False),  # the default signals leave capacity out
+    ({"signals": "queue,capacity"}, True),
+    ({"signals": "capacity"}, True),
+    ({"spareAboveLoad": "0.2"}, True),  # the spare's gate measures the load without the signal
+    ({"spareAboveLoad": "0"}, False),
+    ({"signals": "capacity", "redisAddress": "redis://r:6379/0"}, True),
+])
+def test_the_capacity_queries_are_read_only_where_something_uses_them(metadata, capacity_read):
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", **metadata})
+    counts = (names.READY_REPLICAS,) if "redisAddress" in metadata else (names.QUEUE, names.READY_REPLICAS)
+    gpu = (names.GPU,) if "signals" not in metadata else ()
+    assert needed_queries(spec) == counts + gpu + (names.CAPACITY_QUERIES if capacity_read else ())
+
+
+def test_the_capacity_answers_become_the_signals_fields():
+    signals = capacity_reading().signals
+    assert (signals.demand, signals.arrivals, signals.capacity, signals.startup_s) == (208.0, 10.4, 130.0, 30.0)
+
+
+@pytest.mark.parametrize("name", names.CAPACITY_QUERIES)
+@pytest.mark.parametrize("raw", [None, math.nan, math.inf])
+def test_an_empty_or_not_finite_capacity_answer_is_missing_never_zero(name, raw):
+    """No series (a worker that does not export it yet, a selector that misses) or NaN: the field
+    is None, the reading still succeeds, and the other signals decide."""
+    reading = capacity_reading(**{name: raw})
+    assert reading.signals is not None
+    fields = dict(zip(names.CAPACITY_QUERIES, (reading.signals.demand, reading.signals.arrivals,
+                                               reading.signals.capacity, reading.signals.startup_s)))
+    assert fields[name] is None
+    assert all(value is not None for other, value in fields.items() if other != name)
+
+
+@pytest.mark.parametrize("name", names.CAPACITY_QUERIES)
+def test_a_negative_capacity_answer_fails_the_reading(name):
+    reading = capacity_reading(**{name: -1.0})
+    assert reading.signals is None
+    assert reading.error == f"{name} query: answered -1; it cannot be negative"
+
+
+def _capacity_target() -> Target:
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", "signals": "queue,capacity",
+                           "targetQueuePerReplica": "40"})
+    return Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+
+
+@pytest.mark.parametrize("name", [
+    names.DEMAND,
+    names.CAPACITY,
+    names.ARRIVALS,
+    names.STARTUP,
+])
+def test_a_missing_capacity_measurement_makes_the_capacity_signal_abstain(name):
+    """40 requests in flight, 208 image-steps/s arriving as 10.4 requests/s (20 each), replicas
+    of 130/s starting in 30 s: with every measurement the capacity signal asks for
+    (208 + 2 sqrt(208 x 20 / 30)) / (130 x 0.8) + 40 x 20 / (130 x 10) = 2.84, so 3, above the
+    queue's 2; with one missing it says nothing, and the queue decides alone."""
+    target = _capacity_target()
+    target.apply(capacity_reading(queue=40.0), now=0)
+    assert target.snapshot.decision.proposals == {"queue": 2, "capacity": 3}
+    target = _capacity_target()
+    target.apply(capacity_reading(queue=40.0, **{name: None}), now=0)
+    assert target.snapshot.decision.proposals == {"queue": 2}

@@ -1,4 +1,5 @@
-"""The target registry's lifecycle: refreshers stop on close, even when a query misbehaves."""
+"""The target registry's lifecycle: refreshers stop on close, even when a query misbehaves; and
+IsActive's keep-warm hold where the queue is read from Redis."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import asyncio
 import random
 import time
 
+import pytest
+
+from adapter.config import parse_metadata
 from adapter.prometheus import Sample
+from adapter.reading import QueryOutcome, to_reading
 from adapter.signals import SignalReader
-from adapter.targets import TargetRegistry
+from adapter.targets import Target, TargetRegistry
 from contract import names
 
 META = {"prometheusAddress": "http://prom:9090", "refreshSeconds": "0.1", "queryTimeoutSeconds": "0.2"}
@@ -149,3 +154,52 @@ def test_an_idle_target_forgotten_is_forgotten_by_the_kubernetes_api_reader_too(
     assert asyncio.run(go()) == ["kept"]
     assert ("ns", "idle") in replicas.asked
     assert replicas.forgotten[0] == ("ns", "idle")
+
+
+# --- the keep-warm hold on the Redis path (issue 14) ---------------------------------------------
+
+
+def redis_target(**metadata: str):
+    """A trigger whose queue is the stream's backlog; the hold is keepWarmMaxSeconds (60 s) until
+    20 idle gaps are known, and no start-up is measured, so a cold start never meets an objective."""
+    spec = parse_metadata({"prometheusAddress": "http://p:9090", "redisAddress": "redis://r:6379/0",
+                           "signals": "queue", "keepWarmMaxSeconds": "60", "staleAfterSeconds": "20", **metadata})
+    return Target(("ml", "sd", ()), "ml", "sd", spec, now=0)
+
+
+def backlog_reading(backlog: float, ready: float | None = 1.0, error: str | None = None):
+    """The backlog from Redis and ready replicas from Prometheus (failed with `error` when given)."""
+    return to_reading((QueryOutcome(names.QUEUE, 0.01, backlog),
+                       QueryOutcome(names.READY_REPLICAS, 0.01, ready, error=error)), ())
+
+
+def test_an_empty_backlog_stays_active_through_the_keep_warm_hold_then_lets_go():
+    """IsActive on the Redis path answers from the backlog, which reads idle at once; the hold is
+    the snapshot's decision, so KEDA's cooldownPeriod starts only once the hold has passed."""
+    target = redis_target()
+    target.apply(backlog_reading(3.0), now=0)  # the last request
+    assert target.is_active(0) is True and not target.snapshot.decision.kept_warm
+    for t in (10, 30, 59):
+        target.apply(backlog_reading(0.0), now=t)
+        assert target.activity.active is False  # the backlog alone says idle ...
+        assert target.snapshot.decision.kept_warm and target.is_active(t) is True  # ... the hold keeps it active
+    target.apply(backlog_reading(0.0), now=60)
+    assert target.is_active(60) is False and not target.snapshot.decision.kept_warm
+
+
+def test_without_the_hold_an_empty_backlog_is_inactive_at_once():
+    target = redis_target(keepWarmMaxSeconds="0")
+    target.apply(backlog_reading(3.0), now=0)
+    target.apply(backlog_reading(0.0), now=10)
+    assert target.is_active(10) is False
+
+
+def test_a_hold_taken_before_a_prometheus_outage_ends_when_it_would_have():
+    target = redis_target()
+    target.apply(backlog_reading(3.0), now=0)
+    target.apply(backlog_reading(0.0), now=10)
+    assert target.is_active(10) is True  # held: 10 s after the last request
+    down = "Prometheus at http://p:9090: ConnectionError: refused"
+    for t in range(20, 200, 5):  # Redis answers an empty backlog; Prometheus is down
+        target.apply(backlog_reading(0.0, ready=None, error=down), now=t)
+    assert target.is_active(195) is False  # the 60 s hold ended long ago; the snapshot is 185 s old
