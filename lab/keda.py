@@ -10,8 +10,9 @@ replay simulator (in process) share it:
   the trigger active at 0 replicas scales to 1, and is the last active time; the first poll at
   least `cooldown_s` (`cooldownPeriod`) after the last active time, finding it inactive, scales
   to 0. Activity between polls is not seen: an instant backlog that a poll misses does not hold
-  the fleet up. Unlike KEDA, a target that was never active is not scaled to 0 at once (the
-  local stack and the simulator open at 0 when `min_replicas` is 0).
+  the fleet up. Unlike KEDA, a target that was never active is not scaled to 0 at once: one
+  that opens with replicas (the simulator opens every policy with one ready) counts as active at
+  the loop's first inactive poll, as a fleet that was serving before the run began would be.
 - At every HPA sync (`sync_period_s`) the metric is fetched (or taken from the cache) and goes
   through `lab.hpa` (AverageValue target, tolerance, behavior) to a replica count that is
   applied to the target. A failed fetch keeps the count, as the HPA does.
@@ -104,9 +105,11 @@ class KedaLoop:
     def _activation(self, now: float, target: ScaleTarget) -> None:
         if self.active and target.desired == 0:
             target.scale_to(1)
-        elif not self.active and target.desired > 0 and self._last_active_at is not None \
-                and now - self._last_active_at >= self.cooldown_s:
-            target.scale_to(0)
+        elif not self.active and target.desired > 0:
+            if self._last_active_at is None:  # it opened with replicas: they served just before the loop began
+                self._last_active_at = now
+            if now - self._last_active_at >= self.cooldown_s:
+                target.scale_to(0)
 
 
 class GrpcScaler:

@@ -40,7 +40,8 @@ class Observer:
         self.window_s = window_s
         self._util: deque[tuple[float, dict[int, float]]] = deque()  # (t, replica -> util integral)
         self._seen = 0  # requests of fleet.finished already taken into the window
-        self._recent: deque[tuple[float, float]] = deque()  # (finished at, latency) inside the window
+        self._recent: deque[tuple[float, int]] = deque()  # (finished at, latency bucket) inside the window
+        self._counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # requests of _recent per latency bucket
         self._p95_now: float | None = None  # _p95() of _recent as it stands, kept until _recent changes
         self._arrived = 0  # requests of fleet.requests already taken into the demand window
         self._demand: deque[tuple[float, float]] = deque()  # (arrived at, image-steps) inside the window
@@ -61,10 +62,10 @@ class Observer:
                  for i in integrals if now > oldest_t and i in oldest]
         changed = len(fleet.finished) > self._seen
         for request in fleet.finished[self._seen:]:
-            self._recent.append((request.finished_s, request.latency_s))
+            self._take(request.finished_s, request.latency_s)
         self._seen = len(fleet.finished)
         while self._recent and self._recent[0][0] <= now - self.window_s:
-            self._recent.popleft()
+            self._counts[self._recent.popleft()[1]] -= 1
             changed = True
         if changed:
             self._p95_now = self._p95()
@@ -87,15 +88,19 @@ class Observer:
                           startup_s=sum(startup) / len(startup) if startup else None)
         return Observation(now, len(fleet.serving()), signals)
 
+    def _take(self, finished_s: float, latency_s: float) -> None:
+        """Counts a request that finished at `finished_s` into its latency bucket, as the worker's
+        histogram does."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)
+        self._recent.append((finished_s, bucket))
+        self._counts[bucket] += 1
+
     def _p95(self) -> float | None:
         """histogram_quantile(0.95, ...) over the worker's latency buckets, as the scaler reads it."""
         if not self._recent:
             return None
-        counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
-        for _, latency in self._recent:
-            counts[bisect.bisect_left(LATENCY_BUCKETS_S, latency)] += 1
         cumulative, total = [], 0
-        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), counts, strict=True):
+        for bound, count in zip((*LATENCY_BUCKETS_S, math.inf), self._counts, strict=True):
             total += count
             cumulative.append((bound, float(total)))
         return histogram_quantile(0.95, cumulative)

@@ -100,13 +100,13 @@ class OracleController(Controller):
     (0 < u <= 2) of a replica's max-batch rate (the module's docstring has the rule). It is
     stepped every `step_s` seconds (the replay's scrape), so it asks for a replica up to a step
     before the latest moment that gets it ready in time. It expects the fleet to open with
-    `min_replicas` ready (as `replay` starts it) and to be scaled by nothing else; it raises
+    `opening` replicas ready (default `min_replicas`; `run_job` opens every policy with at least one) and to be scaled by nothing else; it raises
     RuntimeError when the fleet differs from its plan, and ValueError naming a bad argument.
     One instance drives one replay."""
 
     def __init__(self, arrivals: Sequence[Arrival], spec: FleetSpec, seed: int, min_replicas: int, max_replicas: int,
                  slo_s: float, target_utilization: float, bin_s: float | None = None, step_s: float = 1.0,
-                 name: str = ORACLE) -> None:
+                 name: str = ORACLE, opening: int | None = None) -> None:
         if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
             raise ValueError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
                              f"got {min_replicas} and {max_replicas}")
@@ -131,7 +131,10 @@ class OracleController(Controller):
         self._rng = random.Random(seed)  # the fleet's own sequence of start-up delays
         self._delays: list[float] = []  # drawn so far, the k-th for the k-th replica started
         self._started = 0  # replicas started after the opening ones: the next one takes _delays[_started]
-        self._ready_s = [0.0] * min_replicas  # each serving replica's ready time, oldest first
+        opening = min_replicas if opening is None else opening
+        if not min_replicas <= opening <= max_replicas:
+            raise ValueError(f"opening must be within min and max replicas, got {opening}")
+        self._ready_s = [0.0] * opening  # each serving replica's ready time, oldest first
 
     def _need_per_bin(self, arrivals: Sequence[Arrival]) -> list[int]:
         """Replicas each bin asks for: its image-steps over what a replica computes in a bin at
@@ -162,7 +165,7 @@ class OracleController(Controller):
     def step(self, observation: Observation, target: FleetTarget) -> None:
         if target.desired != len(self._ready_s):
             raise RuntimeError(f"{self.name}: the fleet serves {target.desired} replicas where the plan has "
-                               f"{len(self._ready_s)}; the oracle must open at min replicas ready and be the only "
+                               f"{len(self._ready_s)}; the oracle must open as its plan says and be the only "
                                "controller of its fleet")
         now, opening = observation.t, len(self._ready_s)
         # up: the fleet starts replicas in order, each with its known delay

@@ -165,22 +165,26 @@ def oracle_candidates(job: Job) -> list[Job]:
 
 
 def run_job(arrivals: Sequence[Arrival], setup: Setup, job: Job) -> PolicyResult:
-    """One job's replay; a policy at min 0 (`keda-queue-min0` always) starts from zero on a queue.
+    """One job's replay; a policy at min 0 (`keda-queue-min0` always) runs on a queue, opening with
+    one ready replica like the others.
     An oracle job without a utilization replays at each of `ORACLE_UTILIZATIONS` and keeps the
     cheapest run at the best SLO attainment it reaches (`lab.sim.oracle.cheapest_best`)."""
     min_replicas = job_min_replicas(job, setup)
+    opening = max(1, min_replicas)
     fleet = replace(setup.fleet, pull=True) if min_replicas == 0 else setup.fleet
     if job.kind == ORACLE:
         if job.target_utilization is None:
             return cheapest_best([run_job(arrivals, setup, candidate) for candidate in oracle_candidates(job)])
         controller: Controller = OracleController(arrivals, fleet, setup.seed, min_replicas, setup.max_replicas,
-                                                  setup.slo_s, job.target_utilization, name=job.name)
+                                                  setup.slo_s, job.target_utilization, name=job.name, opening=opening)
     elif job.kind == "composite":
         controller = CompositeController(dict(job.metadata), min_replicas, setup.max_replicas,
                                          setup.polling_interval_s, name=job.name, cooldown_s=setup.cooldown_s)
     else:
         controller = baseline(job.kind, setup.fleet.max_batch, min_replicas, setup.max_replicas)
-    return replay(arrivals, controller, fleet, setup.slo_s, initial_replicas=min_replicas,
+    # Every policy opens with at least one ready replica, as the hour before the run left the
+    # fleet: a run at min 0 pays for the cold starts its own choices cause, not one at t = 0.
+    return replay(arrivals, controller, fleet, setup.slo_s, initial_replicas=opening,
                   seed=setup.seed, tail_s=setup.tail_s)
 
 

@@ -148,15 +148,18 @@ def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
         assert row["cold_starts"] == 0 and row["hours_at_zero"] == 0  # min 1: never at zero
 
 
-def test_cli_runs_the_min0_policies_beside_the_min1_ones_and_at_min_0_only_those_that_can(capsys):
-    assert cli.main([*SHORT, "--json", "--policies", "keda-queue,composite-min0,keda-queue-min0"]) == 0
+def test_cli_runs_the_min0_policies_beside_the_min1_ones_and_at_min_0_only_those_that_can(capsys, tmp_path):
+    trace = tmp_path / "apart.csv"
+    trace.write_text("TIMESTAMP\n0\n3000\n")  # two requests 50 min apart: room to go to zero
+    apart = ["--trace", str(trace), "--tail", "60", "--jobs", "2", "--json"]
+    assert cli.main([*apart, "--policies", "keda-queue,composite-min0,keda-queue-min0"]) == 0
     rows = {r["policy"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
     assert list(rows) == ["keda-queue", "composite-min0", "keda-queue-min0"]
-    assert rows["keda-queue"]["cold_starts"] == 0
-    for name in ("composite-min0", "keda-queue-min0"):  # they open at zero: the first requests wake them
-        assert rows[name]["cold_starts"] >= 1 and rows[name]["hours_at_zero"] > 0, name
-    assert cli.main([*SHORT, "--json", "--min-replicas", "0", "--policies", "composite,keda-queue"]) == 0
-    assert all(json.loads(line)["cold_starts"] >= 1 for line in capsys.readouterr().out.splitlines())
+    assert rows["keda-queue"]["cold_starts"] == 0 and rows["keda-queue"]["hours_at_zero"] == 0
+    for name in ("composite-min0", "keda-queue-min0"):  # they open warm, go to zero, the second request wakes them
+        assert rows[name]["cold_starts"] == 1 and rows[name]["hours_at_zero"] > 0, name
+    assert cli.main([*apart, "--min-replicas", "0", "--policies", "composite,keda-queue"]) == 0
+    assert all(json.loads(line)["cold_starts"] == 1 for line in capsys.readouterr().out.splitlines())
 
 
 def test_cli_sweep_prints_the_pareto_front_and_plots_a_png_per_policy(capsys, tmp_path):
@@ -201,8 +204,9 @@ def test_p95_is_read_through_the_workers_buckets_as_histogram_quantile_would():
     fleet = Fleet(FleetSpec())
     observer = Observer(fleet, window_s=60)
     assert observer.observe(0).signals.p95_seconds is None  # nothing finished: the signal abstains
-    observer._recent.extend((1.0, 6.0) for _ in range(100))  # all in the (5, 7.5] bucket
+    for _ in range(100):
+        observer._take(1.0, 6.0)  # all in the (5, 7.5] bucket
     assert observer._p95() == pytest.approx(5 + 2.5 * 0.95)
-    observer._recent.append((1.0, 1000.0))  # beyond the last finite bucket
-    observer._recent.extend((1.0, 1000.0) for _ in range(10))
+    for _ in range(11):
+        observer._take(1.0, 1000.0)  # beyond the last finite bucket
     assert observer._p95() == 300  # Prometheus answers the last finite bound
