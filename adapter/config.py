@@ -99,6 +99,8 @@ METADATA_KEYS: tuple[MetadataKey, ...] = (
                 "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
     MetadataKey("scaleDownWindowSeconds", PolicySpec, "scale_down_window_s", parsers.number,
                 "accepted: seconds from 0 to 3600", at_least=0, at_most=3600),
+    MetadataKey("queueSmoothingSeconds", PolicySpec, "queue_smoothing_s", parsers.number,
+                "accepted: seconds from 0 to 3600 (0: the instant queue)", at_least=0, at_most=3600),
     MetadataKey("burstFactor", PolicySpec, "burst_factor", parsers.number,
                 "accepted: a number above 0", above=0),
     MetadataKey("minBusyReplicas", PolicySpec, "min_busy_replicas", parsers.count,

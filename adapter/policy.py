@@ -51,6 +51,7 @@ class PolicySpec:
     activation_queue: float = 0.0  # active while the queue exceeds this
     target_capacity_utilization: float = 0.8  # 0 < x <= 1: the share of a replica's capacity to plan for
     drain_seconds: float | None = None  # the capacity signal drains the backlog within this; None: target_p95_seconds, else 10
+    queue_smoothing_s: float = 0.0  # the queue signal reads the queue's mean over this window (0: the instant gauge)
     trend_window_s: float = 60.0  # the capacity signal's demand trend is fitted over this many seconds
     spare_above_load: float = 0.0  # min_busy_replicas holds only while demand >= this x one replica's capacity
     headroom_sigmas: float = 2.0  # capacity headroom: standard deviations of the arrivals over one start-up
@@ -82,6 +83,7 @@ class PolicyState:
     window: RecommendationWindow = field(default_factory=RecommendationWindow)
     last_value: float | None = None
     demand_history: tuple[tuple[float, float], ...] = ()  # (time, demand) inside the trend window
+    queue_history: tuple[tuple[float, float], ...] = ()  # (time, queue) inside queue_smoothing_s
     last_busy_at: float | None = None  # the last decision that saw requests in flight or arriving
     idle_gaps: tuple[float, ...] = ()  # seconds of the last idle stretches that ended, oldest first
     idle: bool = False  # the last decision saw nothing in flight or arriving
@@ -172,13 +174,18 @@ def keep_warm_s(spec: PolicySpec, signals: Signals, gaps: tuple[float, ...]) -> 
     return min(spec.keep_warm_max_s, spec.keep_warm_multiple * ordered[max(0, rank)])
 
 
-def proposals(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> dict[str, float]:
+def proposals(spec: PolicySpec, signals: Signals, trend: float = 0.0, queue_mean: float | None = None
+              ) -> dict[str, float]:
     """Replicas each enabled signal asks for; a signal without data proposes nothing.
-    `trend` is the demand's slope (`demand_trend`), for the capacity signal's lead."""
+    `trend` is the demand's slope (`demand_trend`), for the capacity signal's lead; `queue_mean`
+    the queue's mean over `queue_smoothing_s` (None: the instant queue), for the queue signal
+    unless the instant queue is a burst (its proposal at least `burst_factor` x ready)."""
     out: dict[str, float] = {}
     ready = signals.ready_replicas
     queue_need = ceil_replicas(signals.queue / spec.target_queue_per_replica)
     if QUEUE in spec.signals:
+        steady = queue_need if queue_mean is None else ceil_replicas(queue_mean / spec.target_queue_per_replica)
+        bursting = queue_need > 0 and queue_need >= spec.burst_factor * ready
         # While requests are in flight, never rely on a lone replica: new ones take tens of
         # seconds to start, and one replica cannot absorb a step in load meanwhile.
         # The spare is for load that a step could push past one replica: held while the measured
@@ -186,7 +193,8 @@ def proposals(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> dict[st
         trickle = (signals.demand is not None and signals.capacity
                    and signals.demand < spec.spare_above_load * signals.capacity)
         busy_floor = 1 if trickle else spec.min_busy_replicas
-        out[QUEUE] = max(queue_need, busy_floor) if signals.queue > 0 else queue_need
+        need = queue_need if bursting else steady
+        out[QUEUE] = max(need, busy_floor) if signals.queue > 0 else need
     if GPU in spec.signals and signals.gpu_util_percent is not None:
         out[GPU] = ceil_replicas(ready * signals.gpu_util_percent / spec.target_gpu_util_percent)
     if LATENCY in spec.signals and signals.p95_seconds is not None and spec.target_p95_seconds:
@@ -239,7 +247,12 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
         history = tuple(h for h in state.demand_history if h[0] > cutoff)
         if signals.demand is not None:
             history += ((now, signals.demand),)
-    proposed = proposals(spec, signals, demand_trend(history))
+    queue_seen = ()
+    if spec.queue_smoothing_s > 0:
+        cutoff = now - spec.queue_smoothing_s
+        queue_seen = tuple(q for q in state.queue_history if q[0] > cutoff) + ((now, signals.queue),)
+    queue_mean = sum(q for _, q in queue_seen) / len(queue_seen) if queue_seen else None
+    proposed = proposals(spec, signals, demand_trend(history), queue_mean)
     raw, limiting = _combine(spec, proposed, fallback=current)
     composite, composite_clamped_by = _clamp(spec, raw)
 
@@ -285,6 +298,7 @@ def decide(spec: PolicySpec, signals: Signals, state: PolicyState, now: float) -
         window=window.record(now, composite, keep_s),
         last_value=value,
         demand_history=history,
+        queue_history=queue_seen,
         last_busy_at=last_busy,
         idle_gaps=gaps,
         idle=not busy,

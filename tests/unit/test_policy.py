@@ -319,3 +319,18 @@ def test_an_idle_fleet_stays_active_through_the_hold_then_lets_go():
     assert not line.last.active  # 65 s idle: beyond it, KEDA's cooldown may take the fleet to zero
     line.at(5, **{**idle, "ready_replicas": 0})
     assert not line.last.kept_warm  # nothing to keep warm at zero
+
+
+# --- a smoother queue signal, the burst response kept --------------------------------------
+
+
+def test_the_queue_signal_reads_the_mean_over_the_smoothing_window_but_a_burst_at_once():
+    line = Timeline(spec(signals=("queue",), target_queue_per_replica=8, queue_smoothing_s=20, burst_factor=2))
+    flapping = [8, 24, 8, 24]  # 1 and 3 replicas' worth, every 5 s
+    values = [line.at(5, queue=q, ready_replicas=2) for q in flapping]
+    assert values[1] == 2  # mean of 8 and 24 is 16: two replicas, where the instant gauge said three
+    assert [q for _, q in line.state.queue_history] == [8, 24, 8, 24]
+    line.at(5, queue=48, ready_replicas=2)  # 6 replicas' worth, 3x ready: a burst goes through at once
+    assert line.last.burst and line.last.proposals["queue"] == 6
+    instant = Timeline(spec(signals=("queue",), target_queue_per_replica=8, queue_smoothing_s=0, burst_factor=2))
+    assert [instant.at(5, queue=q, ready_replicas=2) for q in flapping][1] == 3  # the instant gauge: 3
