@@ -126,7 +126,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
             metrics.reject(REDIS_UNAVAILABLE)
             return _unavailable()
         if enqueued.created:
-            metrics.accepted.labels(api).inc()
+            metrics.accept(api, body.n, body.num_inference_steps)
         return enqueued
 
     def answer(job: Job) -> JSONResponse:

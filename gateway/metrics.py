@@ -15,6 +15,7 @@ from contract.names import (
     GATEWAY_LATENCY,
     GATEWAY_QUEUE_WAIT,
     GATEWAY_REJECTED,
+    GATEWAY_REQUESTED_IMAGE_STEPS,
     LATENCY_BUCKETS_S,
     REJECT_REASON_LABEL,
     REJECT_REASONS,
@@ -46,7 +47,8 @@ class _Backlog:
 
 
 class GatewayMetrics:
-    """Accepted and rejected counts, queue wait and latency histograms, the backlog gauge."""
+    """Accepted and rejected counts, the demand in image-steps, queue wait and latency histograms,
+    the backlog gauge."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -54,6 +56,10 @@ class GatewayMetrics:
                                 [API_LABEL], registry=registry)
         self.rejected = Counter(GATEWAY_REJECTED, "Requests refused, nothing enqueued", [REJECT_REASON_LABEL],
                                 registry=registry)
+        self.requested_image_steps = Counter(
+            GATEWAY_REQUESTED_IMAGE_STEPS,
+            "Image-steps (images x denoising steps) of the jobs enqueued, counted when enqueued: the demand",
+            registry=registry)
         for api in APIS:
             self.accepted.labels(api)
         for reason in REJECT_REASONS:
@@ -69,6 +75,11 @@ class GatewayMetrics:
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
+
+    def accept(self, api: str, images: int, steps: int) -> None:
+        """A new job enqueued through `api`: `images` images at `steps` denoising steps each."""
+        self.accepted.labels(api).inc()
+        self.requested_image_steps.inc(images * steps)
 
     def job_ended(self, job: Job) -> None:
         """Observes an ended job's queue wait, once per job (a job polled many times, or

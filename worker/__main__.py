@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-image-side", type=positive_int, default=env.get("MAX_IMAGE_SIDE", _LIMITS.max_image_side),
         help="largest width or height served, in pixels; the API's own bound is 2048 (env WORKER_MAX_IMAGE_SIDE)")
     add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
-        help="skip the small warm-up call before readiness (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
+        help="skip the warm-up before readiness: a small call, then a batch at --max-batch-size that measures "
+             "the capacity (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
     add("--access-log", action="store_true", default=env.flag("ACCESS_LOG"),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),

@@ -13,6 +13,10 @@ GPU, a driver hiccup) must not cost throughput for the life of the pod. After `p
 full batches at the lowered size, the max batch doubles (up to the configured one); if the
 error returns at the probed size it is lowered again and the wait before the next probe doubles,
 so a size that always fails costs one failed call per 100, 200, 400, ... full batches.
+
+Every call that produces images is timed, as the busy-seconds counter times it, into a
+`ThroughputProfile` (worker/throughput.py): the capacity this replica exports. Before serving,
+`probe_capacity` measures one batch at the max batch size, so the capacity exists at readiness.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 
 from .batching import Batch, BatchKey, BatchPolicy, BatchQueue, Job
 from .metrics import WorkerMetrics
+from .throughput import ThroughputProfile
 
 log = logging.getLogger("worker.engine")
 
@@ -87,6 +92,7 @@ class Engine:
         self._busy_since: float | None = None
         self._busy_lock = threading.Lock()
         self._images_per_s: float | None = None  # smoothed throughput, for Retry-After
+        self.throughput = ThroughputProfile()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -115,6 +121,46 @@ class Engine:
 
     def images_per_second(self) -> float | None:
         return self._images_per_s
+
+    def capacity_image_steps_per_second(self) -> float | None:
+        """Image-steps per second at the max batch in force, measured; None before any batch
+        (see `ThroughputProfile.capacity`)."""
+        return self.throughput.capacity(self.max_batch_size)
+
+    def probe_capacity(self, key: BatchKey) -> int:
+        """Runs one batch of `max_batch_size` images of `key` before serving and records its
+        throughput, timed as a served batch is; no served-work metric (images, batch sizes,
+        busy seconds) moves. Call it before `start`, on the thread that will not run batches.
+
+        Out of memory halves the batch and lowers the max batch in force, as a served batch's
+        out-of-memory does (and it is probed back up the same way), then tries again. Returns
+        the batch size that ran, or 0 when even one image ran out of memory: the worker serves
+        without a capacity until a batch runs. Any other error propagates (a model that cannot
+        run a batch should not turn ready).
+        """
+        size = self.max_batch_size
+        while True:
+            start = self.clock()
+            try:
+                images = self.runner.generate(key, ["capacity probe"] * size, [None] * size, list(range(size)))
+            except Exception as error:
+                if not self.runner.is_out_of_memory(error):
+                    raise
+                self.runner.release_memory()
+                if size == 1:
+                    log.error("capacity probe: out of memory at batch size 1 (%s); serving without a measured "
+                              "capacity until a batch runs", error)
+                    return 0
+                self._lower_max_batch(size // 2, f"capacity probe: out of memory at batch size {size}")
+                size //= 2
+                continue
+            seconds = self.clock() - start
+            if len(images) != size:
+                raise RuntimeError(f"pipeline returned {len(images)} images for a capacity probe of {size}")
+            self.throughput.record(size, size * key.steps, seconds)
+            log.info("capacity probe: %d images x %d steps in %.3f s: %.1f image-steps/s",
+                     size, key.steps, seconds, size * key.steps / seconds if seconds > 0 else float("nan"))
+            return size
 
     def run_batch(self, batch: Batch) -> None:
         """Runs a batch as the queue cut it; each request's wait ends when its first image starts."""
@@ -145,6 +191,7 @@ class Engine:
         self.metrics.batch_size.observe(batch.size)
         self.metrics.images.inc(batch.size)
         self._note_throughput(batch.size, seconds)
+        self.throughput.record(batch.size, batch.size * batch.key.steps, seconds)
         self._deliver(batch, images)
         if not retry and batch.size >= self.max_batch_size:  # a bisection's halves are not evidence
             self._ran_full()

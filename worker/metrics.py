@@ -2,14 +2,15 @@
 
 Every name and bucket comes from `contract.names`, which the scaler's queries, the rules and
 the dashboards read too. Counters and histograms are updated where things happen; the gauges
-(queue depth, in-flight, readiness, effective max batch) and the busy-time counter are read
-from live state at scrape time by `LiveCollector`, so a scrape in the middle of a long batch
-already counts the time that batch has computed so far.
+(queue depth, in-flight, readiness, effective max batch, capacity, start-up) and the busy-time
+counter are read from live state at scrape time by `LiveCollector`, so a scrape in the middle of
+a long batch already counts the time that batch has computed so far. A value not measured yet
+(the capacity before any batch, the start-up before ready) has no sample at all: absent, not 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -27,6 +28,9 @@ class LiveState:
     busy_seconds: Callable[[], float]
     max_batch_size: Callable[[], int]
     ready: Callable[[], bool]
+    capacity_image_steps_per_second: Callable[[], float | None]  # at the max batch in force; None: not measured
+    throughput_by_batch_size: Callable[[], Mapping[int, float]]  # image-steps per second, by images per batch
+    startup_seconds: Callable[[], float | None]  # process start to ready; None: not ready yet, or unknown
 
 
 class LiveCollector:
@@ -54,6 +58,28 @@ class LiveCollector:
             names.READY, "1 when the model is loaded, the worker is not draining and (pull mode) its queue answers",
             value=float(state.ready()),
         )
+        capacity = state.capacity_image_steps_per_second()
+        if capacity is not None:
+            yield GaugeMetricFamily(
+                names.CAPACITY_IMAGE_STEPS,
+                "Image-steps (images x denoising steps) per second this replica serves at its max batch size, "
+                "measured (moving mean; the best smaller batch until one at the max ran)",
+                value=capacity,
+            )
+        profile = GaugeMetricFamily(
+            names.BATCH_THROUGHPUT, "Image-steps per second measured at each batch size (moving mean)",
+            labels=(names.BATCH_SIZE_LABEL,),
+        )
+        for size, rate in sorted(state.throughput_by_batch_size().items()):
+            profile.add_metric((str(size),), rate)
+        yield profile
+        startup = state.startup_seconds()
+        if startup is not None:
+            yield GaugeMetricFamily(
+                names.STARTUP_SECONDS,
+                "Seconds from process start to ready: imports, model load, warm-up and capacity probe",
+                value=startup,
+            )
 
 
 class WorkerMetrics:
@@ -79,6 +105,12 @@ class WorkerMetrics:
         for outcome in names.OUTCOMES:
             self.requests.labels(outcome)
         self.images = Counter(names.IMAGES, "Images the pipeline generated", registry=registry)
+        self.requested_image_steps = Counter(
+            names.REQUESTED_IMAGE_STEPS,
+            "Image-steps (images x denoising steps) of the requests received, accepted or refused for a full "
+            "queue, counted on arrival (pull mode: of the jobs pulled); invalid requests are not counted",
+            registry=registry,
+        )
         self.batch_splits = Counter(
             names.BATCH_SPLITS, "Failed batches of more than one image split in two, each half retried",
             registry=registry,

@@ -4,7 +4,8 @@
 decides (run, expired, dead-lettered, ended already, missing); a job to run goes through
 `WorkerService.generate`, the path an HTTP request takes, bound to start computing by its
 deadline and dropped if it ends elsewhere meanwhile; FINISH stores the outcome, acknowledges the
-entry and, for a dead letter, adds it to the dead-letter stream, in one step.
+entry and, for a dead letter, adds it to the dead-letter stream, in one step. A job that runs
+counts its image-steps into the worker's demand once, on its first try at the batcher.
 """
 
 from __future__ import annotations
@@ -111,13 +112,15 @@ class JobHandler:
         except ValidationError as invalid:
             return await self._end(hand, jobqueue.FAILED, "error", f"invalid request: {describe(invalid)}", "failed")
         hand.images = body.n
+        counted = False  # its demand, counted on the first try: waiting out a full batcher is the same job
         while True:
             submitted = self.clock()
             try:
                 hand.admitted.set()  # generate queues the job before its first await
                 # It must start computing by its deadline; it leaves the batcher once it ended elsewhere.
                 generation = await self.service.generate(image_spec(body), hand.dropped.wait,
-                                                         start_by_s=float(deadline) - submitted if deadline else None)
+                                                         start_by_s=float(deadline) - submitted if deadline else None,
+                                                         count_demand=not counted)
                 break
             except NotStarted:
                 return await self._end(hand, jobqueue.EXPIRED, "error",
@@ -134,6 +137,7 @@ class JobHandler:
                 # 429: requests from the direct API fill the batcher; wait. 503: draining or not loaded.
                 if rejected.status != 429 or self.caller.stopping:
                     raise GiveBack(str(rejected)) from None
+                counted = True
                 await asyncio.sleep(rejected.retry_after_s or 1)
                 if deadline and self.clock() > float(deadline):
                     return await self._end(hand, jobqueue.EXPIRED, "error",

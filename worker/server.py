@@ -1,7 +1,8 @@
 """Runs the worker: uvicorn serving the API at once, the model loading beside it, drain on signals.
 
 The HTTP server comes up before the model so that liveness answers during a long load;
-readiness turns true once the model is loaded and warmed up. The first SIGTERM (or Ctrl-C)
+readiness turns true once the model is loaded and warmed up (one small call, then one batch at
+the max batch size that measures the capacity). The first SIGTERM (or Ctrl-C)
 starts a drain: readiness false, new requests 503, accepted ones finish, then exit 0; exit 1
 when `drain_timeout_s` passes first. A second Ctrl-C stops at once.
 
@@ -84,15 +85,17 @@ class WorkerServer(uvicorn.Server):
             defaults = runner.defaults()
             if config.warm_up:
                 runner.warm_up(defaults)
+            # The warm-up's second part: a batch at the max batch size measures the capacity.
+            self.service.attach(runner, defaults, runner.load_seconds, probe_capacity=config.warm_up)
         except Exception:  # noqa: BLE001 - any load failure ends the process with a clear log
             log.exception("loading the model from %s failed", config.model_dir)
             self.exit_code = EXIT_LOAD_FAILED
             self.should_exit = True
             return
-        self.service.attach(runner, defaults, runner.load_seconds)
-        limits = config.limits
-        log.info("ready: max batch %d, max wait %.0f ms, queue %d images",
-                 limits.batching.max_batch_size, limits.batching.max_wait_s * 1000, limits.max_queue_images)
+        limits, startup_s = config.limits, self.service.startup_s
+        log.info("ready after %s s: max batch %d, max wait %.0f ms, queue %d images",
+                 "(unknown)" if startup_s is None else f"{startup_s:.2f}", self.service.engine.max_batch_size,
+                 limits.batching.max_wait_s * 1000, limits.max_queue_images)
         if self.consumer is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._start_consumer)
 

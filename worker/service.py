@@ -3,6 +3,8 @@
 `WorkerService` sits between the HTTP layer and the pipeline thread. Every accepted request
 ends in exactly one outcome (ok, timeout, error, cancelled) and every refused one is counted
 as rejected, so the requests counter (`contract.names.REQUESTS`) adds up to what clients sent.
+The demand (`contract.names.REQUESTED_IMAGE_STEPS`) is counted on arrival, in image-steps, for
+every request that fits this model: accepted, or refused because the queue was full.
 """
 
 from __future__ import annotations
@@ -18,14 +20,20 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from contract.schema import GenerationRequest
+
 from .batching import BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
 from .engine import BatchFailed, Engine, ImageRunner
 from .metrics import LiveState, WorkerMetrics
 from .pipeline import ModelDefaults
+from .uptime import process_uptime_s
 
 log = logging.getLogger("worker.service")
 
 SEED_MODULUS = 2**63  # torch.Generator.manual_seed takes any int below 2**64; stay signed-safe
+# What a request that does not say gets: the capacity probe's steps and guidance.
+DEFAULT_STEPS = GenerationRequest.model_fields["num_inference_steps"].default
+DEFAULT_GUIDANCE = GenerationRequest.model_fields["guidance_scale"].default
 
 
 @dataclass(frozen=True)
@@ -123,9 +131,13 @@ def encode_png(pixels) -> str:
 class WorkerService:
     """Admission, queueing and answers for one pipeline."""
 
-    def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics) -> None:
+    def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics,
+                 uptime_s: Callable[[], float | None] = process_uptime_s) -> None:
+        """`uptime_s`: seconds since the process started (None: unknown), read once at readiness."""
         self.limits = limits
         self.metrics = metrics
+        self._uptime_s = uptime_s
+        self.startup_s: float | None = None  # process start to ready; None until ready
         self.queue = BatchQueue(limits.max_queue_images)
         self.engine: Engine | None = None
         self.defaults: ModelDefaults | None = None
@@ -143,6 +155,10 @@ class WorkerService:
                 busy_seconds=lambda: self.engine.busy_seconds() if self.engine else 0.0,
                 max_batch_size=lambda: self.engine.max_batch_size if self.engine else limits.batching.max_batch_size,
                 ready=lambda: self.ready,
+                capacity_image_steps_per_second=lambda: (
+                    self.engine.capacity_image_steps_per_second() if self.engine else None),
+                throughput_by_batch_size=lambda: self.engine.throughput.by_batch_size() if self.engine else {},
+                startup_seconds=lambda: self.startup_s,
             )
         )
 
@@ -159,25 +175,37 @@ class WorkerService:
             return "model loading"
         return self.pull_status()
 
-    def attach(self, runner: ImageRunner, defaults: ModelDefaults, load_seconds: float) -> None:
-        """Starts serving with a loaded runner (called once, after the model loaded)."""
+    def attach(self, runner: ImageRunner, defaults: ModelDefaults, load_seconds: float,
+               probe_capacity: bool = False) -> None:
+        """Starts serving with a loaded runner (called once, after the model loaded, on the
+        thread that loaded it). With `probe_capacity`, one batch at the max batch size, the
+        model's default size and the API's default steps and guidance runs first
+        (`Engine.probe_capacity`), so the capacity is measured when readiness turns true.
+        The start-up seconds are read last: what a new replica costs before it serves."""
         self.metrics.model_load.set(load_seconds)
         self.defaults = defaults
         engine = Engine(self.queue, runner, self.limits.batching, self.metrics)
+        if probe_capacity:
+            engine.probe_capacity(BatchKey(defaults.width, defaults.height, DEFAULT_STEPS, DEFAULT_GUIDANCE))
         engine.start()
-        self.engine = engine
+        self.startup_s = self._uptime_s()
+        if self.startup_s is None:
+            log.warning("the process start time is unknown here (no Linux /proc): no start-up seconds exported")
+        self.engine = engine  # ready from here
 
     # -- a request --------------------------------------------------------------------------
 
     async def generate(
-        self, spec: ImageSpec, disconnected: Callable[[], Awaitable[None]], start_by_s: float | None = None
+        self, spec: ImageSpec, disconnected: Callable[[], Awaitable[None]], start_by_s: float | None = None,
+        count_demand: bool = True,
     ) -> Generation:
         """Runs one request to its end; raises Rejected, InvalidRequest, RequestFailed or ClientGone.
 
         `disconnected` returns when nobody wants the answer any more (ClientGone: the images not
         started are dropped). `start_by_s`: seconds from now by which its first image must start,
         else it is dropped uncomputed and NotStarted (a RequestFailed, 504) is raised; None: no
-        such bound, only the request timeout.
+        such bound, only the request timeout. `count_demand`: add its image-steps to the demand
+        when it is accepted or refused for a full queue (False for a retry of a job counted once).
         """
         if self.draining:
             self.metrics.requests.labels("rejected").inc()
@@ -186,6 +214,9 @@ class WorkerService:
             self.metrics.requests.labels("rejected").inc()
             raise Rejected(503, "model not loaded yet", retry_after_s=5)
         key = self._batch_key(spec, self.defaults)
+        if count_demand:
+            # Before the queue's verdict: a request refused for a full queue is demand too.
+            self.metrics.requested_image_steps.inc(spec.n * spec.steps)
         loop = asyncio.get_running_loop()
         done: asyncio.Future[Job] = loop.create_future()
         arrived_at = time.monotonic()

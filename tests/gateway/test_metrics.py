@@ -55,3 +55,22 @@ def test_the_backlog_gauge_follows_the_streams_length(gateway):
     gateway.wait_for(lambda: gateway.metric(names.GATEWAY_BACKLOG) == 3, timeout_s=5)
     gateway.worker().complete()
     gateway.wait_for(lambda: gateway.metric(names.GATEWAY_BACKLOG) == 2, timeout_s=5)
+
+
+def test_the_demand_counts_the_image_steps_of_new_jobs_of_both_apis_when_enqueued(gateway):
+    requested = names.GATEWAY_REQUESTED_IMAGE_STEPS + "_total"
+    assert gateway.metric(requested) == 0
+    triptych = {"prompt": "three lighthouses", "n": 3, "num_inference_steps": 4}
+    assert gateway.post("/v1/jobs", body=triptych, key="k").status_code == 202
+    assert gateway.post("/v1/jobs", body=triptych, key="k").status_code == 202  # a replay: not a new job
+    assert gateway.post("/v1/jobs", body={"prompt": ""}).status_code == 422
+    assert gateway.metric(requested) == 3 * 4
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(gateway.post, body={"prompt": "a pair", "n": 2, "num_inference_steps": 5})
+        # counted when enqueued, while no worker runs: the demand in queue mode
+        gateway.wait_for(lambda: gateway.metric(requested) == 3 * 4 + 2 * 5)
+        worker = gateway.worker()
+        worker.complete()
+        worker.complete()
+        assert waiting.result(15).status_code == 200
+    assert gateway.metric(requested) == 3 * 4 + 2 * 5

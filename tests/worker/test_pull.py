@@ -35,7 +35,7 @@ from worker.batching import BatchPolicy
 from worker.metrics import WorkerMetrics
 from worker.queue import QueueConsumer
 from worker.queueconfig import QueueConfig
-from worker.service import WorkerLimits, WorkerService
+from worker.service import ImageSpec, WorkerLimits, WorkerService
 
 from .conftest import REPO, BoundaryRunner
 
@@ -133,8 +133,9 @@ class Puller:
 def start_puller(tiny_runner, redis_server):
     started: list[Puller] = []
 
-    def start(max_batch_size: int = 4, max_wait_s: float = 0.05, **queue) -> Puller:
-        service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size, max_wait_s)),
+    def start(max_batch_size: int = 4, max_wait_s: float = 0.05, max_queue_images: int = 64, **queue) -> Puller:
+        service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size, max_wait_s),
+                                             max_queue_images=max_queue_images),
                                 WorkerMetrics(CollectorRegistry()))
         runner = BoundaryRunner(tiny_runner)
         service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
@@ -301,6 +302,32 @@ def test_a_poison_job_fails_alone_and_the_others_of_its_batch_complete(start_pul
     assert [job(client, job_id)["status"] for job_id in fine] == [jobqueue.DONE] * 3
     assert puller.jobs("failed") == 3 and puller.jobs("done") == 3
     assert client.xlen(KEYS.stream) == 0 and pending(client) == 0
+
+
+def test_the_demand_counts_each_pulled_job_once_while_it_waits_out_a_full_batcher_and_no_invalid_one(
+    start_puller, client
+):
+    requested = names.REQUESTED_IMAGE_STEPS + "_total"
+    puller = start_puller(max_batch_size=1, max_wait_s=0.0, max_queue_images=1)
+    puller.runner.hold()
+
+    def direct(prompt: str):  # a request of the direct API, 1 image at 2 steps
+        return asyncio.run_coroutine_threadsafe(puller.service.generate(
+            ImageSpec(prompt, None, 1, None, None, 2, 7.5, 1), lambda: asyncio.sleep(3600)), puller.loop)
+
+    running = direct("running")
+    assert puller.runner.entered.wait(30), "the first request never reached the pipeline"
+    waiting = direct("filling the batcher")
+    wait_for(lambda: puller.service.queue.waiting_images == 1, what="the batcher full")
+    invalid = enqueue(client, request=json.dumps({"prompt": "", "num_inference_steps": 9}))
+    pulled = enqueue(client, "pulled", num_inference_steps=5)
+    wait_for(lambda: puller.metric(names.REQUESTS + "_total", outcome="rejected") >= 2, what="two tries refused")
+    assert puller.metric(requested) == 2 + 2 + 5
+    puller.runner.release()
+    wait_for(lambda: ended(client, pulled, invalid), what="both jobs ended")
+    assert job(client, pulled)["status"] == jobqueue.DONE and job(client, invalid)["status"] == jobqueue.FAILED
+    assert [len(future.result(30).images) for future in (running, waiting)] == [1, 1]
+    assert puller.metric(requested) == 2 + 2 + 5  # once however many tries; the invalid job not at all
 
 
 def test_a_job_that_keeps_killing_its_consumers_is_dead_lettered(start_puller, client):
