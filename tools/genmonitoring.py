@@ -66,6 +66,15 @@ PANELS = [
         (f"max({n.SCALER_VALUE_AGE}{{{SO}}})", "value age (s)"),
         (f'sum(rate({n.SCALER_REFRESHES}_total{{{SO},result="error"}}[5m]))', "failed refreshes/s"),
     ], "timeseries"),
+    # The capacity signal's measurements as the workers export them, so the panels show whether
+    # or not a ScaledObject enables the signal (its scaler_demand_... gauges exist only where it does).
+    ("Demand vs capacity x ready replicas (image-steps/s)", "short", [
+        (f"sum(rate({n.REQUESTED_IMAGE_STEPS}_total{{{DEP}}}[1m]))", "demand"),
+        (f"sum({n.CAPACITY_IMAGE_STEPS}{{{DEP}}} * {n.READY}{{{DEP}}})", "capacity x ready replicas"),
+    ], "timeseries"),
+    ("Start-up per pod: process start to ready", "s", [
+        (f"{n.STARTUP_SECONDS}{{{DEP}}}", "{{pod}}"),
+    ], "timeseries"),
 ]
 
 
