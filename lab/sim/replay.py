@@ -88,18 +88,38 @@ def write_timelines(results: Sequence[PolicyResult], directory: Path | str, slo_
 
 # -- replaying a local-stack run ---------------------------------------------------------
 
-def replay_record(record: Mapping, profile: BatchProfile) -> PolicyResult:
+def exported_profile(record: Mapping) -> BatchProfile | None:
+    """The batch profile the run's workers exported (`diffusion_batch_throughput_image_steps_per_second`
+    by batch size, as `lab.stack --record` keeps it): seconds per batch of b images at the run's
+    steps, b x steps / throughput; None where the record has none (no Prometheus, no batch)."""
+    exported = record.get("exported") or {}
+    rows = exported.get("image_steps_per_second") or []
+    if not rows:
+        return None
+    steps = record["settings"]["steps"]
+    return BatchProfile(tuple((int(r["batch"]), int(r["batch"]) * steps / float(r["value"]), 0.0) for r in rows), steps)
+
+
+def replay_record(record: Mapping, profile: BatchProfile | None = None) -> PolicyResult:
     """Replays a local-stack run (`python -m lab.stack --record`) through the simulator: the
-    same arrivals, batching, metadata, KEDA polling and HPA sync, its workers' start-up delays,
-    and `profile`'s shape scaled so that a batch of the run's mean size takes the seconds per
-    batch its workers reported (CPU workers share cores, so a batch is slower than alone)."""
+    same arrivals, batching, metadata, KEDA polling and HPA sync; the start-up delays and the
+    batch profile the workers exported (`exported_profile`; `profile` where given instead, or
+    where the record has none), and the stack's own start-up delays where they exported none.
+    The profile is scaled so that a batch of the run's mean size takes the seconds per batch its
+    workers' busy-seconds counter reported (CPU workers share cores, so a batch is slower than
+    alone). Raises ValueError when there is no profile at all."""
     settings = record["settings"]
+    profile = profile or exported_profile(record)
+    if profile is None:
+        raise ValueError("the record has no exported batch profile (a run without Prometheus, or without a batch); "
+                         "pass one, e.g. from bench/worker_throughput.py --profile-out")
     batches = record.get("batches")
     if batches and batches["batches"] > 0:
         mean_images = batches["images"] / batches["batches"]
         scale = (batches["busy_seconds"] / batches["batches"]) / profile.seconds(round(mean_images), profile.reference_steps)
         profile = BatchProfile(tuple((b, s * scale, u) for b, s, u in profile.table), profile.reference_steps)
-    delays = sorted(record["startup_delays_s"]) or [0.0]
+    exported = (record.get("exported") or {}).get("startup_seconds")
+    delays = sorted(exported or record["startup_delays_s"]) or [0.0]
     startup = StartupDelay(delays[len(delays) // 2], max(delays[-1], delays[len(delays) // 2]))
     # the queue mode's workers pull from the stream; its KEDA cooldown is recorded as `cooldown_s`
     pull = settings.get("mode") == "queue" or settings["min_replicas"] == 0

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", type=metadata_item,
                         help="trigger metadata over the stack's own (repeatable), e.g. minBusyReplicas=1")
     parser.add_argument("--record", help="write what a replay of this run needs (settings, arrivals, replicas over "
-                        "time, start-up delays, batches) as JSON here, for lab.sim.replay.replay_record (tests/integration/test_stack.py)")
+                        "time, start-up delays, batches, the workers' exported throughput by batch size and start-up seconds) as JSON here, for lab.sim.replay.replay_record (tests/integration/test_stack.py)")
     return parser
 
 

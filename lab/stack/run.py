@@ -191,7 +191,7 @@ async def run(args: argparse.Namespace) -> int:
                         "polling_interval_s": args.polling_interval, "sync_period_s": args.sync_period,
                         "seconds": args.seconds, "device": profile.device}
             write_record(Path(args.record), settings, policy_metadata, points, stats, fleet,
-                         await sampler.batches(args.seconds + 120))
+                         await sampler.batches(args.seconds + 120), await sampler.exported(args.seconds + 120))
             print(f"stack: record written to {args.record}")
         peak = max(p.desired for p in points) if points else 0
         print(f"stack: {stats.sent} requests, {stats.ok} ok, {stats.failed} failed; replicas peaked at {peak}, "

@@ -65,6 +65,28 @@ class Sampler:
                                      ("batches", f"{names.BATCH_SIZE}_count"), ("images", f"{names.BATCH_SIZE}_sum"))}
         return sums if all(v is not None for v in sums.values()) else None
 
+    async def exported(self, span_s: float) -> dict | None:
+        """What the workers exported of their capacity over the run, as Prometheus last saw each
+        worker's series: image-steps per second by batch size (the mean over the workers of each
+        one's last value) and each worker's start-up seconds. None without Prometheus or before
+        any batch was measured."""
+        if self._client is None:
+            return None
+        span = f"{int(span_s)}s"
+        try:
+            throughput = await self._client.query(self._url, f"avg by ({names.BATCH_SIZE_LABEL}) (last_over_time("
+                                                  f"{names.BATCH_THROUGHPUT}{{{SELECTOR}}}[{span}]))", 5.0)
+            startup = await self._client.query(
+                self._url, f"last_over_time({names.STARTUP_SECONDS}{{{SELECTOR}}}[{span}])", 5.0)
+        except QueryError:
+            return None
+        profile = sorted((int(s.labels[names.BATCH_SIZE_LABEL]), s.value) for s in throughput
+                         if names.BATCH_SIZE_LABEL in s.labels and s.value > 0)
+        if not profile:
+            return None
+        return {"image_steps_per_second": [{"batch": b, "value": v} for b, v in profile],
+                "startup_seconds": sorted(s.value for s in startup)}
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
@@ -72,7 +94,7 @@ class Sampler:
 
 def view_header() -> str:
     return (f"{'t':>5} {'req/s':>6} {'want':>4} {'ready':>5} {'queue':>6} {'p95 s':>6} {'busy':>5}  "
-            f"{'q/g/l propose':>13}  composite -> served")
+            f"{'q/g/l/c propose':>15}  composite -> served")
 
 
 def view_line(point: TimelinePoint) -> str:
@@ -87,4 +109,4 @@ def view_line(point: TimelinePoint) -> str:
     signals = point.signals
     return (f"{point.t:5.0f} {point.arrivals_per_s:6.1f} {point.desired:4d} {signals.ready_replicas:5d} "
             f"{number(signals.queue, 6)} {number(signals.p95_seconds, 6, 2)} {number(point.busy, 5, 2)}  "
-            f"{proposals:>13}  {composite}")
+            f"{proposals:>15}  {composite}")

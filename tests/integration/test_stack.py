@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from lab.sim.fleet import BatchProfile
 from lab.sim.replay import replay_record
 
 from .conftest import require_prometheus
@@ -63,9 +62,9 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
 
     Heavier requests (24 steps) and `minBusyReplicas=1` make the queue and latency drive the
     replica count. The run is recorded (arrivals as sent, replicas per second, start-up delays,
-    batches) and replayed through `lab.sim` with the raw pipeline's batch profile from
-    the worker benchmark. The stated bound: in at least 90 % of the seconds the stack's count is
-    within one replica of the simulator's at a second no further than one KEDA poll plus one HPA
+    batches, and what the workers exported of their capacity: throughput by batch size and
+    start-up seconds) and replayed through `lab.sim` with that profile and those start-ups. The
+    stated bound: in at least 90 % of the seconds the stack's count is within one replica of the simulator's at a second no further than one KEDA poll plus one HPA
     sync away (the stack's loops tick at a phase of their own, which the replay cannot know; a
     CI run compared second to second once missed 90 % by one second, the stack's scale-down
     landing 11 s after the replay's), their peaks differ by at most one, their means by at most
@@ -75,11 +74,6 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
     model = tmp_path / "tiny"
     subprocess.run([sys.executable, "-m", "worker", "make-model", str(model), "--arch", "tiny"], cwd=ROOT, check=True,
                    capture_output=True, timeout=120)
-    profile = tmp_path / "profile.json"
-    subprocess.run([sys.executable, "bench/worker_throughput.py", "--model", str(model), "--batch-sizes", "1,2,4",
-                    "--systems", "raw", "--steps", "24", "--size", "64x64", "--raw-repeats", "3",
-                    "--logs", str(tmp_path / "bench"), "--profile-out", str(profile)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=180)
     timeline, record = tmp_path / "timeline.png", tmp_path / "record.json"
     result = subprocess.run(
         [sys.executable, "-m", "lab.stack", "--mode", "direct", "--seconds", "100", "--scale-down-window", "10",
@@ -100,7 +94,11 @@ def test_the_stack_scales_up_under_the_burst_back_down_after_and_the_simulator_a
 
     recorded = json.loads(record.read_text())
     assert len(recorded["arrivals"]) == recorded["requests"]["sent"] and recorded["batches"] is not None
-    replayed = replay_record(recorded, BatchProfile.from_file(profile))
+    # the capacity and start-up figures the replay uses are the workers' own exports, not constants
+    exported = recorded["exported"]
+    assert {row["batch"] for row in exported["image_steps_per_second"]} >= {1, 4}  # idle singles and full batches
+    assert len(exported["startup_seconds"]) == len(recorded["startup_delays_s"]) and min(exported["startup_seconds"]) > 0
+    replayed = replay_record(recorded)
     real = [point["desired"] for point in recorded["timeline"]]
     simulated = [point.desired for point in replayed.timeline][: len(real)]
     real = real[: len(simulated)]
