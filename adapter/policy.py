@@ -51,13 +51,13 @@ class PolicySpec:
     activation_queue: float = 0.0  # active while the queue exceeds this
     target_capacity_utilization: float = 0.8  # 0 < x <= 1: the share of a replica's capacity to plan for
     drain_seconds: float | None = None  # the capacity signal drains the backlog within this; None: target_p95_seconds, else 10
-    queue_smoothing_s: float = 0.0  # the queue signal reads the queue's mean over this window (0: the instant gauge)
+    queue_smoothing_s: float = 30.0  # the queue signal reads the queue's mean over this window (0: the instant gauge)
     trend_window_s: float = 60.0  # the capacity signal's demand trend is fitted over this many seconds
-    spare_above_load: float = 0.0  # min_busy_replicas holds only while demand >= this x one replica's capacity
+    spare_above_load: float = 0.2  # min_busy_replicas holds only while demand >= this x one replica's capacity
     headroom_sigmas: float = 2.0  # capacity headroom: standard deviations of the arrivals over one start-up
     keep_warm_quantile: float = 1.0  # stay active through idle gaps up to this quantile of those seen ...
     keep_warm_multiple: float = 2.0  # ... times this
-    keep_warm_max_s: float = 0.0  # and never longer than this after the last request; 0: no hold
+    keep_warm_max_s: float = 3600.0  # and never longer than this after the last request; 0: no hold
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,10 @@ async def run(args: argparse.Namespace) -> int:
             "targetP95Seconds": str(profile.target_p95_s),
             "scaleDownWindowSeconds": str(args.scale_down_window),
             "refreshSeconds": "1",
+            # the policy's own windows, compressed like the rest: the queue's mean over 5 s, and
+            # an idle fleet kept warm at most 10 s after its last request (then the cooldown)
+            "queueSmoothingSeconds": "5",
+            "keepWarmMaxSeconds": "10",
             "minReplicas": str(min_replicas),
             "maxReplicas": str(max_replicas),
             **dict(args.metadata),

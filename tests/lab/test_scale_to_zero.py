@@ -134,28 +134,45 @@ def test_composite_min0_is_the_queue_overlays_scaled_object():
 def test_the_composite_polls_as_the_scaled_object_ships_at_its_min():
     assert CompositeController(shipped.SHIPPED_METADATA, 1, 4).keda.polling_interval_s == 15.0  # the base's
     at_zero = CompositeController(shipped.SHIPPED_METADATA, 0, 4)
-    assert (at_zero.keda.polling_interval_s, at_zero.keda.cooldown_s) == (5.0, 900.0)  # the overlay's
+    assert (at_zero.keda.polling_interval_s, at_zero.keda.cooldown_s) == (5.0, 60.0)  # the overlay's
     assert CompositeController(shipped.SHIPPED_METADATA, 0, 4, polling_interval_s=30).keda.polling_interval_s == 30
 
 
 @pytest.mark.parametrize(("flags", "second_latency_s", "gpu_s"), [
-    # it opens with one ready replica, which serves the request at 0 s; the poll at 0 sees it (last
-    # active 0), so zero at 900; the request at 1500.5 waits for the poll at 1505, ready at 1525;
-    # the run ends at 1800.5
-    ([], 1525 + 1.07 - 1500.5, 900 + 1800.5 - 1505),
-    (["--polling-interval", "15"], 1535 + 1.07 - 1500.5, 900 + 1800.5 - 1515),  # polls at 900 and 1515
-    (["--cooldown-period", "300"], 1525 + 1.07 - 1500.5, 300 + 1800.5 - 1505),
-    (["--min-replicas", "0", "--policies", "composite", "--composite", "minBusyReplicas=1"],
-     1525 + 1.07 - 1500.5, 900 + 1800.5 - 1505),
+    # With the keep-warm hold and the spare off, KEDA's timing alone: it opens with one ready
+    # replica, which serves the request at 0 s; the poll at 0 sees it (last active 0), so zero at
+    # 60. The request at 1500.5 waits for the poll at 1505, ready at 1525, in flight at the poll
+    # at 1525 (last active), so zero again at 1585; the run ends at 1800.5.
+    ([], 1525 + 1.07 - 1500.5, 60 + 1585 - 1505),
+    # polls every 15 s: zero at 60, woken at 1515, ready at 1535, last active 1530, zero at 1590
+    (["--polling-interval", "15"], 1535 + 1.07 - 1500.5, 60 + 1590 - 1515),
+    (["--cooldown-period", "300"], 1525 + 1.07 - 1500.5, 300 + 1800.5 - 1505),  # up to the end
+    (["--min-replicas", "0", "--policies", "composite"], 1525 + 1.07 - 1500.5, 60 + 1585 - 1505),
 ], ids=["overlay", "polling-15", "cooldown-300", "min-replicas-0"])
 def test_the_cli_replays_the_composite_at_zero_with_the_overlays_polling_and_cooldown_unless_told(
         flags, second_latency_s, gpu_s, tmp_path, capsys):
     trace = tmp_path / "two.csv"
     trace.write_text("TIMESTAMP\n1000\n2500.5\n")  # at 0 s and 1500.5 s
     argv = ["--trace", str(trace), "--startup-median", "20", "--startup-p99", "20", "--json", "--jobs", "1",
-            "--policies", "composite-min0"]
+            "--policies", "composite-min0", "--composite", "keepWarmMaxSeconds=0", "--composite", "minBusyReplicas=1"]
     assert cli.main([*argv, *flags]) == 0
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["cold_starts"] == 1 and row["p50_s"] == pytest.approx(1.07 + 0.05)  # the first, served warm
     assert row["p99_s"] == pytest.approx(second_latency_s)
     assert row["gpu_hours"] == pytest.approx(gpu_s / 3600)
+
+
+def test_the_keep_warm_hold_keeps_an_idle_fleet_up_until_it_has_seen_enough_gaps(tmp_path, capsys):
+    """As shipped, a fleet that has seen fewer than 20 idle gaps holds keepWarmMaxSeconds (1 h)
+    after its last request before KEDA's 60 s cooldown begins: a gap of 25 min is held warm, one
+    of 70 min is not."""
+    trace = tmp_path / "gaps.csv"
+    trace.write_text("TIMESTAMP\n0\n1500\n5700\n")  # gaps of 1500 s and 4200 s
+    assert cli.main(["--trace", str(trace), "--startup-median", "20", "--startup-p99", "20", "--json", "--jobs", "1",
+                     "--policies", "composite-min0", "--tail", "60"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["cold_starts"] == 1  # the 4200 s gap only: without the hold the 1500 s gap would be one too
+    # at zero from Z until the poll at 5700 woke it: Z is the hold (from the last refresh that saw
+    # the request arriving, up to a 1 m rate window after it) plus the 60 s cooldown, give or take polls
+    zero_at = 5700 - row["hours_at_zero"] * 3600
+    assert 1500 + 3600 + 60 <= zero_at <= 1500 + 60 + 3600 + 60 + 15

@@ -150,7 +150,7 @@ def test_cli_json_has_one_object_per_policy_with_the_issue_fields(capsys):
 
 def test_cli_runs_the_min0_policies_beside_the_min1_ones_and_at_min_0_only_those_that_can(capsys, tmp_path):
     trace = tmp_path / "apart.csv"
-    trace.write_text("TIMESTAMP\n0\n3000\n")  # two requests 50 min apart: room to go to zero
+    trace.write_text("TIMESTAMP\n0\n5000\n")  # two requests 83 min apart: beyond the keep-warm hold's hour
     apart = ["--trace", str(trace), "--tail", "60", "--jobs", "2", "--json"]
     assert cli.main([*apart, "--policies", "keda-queue,composite-min0,keda-queue-min0"]) == 0
     rows = {r["policy"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}

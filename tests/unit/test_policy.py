@@ -34,6 +34,7 @@ def spec(**kwargs) -> PolicySpec:
     kwargs.setdefault("target_p95_seconds", 10.0)
     kwargs.setdefault("scale_down_window_s", 0.0)
     kwargs.setdefault("min_busy_replicas", 1)  # off, so each test sees the mechanism it names; see below
+    kwargs.setdefault("queue_smoothing_s", 0.0)  # the instant queue, likewise
     return PolicySpec(**kwargs)
 
 

@@ -135,8 +135,9 @@ def capacity_reading(queue: float = 4.0, ready: float = 2.0, **answers: float | 
 
 
 @pytest.mark.parametrize(("metadata", "capacity_read"), [
-    ({"signals": "queue"}, False),
-    ({}, False),  # the default signals leave capacity out
+    ({"signals": "queue"}, True),  # the spare's gate (spareAboveLoad 0.2 by default) measures the load
+    ({}, True),
+    ({"signals": "queue", "spareAboveLoad": "0"}, False),  # nothing uses them
     ({"signals": "queue,capacity"}, True),
     ({"signals": "capacity"}, True),
     ({"spareAboveLoad": "0.2"}, True),  # the spare's gate measures the load without the signal

@@ -24,7 +24,9 @@ STREAM = jobqueue.DEFAULT_STREAM
 
 
 def spec(address: str, **extra):
-    return parse_metadata({"prometheusAddress": "http://prom:9090", "redisAddress": address, **extra})
+    # spareAboveLoad 0: nothing reads the capacity measurements (tests/unit/test_signals.py reads them)
+    return parse_metadata({"prometheusAddress": "http://prom:9090", "redisAddress": address, "spareAboveLoad": "0",
+                           **extra})
 
 
 def read_once(address: str, password: str | None = None, **extra):

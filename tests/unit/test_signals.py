@@ -42,12 +42,16 @@ def test_unusable_answers_are_failures_not_zero(name, raw):
 
 
 def spec(**extra):
-    return parse_metadata({"prometheusAddress": "http://prom:9090", "targetP95Seconds": "5", **extra})
+    # spareAboveLoad 0: nothing reads the capacity measurements, so these tests see the four classic queries
+    return parse_metadata({"prometheusAddress": "http://prom:9090", "targetP95Seconds": "5", "spareAboveLoad": "0",
+                           **extra})
 
 
 def test_only_enabled_signals_are_queried():
     assert needed_queries(spec(signals=names.QUEUE)) == (names.QUEUE, names.READY_REPLICAS)
     assert needed_queries(spec()) == (names.QUEUE, names.READY_REPLICAS, names.GPU, names.LATENCY)
+    assert needed_queries(spec(spareAboveLoad="0.2")) == (
+        names.QUEUE, names.READY_REPLICAS, names.GPU, names.LATENCY, *names.CAPACITY_QUERIES)
 
 
 JOINED_PART = re.compile(r'label_replace\((.*), "' + re.escape(names.SIGNAL_LABEL) + r'", "(\w+)", "", ""\)$')
