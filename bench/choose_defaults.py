@@ -8,8 +8,10 @@ Each candidate is trigger metadata over the queue overlay's (`lab.sim.shipped`) 
 ones) replays the baselines and the oracle once and each candidate beside them, on the queue,
 as the evaluation does. A candidate ranks by the scenarios on which it meets goal 1 (the best
 SLO attainment, ties counting, and the fewest GPU-hours within one point), then goal 2 (within
-1.5x of the oracle), then goal 3 (scale events), then its geometric-mean GPU-hours over the
-oracle's: the objective first, then cost, then churn. Not per trace: one set for all.
+1.5x of the oracle), then goal 3 (scale events); among equals, one whose scale to zero is chosen
+from the idle gaps seen (the keep-warm hold) before one on a fixed timer (KEDA's cooldown alone),
+as issue 14 asks, then the lower geometric-mean GPU-hours over the oracle's. Not per trace: one
+set for all.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def main() -> int:
             detail[candidate].append(f"{name} {100 * composite['slo_attainment']:.1f}% "
                                      f"{composite['gpu_hours']:.2f}h {''.join('y' if ok else 'n' for ok, _ in met)}")
         print(f"{name} done", file=sys.stderr, flush=True)
-    ranked = sorted(GRID, key=lambda g: (-score[g[0]][0], -score[g[0]][1], -score[g[0]][2], score[g[0]][3]))
+    # goals met first; among equals, a scale to zero chosen from the idle gaps seen before a fixed
+    # timer (issue 14 asks for that), then the cheaper
+    ranked = sorted(GRID, key=lambda g: (-score[g[0]][0], -score[g[0]][1], -score[g[0]][2],
+                                         g[1]["keepWarmMaxSeconds"] == "0", score[g[0]][3]))
     print("| candidate | goal 1 | goal 2 | goal 3 | x oracle (geometric mean) | per scenario: SLO, GPU-h, goals |")
     print("| --- | --- | --- | --- | --- | --- |")
     for candidate, _, _ in ranked:

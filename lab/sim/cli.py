@@ -7,8 +7,8 @@ loop and the HPA with the ScaledObject's pass-through behavior), `hpa-gpu` (HPA 
 utilization, 75 %), `keda-queue` (KEDA's Prometheus scaler, 5 requests per replica),
 `fixed-interval` (one replica more or fewer every 30 s), `knative` (the KPA's defaults).
 Down to zero, on a queue (the gateway and Redis Streams: requests wait there for a cold start):
-`composite-min0` (the composite as the queue overlay ships it: activation above 0, no spare
-replica, KEDA polling every 5 s and a 900 s cooldown unless --polling-interval and
+`composite-min0` (the composite as the queue overlay ships it: activation above 0, the
+keep-warm hold, KEDA polling every 5 s and a 60 s cooldown unless --polling-interval and
 --cooldown-period say otherwise) and `keda-queue-min0` (KEDA on the queue's length, 5 per
 replica, activation above 0, polling 30 s, cooldown 300 s).
 The yardsticks: `oracle` (a clairvoyant policy that knows every arrival and each start-up delay,
