@@ -202,7 +202,11 @@ class Balancer:
     async def start(self, port: int = 0) -> int:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_post("/v1/images/generations", self._forward)
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive closes them from
+        # the worker's side: a request sent on a connection the worker is closing at that moment
+        # is lost ("Server disconnected"; one CI run failed a request so).
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                              connector=aiohttp.TCPConnector(keepalive_timeout=2.0))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self.port = port or free_port()
@@ -225,6 +229,11 @@ class Balancer:
                         continue
                     return web.Response(body=payload, status=answer.status, content_type="application/json",
                                         headers={k: v for k, v in answer.headers.items() if k == "Retry-After"})
+            except aiohttp.ServerDisconnectedError as error:
+                # closed before an answer: a keep-alive connection the worker was closing, or a worker
+                # that exited (refresh() will see it); the request goes to another try, as a client
+                # would retry it (a worker that died mid-batch may then have run it twice)
+                log.warning("%s closed the connection before answering; trying again: %s", worker.name, error)
             except aiohttp.ClientError as error:
                 log.warning("%s failed a request: %s", worker.name, error)
                 worker.ready = False
