@@ -46,7 +46,8 @@ def test_prometheus_stopped_serves_the_last_good_value_then_unavailable_then_rec
     error = eventually_fails(lambda: value_of(scaler, so), timeout_s=10)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - stopped_at >= 3.0  # not before staleAfterSeconds (4 s from the last good read)
-    assert "queue, ready, gpu queries: request to" in error.details() and "Connect call failed" in error.details()
+    assert "queue, ready, gpu, demand, arrivals, capacity, startup queries: request to" in error.details()
+    assert "Connect call failed" in error.details()
     is_active_error = eventually_fails(lambda: scaler.stub.IsActive(so), timeout_s=1)
     assert is_active_error.code() == grpc.StatusCode.UNAVAILABLE
     labels = scaler_labels(deployment)
@@ -101,7 +102,7 @@ def test_a_first_call_to_an_unreachable_prometheus_is_unavailable(scaler, deploy
     with pytest.raises(grpc.RpcError) as raised:
         scaler.stub.IsActive(so, timeout=10)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "queue, ready, gpu queries: request to http://127.0.0.1:" in raised.value.details()
+    assert "queue, ready, gpu, demand, arrivals, capacity, startup queries: request to http://127.0.0.1:" in raised.value.details()
     assert "Connect call failed" in raised.value.details()
 
 

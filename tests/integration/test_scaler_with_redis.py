@@ -189,7 +189,7 @@ def test_a_backlog_wakes_the_fleet_while_prometheus_is_down_and_redis_down_too_i
     # naming Prometheus; IsActive stays true on the fresh backlog all along.
     error = eventually_fails(value, timeout_s=10)
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"ready, gpu queries: request to {own_prometheus.url} failed" in error.details()
+    assert f"ready, gpu, demand, arrivals, capacity, startup queries: request to {own_prometheus.url} failed" in error.details()
     assert active() is True
     assert sample(scaler, names.SCALER_STALE, **labels) == 1
 
