@@ -154,6 +154,11 @@ def ref(deployment: str, prometheus_url: str, name: str | None = None, **metadat
         "selector": f'namespace="ml",deployment="{deployment}"',
         "refreshSeconds": "0.5",
         "scaleDownWindowSeconds": "0",
+        # the instant queue and IsActive without the keep-warm hold: these tests follow a reading
+        # through the scaler at once; the 30 s mean and the hold are the policy's, tested in
+        # tests/unit/test_policy.py and tests/unit/test_targets.py
+        "queueSmoothingSeconds": "0",
+        "keepWarmMaxSeconds": "0",
         **metadata,
     }
     return pb.ScaledObjectRef(name=name or deployment, namespace="ml", scalerMetadata=meta)
