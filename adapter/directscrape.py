@@ -39,6 +39,7 @@ from adapter.reading import QueryOutcome, Reading, needed_queries, outcome, to_r
 from contract import names
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+KEEPALIVE_S = 2.0  # idle connections to the pods live this long: under uvicorn's 5 s keep-alive
 
 def matches(labels: Mapping[str, str], matchers: Iterable[tuple[str, str, str]]) -> bool:
     for name, op, value in matchers:
@@ -232,8 +233,10 @@ class DirectSignalReader:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession()
-        try:
+            # Idle connections are dropped after 2 s, before a uvicorn worker's 5 s keep-alive closes
+            # them from its side: a scrape every 5 s would otherwise race that close and lose a scrape.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_S))
+        try:  # aiohttp itself tries a GET once more when the connection closes before an answer
             async with self._session.get(f"http://{address}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)) as answer:
                 return await answer.text() if answer.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError):

@@ -48,8 +48,11 @@ async def generate_load(url: str, scenario: Scenario, steps: int, stats: LoadSta
     tasks: set[asyncio.Task] = set()
     # No connection limit: a synchronous request through the gateway holds its connection while
     # it waits in the queue, and aiohttp's default of 100 would cap the backlog the client can make.
+    # Idle connections are dropped after 2 s, before the gateway's or a worker's uvicorn closes
+    # them at 5 s: reusing one as the server closes it loses the request ("Server disconnected";
+    # one CI run failed a request so, after an idle phase).
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300),
-                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+                                     connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0)) as session:
 
         async def one() -> None:
             try:

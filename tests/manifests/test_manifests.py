@@ -139,7 +139,7 @@ def test_every_environment_variable_names_a_real_flag():
 def test_the_queue_overlay_scales_the_workers_from_zero_on_the_streams_backlog():
     [scaled_object] = objects("ScaledObject", "overlays/queue")
     spec = scaled_object["spec"]
-    assert spec["minReplicaCount"] == 0 and spec["cooldownPeriod"] == 900 and spec["pollingInterval"] == 5
+    assert spec["minReplicaCount"] == 0 and spec["cooldownPeriod"] == 60 and spec["pollingInterval"] == 5
     metadata = spec["triggers"][0]["metadata"]
     [worker] = [d for d in objects("Deployment", "overlays/queue") if d["metadata"]["name"] == "sd-worker"]
     [gateway] = [d for d in objects("Deployment", "overlays/queue") if d["metadata"]["name"] == "diffusion-gateway"]

@@ -211,3 +211,44 @@ def test_a_replica_inside_the_window_counts_as_prometheus_extrapolates_it(pod, s
     store.mark_stale("left:8000", 45)
     demand = store.answers('deployment="sd"', window_s=30, now=60)[names.DEMAND]
     assert demand == pytest.approx(20 + prometheus_rate)  # the steady replica's 20, extrapolated to the edges
+
+
+def test_a_scrape_whose_connection_the_pod_closes_before_answering_is_tried_once_more():
+    """A pod (uvicorn) closes an idle keep-alive connection as the scaler reuses it: the GET is
+    lost with "Server disconnected". The scrape is tried once more on a new connection (aiohttp
+    does that for an idempotent GET) instead of marking the pod's series stale; a pod that keeps
+    closing is a failed scrape (None), in bounded tries. The scaler's connections also idle out
+    at 2 s, under uvicorn's 5 s, so the race is rare to begin with."""
+    import asyncio
+
+    from adapter.directscrape import DirectSignalReader
+
+    body = b"diffusion_ready 1\n"
+
+    async def go(closes: int) -> tuple[str | None, int]:
+        seen = 0
+
+        async def handle(reader, writer):
+            nonlocal seen
+            await reader.readuntil(b"\r\n\r\n")
+            seen += 1
+            if seen <= closes:
+                writer.close()  # gone before an answer
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader = DirectSignalReader()
+        try:
+            return await reader._fetch(f"127.0.0.1:{port}", 2.0), seen
+        finally:
+            await reader.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(go(closes=1)) == (body.decode(), 2)
+    text, tries = asyncio.run(go(closes=100))
+    assert text is None and tries == 2
