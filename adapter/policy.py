@@ -99,7 +99,7 @@ class Decision:
     limiting: str  # the signal whose proposal is the composite, or "none"
     held_by: str  # what moved value away from composite: "" when nothing did
     burst: bool  # the queue proposal skipped the scale-up window
-    active: bool  # the queue exceeds the activation threshold, or an idle fleet is kept warm (`keep_warm`)
+    active: bool  # the queue exceeds the activation threshold, or an idle fleet is kept warm (`keep_warm_s`)
     state: PolicyState
     kept_warm: bool = False  # active only because of the keep-warm hold (`keep_warm_s`)
 
@@ -138,9 +138,10 @@ def capacity_need(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> flo
     steady state at utilization `u` (`target_capacity_utilization`), with the demand projected
     one start-up delay L ahead along its rising trend (a replica asked for now serves only then),
     plus headroom for the arrivals' randomness over L: z (`headroom_sigmas`) standard deviations
-    of a Poisson stream at the measured rate of requests of the measured size. The second drains what is in flight (requests, at `work` = demand / arrivals image-steps
-    each) within `drain_seconds` (the latency objective by default), so a backlog left by a
-    burst is cleared in time instead of waiting for the steady term to notice it.
+    of a Poisson stream at the measured rate of requests of the measured size. The second drains
+    what is in flight (requests, at `work` = demand / arrivals image-steps each) within
+    `drain_seconds` (the latency objective by default), so a backlog left by a burst is cleared
+    in time instead of waiting for the steady term to notice it.
     """
     demand, capacity = signals.demand, signals.capacity
     if demand is None or capacity is None or capacity <= 0 or signals.arrivals is None or signals.startup_s is None:
@@ -160,9 +161,10 @@ def capacity_need(spec: PolicySpec, signals: Signals, trend: float = 0.0) -> flo
 
 def keep_warm_s(spec: PolicySpec, signals: Signals, gaps: tuple[float, ...]) -> float:
     """How long an idle fleet stays active after its last request, in seconds: 0 when a cold
-    start meets the objective anyway (start-up within `target_p95_seconds`), else the
-    `keep_warm_quantile` of the idle gaps seen (so at most that share of gaps ends in a cold
-    start), at most `keep_warm_max_s`, and that maximum while fewer than 20 gaps are known.
+    start meets the objective anyway (start-up within `target_p95_seconds`), else
+    `keep_warm_multiple` times the `keep_warm_quantile` of the idle gaps seen (so at most the
+    rest of the gaps, and fewer, end in a cold start), at most `keep_warm_max_s`, and that
+    maximum while fewer than `MIN_GAPS` gaps are known.
     Ski rental with the objective first: a cold start costs missed requests, an idle replica
     only its GPU."""
     if signals.startup_s is not None and spec.target_p95_seconds and signals.startup_s <= spec.target_p95_seconds:
