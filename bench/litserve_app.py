@@ -22,14 +22,21 @@ from worker.service import encode_png  # noqa: E402
 
 
 class DiffusionAPI(ls.LitAPI):
-    def __init__(self, model: Path, device: str, **kwargs) -> None:
+    def __init__(self, model: Path, device: str, compile_cache: Path | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.model = model
         self.device_name = device
+        self.compile_cache = compile_cache
 
     def setup(self, device) -> None:
         self.runner = DiffusionRunner.load(self.model, self.device_name)
-        self.runner.warm_up(self.runner.defaults())
+        defaults = self.runner.defaults()
+        if self.compile_cache is not None:  # the worker's compiled runner, same buckets as `--compile on`
+            from worker.compiled import CompiledRunner, CompileSettings, default_buckets
+
+            self.runner = CompiledRunner(self.runner, CompileSettings(default_buckets(self.max_batch_size),
+                                                                      self.compile_cache), defaults)
+        self.runner.warm_up(defaults)
 
     def decode_request(self, request: dict) -> tuple:
         width, height = map(int, request.get("size", "512x512").split("x"))
@@ -55,9 +62,10 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout-ms", type=float, default=50)
+    parser.add_argument("--compile-cache-dir", type=Path, help="serve the compiled runner, its artifacts cached here")
     args = parser.parse_args()
     api = DiffusionAPI(
-        args.model, args.device, max_batch_size=args.max_batch_size,
+        args.model, args.device, args.compile_cache_dir, max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout_ms / 1000, api_path="/v1/images/generations",
     )
     accelerator = "cpu" if args.device == "cpu" else "auto"

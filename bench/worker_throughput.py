@@ -96,11 +96,18 @@ utilization: dict[int, float | None] = {}  # raw batch size -> mean NVML utiliza
 
 
 def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, steps: int,
-                 repeats: int, sink: Path | None) -> list[Result]:
+                 repeats: int, sink: Path | None, compile_cache: Path | None = None) -> list[Result]:
     from worker.batching import BatchKey
     from worker.pipeline import DiffusionRunner
 
     runner = DiffusionRunner.load(model, "auto")
+    if compile_cache is not None:  # the compiled runner, every batch size a bucket
+        from worker.compiled import CompiledRunner, CompileSettings
+
+        defaults = runner.defaults()
+        runner = CompiledRunner(runner, CompileSettings(tuple(sorted(batch_sizes)), compile_cache), defaults)
+        runner.warm_up(defaults)
+        print(f"raw       compiled {sorted(batch_sizes)} in {runner.warm_up_seconds:.1f} s", flush=True)
     key = BatchKey(width, height, steps, 7.5)
     results = []
     for size in batch_sizes:
@@ -125,6 +132,19 @@ def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, s
     except Exception:  # noqa: BLE001 - CPU-only runs
         pass
     return results
+
+
+STARTUP_GAUGES = ("diffusion_startup_seconds", "diffusion_model_load_seconds", "diffusion_warmup_seconds")
+
+
+def startup_figures(url: str) -> dict[str, float]:
+    """The worker's exported start-up gauges, read once it is ready; {} for a server without them."""
+    try:
+        text = requests.get(url + "/metrics", timeout=5).text
+    except requests.RequestException:
+        return {}
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.split(" ")[0] in STARTUP_GAUGES}
 
 
 @contextmanager
@@ -204,7 +224,13 @@ def http_runs(system: str, command: list[str], ready_path: str, size: int, concu
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     results = []
+    began = time.monotonic()
     with server([*command, "--port", str(port)], url, ready_path, logs / f"{system}-b{size}.log"):
+        figures = {"system": system, "max_batch": size, "seconds_to_ready_from_spawn": time.monotonic() - began,
+                   **startup_figures(url)}
+        with (logs / "startup.jsonl").open("a") as lines:
+            lines.write(json.dumps(figures) + "\n")
+        print(f"{system:<9} B={size:<3} ready: {figures}", flush=True)
         for concurrency in concurrencies:
             images, latencies, errors = closed_loop(url + "/v1/images/generations", body, concurrency, warmup_s, duration_s)
             mean = statistics.mean(latencies) if latencies else float("nan")
@@ -248,6 +274,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--compile-cache-dir", type=Path, help="compiled: every system runs the compiled runner "
+                        "(worker --compile on), its artifacts cached here")
     parser.add_argument("--profile-out", type=Path, help="write the raw pipeline's seconds per batch as a batch "
                         "profile for the replay simulator (python -m lab.sim --profile); needs raw")
     args = parser.parse_args()
@@ -263,18 +291,22 @@ def main() -> None:
     results: list[Result] = []
     if "raw" in systems:
         results += raw_pipeline(args.model, batch_sizes, width, height, args.steps, args.raw_repeats,
-                                args.logs / "results.jsonl")
+                                args.logs / "results.jsonl", args.compile_cache_dir)
     for size in batch_sizes:
         concurrencies = sorted({max(1, round(size * m)) for m in multiples})
         if "worker" in systems:
             command = [sys.executable, "-m", "worker", "serve", "--model", str(args.model), "--host", "127.0.0.1",
                        "--device", args.device, "--max-batch-size", str(size), "--max-wait-ms", str(args.max_wait_ms),
                        "--max-queue", str(max(64, 4 * size)), "--max-image-side", str(max(width, height))]
+            if args.compile_cache_dir:
+                command += ["--compile", "on", "--compile-cache-dir", str(args.compile_cache_dir)]
             results += http_runs("worker", command, "/readyz", size,
                                  concurrencies, body, args.warmup_s, args.duration_s, args.logs)
         if "litserve" in systems:
             command = [sys.executable, str(REPO / "bench" / "litserve_app.py"), "--model", str(args.model),
                        "--device", args.device, "--max-batch-size", str(size), "--batch-timeout-ms", str(args.max_wait_ms)]
+            if args.compile_cache_dir:
+                command += ["--compile-cache-dir", str(args.compile_cache_dir)]
             results += http_runs("litserve", command, "/health", size, concurrencies, body,
                                  args.warmup_s, args.duration_s, args.logs)
     print()

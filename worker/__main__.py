@@ -11,6 +11,7 @@ from pathlib import Path
 from contract import jobqueue
 from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
 
+from .compiled import parse_buckets
 from .queueconfig import QueueConfig
 from .service import WorkerLimits
 
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
         help="skip the warm-up before readiness: a small call, then a batch at --max-batch-size that measures "
              "the capacity (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
+    add("--compile", choices=("auto", "on", "off"), default=env.get("COMPILE", "off"),
+        help="UNet and VAE decode under torch.compile with CUDA graphs, every batch bucket compiled before ready; "
+             "auto: on CUDA only (env WORKER_COMPILE)")
+    add("--batch-buckets", type=parse_buckets, default=env.get("BATCH_BUCKETS"), metavar="N,N,...",
+        help="batch sizes compiled; a batch runs padded to the next (default: powers of two up to "
+             "--max-batch-size, and it) (env WORKER_BATCH_BUCKETS)")
+    add("--compile-cache-dir", type=Path, default=env.get("COMPILE_CACHE_DIR"), metavar="DIR",
+        help="keeps compiled artifacts across restarts; mount a volume here (env WORKER_COMPILE_CACHE_DIR)")
     add("--access-log", action="store_true", default=env.flag("ACCESS_LOG"),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),
@@ -154,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         warm_up=args.warm_up,
         access_log=args.access_log,
         queue=queue,
+        compile=args.compile,
+        batch_buckets=args.batch_buckets,
+        compile_cache_dir=args.compile_cache_dir,
     )
     code = serve(config)
     # The pipeline thread may still be inside torch (drain timed out, or a load was cut

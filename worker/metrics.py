@@ -31,6 +31,8 @@ class LiveState:
     capacity_image_steps_per_second: Callable[[], float | None]  # at the max batch in force; None: not measured
     throughput_by_batch_size: Callable[[], Mapping[int, float]]  # image-steps per second, by images per batch
     startup_seconds: Callable[[], float | None]  # process start to ready; None: not ready yet, or unknown
+    model_load_seconds: Callable[[], float | None]  # imports and weights onto the device; None: not loaded yet
+    warm_up_seconds: Callable[[], float | None]  # model loaded to ready; None: not ready yet
 
 
 class LiveCollector:
@@ -73,13 +75,16 @@ class LiveCollector:
         for size, rate in sorted(state.throughput_by_batch_size().items()):
             profile.add_metric((str(size),), rate)
         yield profile
-        startup = state.startup_seconds()
-        if startup is not None:
-            yield GaugeMetricFamily(
-                names.STARTUP_SECONDS,
-                "Seconds from process start to ready: imports, model load, warm-up and capacity probe",
-                value=startup,
-            )
+        for name, text, value in (
+            (names.STARTUP_SECONDS, "Seconds from process start to ready: imports, model load, warm-up and capacity "
+             "probe", state.startup_seconds()),
+            (names.MODEL_LOAD, "Seconds the model took to load onto its device, imports included",
+             state.model_load_seconds()),
+            (names.WARM_UP_SECONDS, "Seconds from the model loaded to ready: warm-up calls, compiling and capturing "
+             "every batch bucket (--compile), the capacity probe", state.warm_up_seconds()),
+        ):
+            if value is not None:  # not measured yet: absent, not 0
+                yield GaugeMetricFamily(name, text, value=value)
 
 
 class WorkerMetrics:
@@ -133,9 +138,6 @@ class WorkerMetrics:
         self.queue_in_hand = Gauge(
             names.QUEUE_IN_HAND, "Jobs pulled off the Redis stream and not yet acknowledged (0 in direct mode)",
             registry=registry,
-        )
-        self.model_load = Gauge(
-            names.MODEL_LOAD, "Seconds the model took to load onto its device", registry=registry,
         )
 
     def watch(self, state: LiveState) -> None:

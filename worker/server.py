@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -46,6 +47,19 @@ class ServeConfig:
     warm_up: bool = True
     access_log: bool = False
     queue: QueueConfig | None = None  # pull mode: jobs from this Redis stream; None: the HTTP API only
+    compile: str = "off"  # one of COMPILE_CHOICES: "auto" compiles on CUDA only
+    batch_buckets: tuple[int, ...] | None = None  # compiled batch sizes; None: `default_buckets(max batch)`
+    compile_cache_dir: Path | None = None  # compiled artifacts kept across processes; None: the compiler's default
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compiles(choice: str, device: str) -> bool:
+    """Whether `--compile choice` compiles on `device` ("cuda" or "cpu")."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    return choice == "on" or (choice == "auto" and device == "cuda")
 
 
 class WorkerServer(uvicorn.Server):
@@ -82,11 +96,15 @@ class WorkerServer(uvicorn.Server):
         config = self.serve_config
         try:
             runner = DiffusionRunner.load(config.model_dir, config.device)
+            loaded_at = time.perf_counter()
             defaults = runner.defaults()
-            if config.warm_up:
+            if compiles(config.compile, runner.device):
+                runner = self._compiled(runner, defaults)  # compiles every bucket, whatever --no-warm-up says
+            elif config.warm_up:
                 runner.warm_up(defaults)
             # The warm-up's second part: a batch at the max batch size measures the capacity.
-            self.service.attach(runner, defaults, runner.load_seconds, probe_capacity=config.warm_up)
+            self.service.attach(runner, defaults, runner.load_seconds, probe_capacity=config.warm_up,
+                                loaded_at=loaded_at)
         except Exception:  # noqa: BLE001 - any load failure ends the process with a clear log
             log.exception("loading the model from %s failed", config.model_dir)
             self.exit_code = EXIT_LOAD_FAILED
@@ -98,6 +116,19 @@ class WorkerServer(uvicorn.Server):
                  limits.batching.max_wait_s * 1000, limits.max_queue_images)
         if self.consumer is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._start_consumer)
+
+    def _compiled(self, runner, defaults):
+        from .compiled import CompiledRunner, CompileSettings, default_buckets
+
+        config = self.serve_config
+        max_batch = config.limits.batching.max_batch_size
+        buckets = config.batch_buckets or default_buckets(max_batch)
+        if buckets[-1] < max_batch:
+            log.warning("the largest batch bucket (%d) is below --max-batch-size (%d): larger batches run eagerly",
+                        buckets[-1], max_batch)
+        compiled = CompiledRunner(runner, CompileSettings(buckets, config.compile_cache_dir), defaults)
+        compiled.warm_up(defaults)
+        return compiled
 
     def _start_consumer(self) -> None:
         if self.consumer is not None and not self._drain_started:

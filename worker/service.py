@@ -138,6 +138,8 @@ class WorkerService:
         self.metrics = metrics
         self._uptime_s = uptime_s
         self.startup_s: float | None = None  # process start to ready; None until ready
+        self.model_load_s: float | None = None  # imports and weights onto the device; None until loaded
+        self.warm_up_s: float | None = None  # model loaded to ready; None until ready
         self.queue = BatchQueue(limits.max_queue_images)
         self.engine: Engine | None = None
         self.defaults: ModelDefaults | None = None
@@ -159,6 +161,8 @@ class WorkerService:
                     self.engine.capacity_image_steps_per_second() if self.engine else None),
                 throughput_by_batch_size=lambda: self.engine.throughput.by_batch_size() if self.engine else {},
                 startup_seconds=lambda: self.startup_s,
+                model_load_seconds=lambda: self.model_load_s,
+                warm_up_seconds=lambda: self.warm_up_s,
             )
         )
 
@@ -176,18 +180,21 @@ class WorkerService:
         return self.pull_status()
 
     def attach(self, runner: ImageRunner, defaults: ModelDefaults, load_seconds: float,
-               probe_capacity: bool = False) -> None:
+               probe_capacity: bool = False, loaded_at: float | None = None) -> None:
         """Starts serving with a loaded runner (called once, after the model loaded, on the
         thread that loaded it). With `probe_capacity`, one batch at the max batch size, the
         model's default size and the API's default steps and guidance runs first
         (`Engine.probe_capacity`), so the capacity is measured when readiness turns true.
+        `loaded_at` (time.perf_counter() when the load ended) times the warm-up to here.
         The start-up seconds are read last: what a new replica costs before it serves."""
-        self.metrics.model_load.set(load_seconds)
+        self.model_load_s = load_seconds
         self.defaults = defaults
         engine = Engine(self.queue, runner, self.limits.batching, self.metrics)
         if probe_capacity:
             engine.probe_capacity(BatchKey(defaults.width, defaults.height, DEFAULT_STEPS, DEFAULT_GUIDANCE))
         engine.start()
+        if loaded_at is not None:
+            self.warm_up_s = time.perf_counter() - loaded_at
         self.startup_s = self._uptime_s()
         if self.startup_s is None:
             log.warning("the process start time is unknown here (no Linux /proc): no start-up seconds exported")
