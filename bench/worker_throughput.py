@@ -134,7 +134,9 @@ def raw_pipeline(model: Path, batch_sizes: list[int], width: int, height: int, s
     return results
 
 
-STARTUP_GAUGES = ("diffusion_startup_seconds", "diffusion_model_load_seconds", "diffusion_warmup_seconds")
+from contract import names  # noqa: E402
+
+STARTUP_GAUGES = (names.STARTUP_SECONDS, names.MODEL_LOAD, names.WARM_UP_SECONDS)
 
 
 def startup_figures(url: str) -> dict[str, float]:

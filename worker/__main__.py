@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
         help="skip the warm-up before readiness: a small call, then a batch at --max-batch-size that measures "
              "the capacity (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
-    add("--compile", choices=("auto", "on", "off"), default=env.get("COMPILE", "off"),
+    add("--compile", choices=("auto", "on", "off"), default=env.get("COMPILE", "auto"),
         help="UNet and VAE decode under torch.compile with CUDA graphs, every batch bucket compiled before ready; "
              "auto: on CUDA only (env WORKER_COMPILE)")
     add("--batch-buckets", type=parse_buckets, default=env.get("BATCH_BUCKETS"), metavar="N,N,...",

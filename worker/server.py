@@ -47,7 +47,7 @@ class ServeConfig:
     warm_up: bool = True
     access_log: bool = False
     queue: QueueConfig | None = None  # pull mode: jobs from this Redis stream; None: the HTTP API only
-    compile: str = "off"  # one of COMPILE_CHOICES: "auto" compiles on CUDA only
+    compile: str = "auto"  # one of COMPILE_CHOICES: "auto" compiles on CUDA only
     batch_buckets: tuple[int, ...] | None = None  # compiled batch sizes; None: `default_buckets(max batch)`
     compile_cache_dir: Path | None = None  # compiled artifacts kept across processes; None: the compiler's default
 

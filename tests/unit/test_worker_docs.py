@@ -30,7 +30,7 @@ def test_every_serve_flag_is_in_the_flag_table():
 def test_the_worker_serves_the_contracts_metrics_and_documents_each():
     metrics = WorkerMetrics(CollectorRegistry())
     metrics.watch(LiveState(lambda: 0, lambda: 0, lambda: 0.0, lambda: 1, lambda: True,
-                            lambda: 10.0, lambda: {1: 10.0}, lambda: 5.0))
+                            lambda: 10.0, lambda: {1: 10.0}, lambda: 5.0, lambda: 2.0, lambda: 3.0))
     families = {family.name: family.type for family in metrics.registry.collect()}
     assert sorted(families) == sorted(contract_names.WORKER_METRICS)
     names = {name + ("_total" if kind == "counter" else "") for name, kind in families.items()}

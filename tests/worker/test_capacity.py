@@ -18,6 +18,7 @@ from contract import names
 from worker.batching import BatchKey, BatchPolicy, BatchQueue, Job
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
+from worker.service import WorkerLimits, WorkerService
 from worker.throughput import ThroughputProfile
 from worker.uptime import process_uptime_s
 
@@ -270,9 +271,21 @@ def test_a_served_worker_is_ready_with_its_capacity_measured_and_its_startup_cov
     finally:
         process.kill()
         process.wait()
-    load = exported[(names.MODEL_LOAD, ())]
-    assert exported[(names.STARTUP_SECONDS, ())] >= load > 0
+    load, warm_up = exported[(names.MODEL_LOAD, ())], exported[(names.WARM_UP_SECONDS, ())]
+    assert exported[(names.STARTUP_SECONDS, ())] >= load + warm_up and load > 0 and warm_up > 0
     probed = exported[(THROUGHPUT, ((names.BATCH_SIZE_LABEL, "2"),))]  # the probe: 2 images x 20 steps
     assert exported[(CAPACITY, ())] == probed > 0
     # the probe is not served work, and nobody asked for anything yet
     assert exported[(REQUESTED, ())] == 0 and exported[(names.IMAGES + "_total", ())] == 0
+
+
+def test_the_load_and_warm_up_seconds_are_absent_until_measured_then_exported(tiny_runner):
+    service = WorkerService(WorkerLimits(), WorkerMetrics(CollectorRegistry()))
+    before = {family.name for family in service.metrics.registry.collect()}
+    assert names.MODEL_LOAD not in before and names.WARM_UP_SECONDS not in before  # not 0: absent
+    service.attach(tiny_runner, tiny_runner.defaults(), 1.5, loaded_at=time.perf_counter() - 0.25)
+    after = {family.name: family.samples[0].value for family in service.metrics.registry.collect()
+             if family.samples}
+    assert after[names.MODEL_LOAD] == 1.5 and after[names.WARM_UP_SECONDS] >= 0.25
+    service.queue.close()
+    assert service.engine.join(5.0)
