@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.batching import BatchKey  # noqa: E402
 from worker.pipeline import DiffusionRunner  # noqa: E402
-from worker.service import encode_png  # noqa: E402
+from worker.encoding import encode_png  # noqa: E402
 
 
 class DiffusionAPI(ls.LitAPI):

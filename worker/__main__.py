@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from contract import jobqueue
-from contract.cli import LOG_LEVELS, Environment, configure_logging, non_negative_float, positive_float, positive_int
+from contract.cli import (
+    LOG_LEVELS, Environment, configure_logging, non_negative_float, non_negative_int, positive_float, positive_int,
+)
 
 from .compiled import parse_buckets
 from .queueconfig import QueueConfig
@@ -88,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
              "--max-batch-size, and it) (env WORKER_BATCH_BUCKETS)")
     add("--compile-cache-dir", type=Path, default=env.get("COMPILE_CACHE_DIR"), metavar="DIR",
         help="keeps compiled artifacts across restarts; mount a volume here (env WORKER_COMPILE_CACHE_DIR)")
+    add("--encode-processes", type=non_negative_int, default=env.get("ENCODE_PROCESSES"), metavar="N",
+        help="processes that encode answers to PNG, off the pipeline's interpreter lock; 0: a thread "
+             "(default: 2 on CUDA, 0 on CPU) (env WORKER_ENCODE_PROCESSES)")
     add("--access-log", action="store_true", default=env.flag("ACCESS_LOG"),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         batch_buckets=args.batch_buckets,
         compile_cache_dir=args.compile_cache_dir,
+        encode_processes=args.encode_processes,
     )
     code = serve(config)
     # The pipeline thread may still be inside torch (drain timed out, or a load was cut

@@ -26,6 +26,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from .api import build_app
+from .encoding import PngEncoder
 from .metrics import WorkerMetrics
 from .queue import QueueConsumer
 from .queueconfig import QueueConfig
@@ -50,6 +51,10 @@ class ServeConfig:
     compile: str = "auto"  # one of COMPILE_CHOICES: "auto" compiles on CUDA only
     batch_buckets: tuple[int, ...] | None = None  # compiled batch sizes; None: `default_buckets(max batch)`
     compile_cache_dir: Path | None = None  # compiled artifacts kept across processes; None: the compiler's default
+    encode_processes: int | None = None  # PNG encoder processes; None: ENCODE_PROCESSES_ON_CUDA on CUDA, else 0 (a thread)
+
+
+ENCODE_PROCESSES_ON_CUDA = 2
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
@@ -98,6 +103,11 @@ class WorkerServer(uvicorn.Server):
             runner = DiffusionRunner.load(config.model_dir, config.device)
             loaded_at = time.perf_counter()
             defaults = runner.defaults()
+            processes = config.encode_processes
+            if processes is None:
+                processes = ENCODE_PROCESSES_ON_CUDA if runner.device == "cuda" else 0
+            self.service.encoder = PngEncoder(processes)
+            self.service.encoder.start()
             if compiles(config.compile, runner.device):
                 runner = self._compiled(runner, defaults)  # compiles every bucket, whatever --no-warm-up says
             elif config.warm_up:
@@ -177,5 +187,8 @@ class WorkerServer(uvicorn.Server):
 def serve(config: ServeConfig) -> int:
     """Serves until drained or failed; returns the process exit code."""
     server = WorkerServer(config)
-    server.run()
+    try:
+        server.run()
+    finally:
+        server.service.encoder.close()
     return server.exit_code

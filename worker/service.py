@@ -10,8 +10,6 @@ every request that fits this model: accepted, or refused because the queue was f
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import math
 import secrets
@@ -23,6 +21,7 @@ from dataclasses import dataclass, field
 from contract.schema import GenerationRequest
 
 from .batching import BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
+from .encoding import PngEncoder
 from .engine import BatchFailed, Engine, ImageRunner
 from .metrics import LiveState, WorkerMetrics
 from .pipeline import ModelDefaults
@@ -119,23 +118,16 @@ class ClientGone(Exception):
     """The client disconnected before its images were ready."""
 
 
-def encode_png(pixels) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    # Level 1: most of zlib's gain at a fraction of the default level's time per image.
-    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 class WorkerService:
     """Admission, queueing and answers for one pipeline."""
 
     def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics,
-                 uptime_s: Callable[[], float | None] = process_uptime_s) -> None:
-        """`uptime_s`: seconds since the process started (None: unknown), read once at readiness."""
+                 uptime_s: Callable[[], float | None] = process_uptime_s, encoder: PngEncoder | None = None) -> None:
+        """`uptime_s`: seconds since the process started (None: unknown), read once at readiness;
+        `encoder` encodes answers (default: in a thread)."""
         self.limits = limits
         self.metrics = metrics
+        self.encoder = encoder or PngEncoder(0)
         self._uptime_s = uptime_s
         self.startup_s: float | None = None  # process start to ready; None until ready
         self.model_load_s: float | None = None  # imports and weights onto the device; None until loaded
@@ -281,7 +273,7 @@ class WorkerService:
         if job.error is not None:
             message = str(job.error) if isinstance(job.error, BatchFailed) else repr(job.error)
             raise RequestFailed(500, f"generation failed: {message}")
-        encoded = await asyncio.to_thread(lambda: [encode_png(pixels) for pixels in job.images])
+        encoded = await self.encoder.encode(job.images)
         return [GeneratedImage(png, seed) for png, seed in zip(encoded, job.seeds, strict=True)]
 
     def _batch_key(self, spec: ImageSpec, defaults: ModelDefaults) -> BatchKey:
