@@ -8,16 +8,16 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
 
 from contract import names
 from contract.cli import LOG_LEVELS, Environment, configure_logging, positive_float
 from contract.httpserver import MetricsServer
 
-from .collector import GpuCollector, podresources_metrics, render
+from .collector import GpuExposition, podresources_text
 from .config import MODES, ExporterConfig
 from .devices import DeviceFilter, DeviceIdentity
 from .nvml import NvmlReader
@@ -105,14 +105,17 @@ class Exporter:
             pod = PodRef(environ["POD_NAME"], environ.get("POD_NAMESPACE", ""), environ.get("CONTAINER_NAME", ""))
         self.reader = NvmlReader(nvml, visible=device_filter(config, environ), per_process=config.per_process,
                                  hostname=config.hostname, xid_quiet_s=config.xid_quiet_s)
+        self.exposition = GpuExposition(
+            lambda: dict(self.reader.errors), stale_after_s=config.stale_after_s, pod=pod,
+            extra=self._podresources_text if self.podresources else None, xid_events=self.reader.xids.counts,
+        )
+        # The poller renders the exposition after each period; a scrape only picks a rendering.
         self.poller = Poller(self.reader, interval_s=config.interval_s, timeout_s=config.collect_timeout_s,
-                             attribution=self._owners_of if self.podresources else None)
-        self.registry = CollectorRegistry()
-        self.registry.register(GpuCollector(
-            lambda: self.poller.state, lambda: dict(self.reader.errors), stale_after_s=config.stale_after_s,
-            pod=pod, extra=self._podresources_metrics, xid_events=self.reader.xids.counts,
-        ))
-        self.server = MetricsServer(self.registry, self._health, config.listen_address, config.port, render=render)
+                             attribution=self._owners_of if self.podresources else None,
+                             on_state=self.exposition.update)
+        # The server's own text writer reads a registry; `render` replaces it, so this one stays empty.
+        self.server = MetricsServer(CollectorRegistry(), self._health, config.listen_address, config.port,
+                                    render=lambda _registry: self.exposition.scrape(time.time()))
 
     def _owners_of(self, identity: DeviceIdentity) -> tuple[PodRef, ...]:
         owners = self.podresources.owners()
@@ -121,9 +124,8 @@ class Exporter:
             refs.update(owners.get(key, ()))
         return tuple(sorted(refs))
 
-    def _podresources_metrics(self) -> Iterable[Metric]:
-        if self.podresources is not None:
-            yield from podresources_metrics(self.podresources)
+    def _podresources_text(self) -> str:
+        return podresources_text(self.podresources)
 
     def _health(self) -> tuple[bool, str]:
         # Alive while the poller runs; NVML being down is a metric, not a reason to restart.

@@ -73,9 +73,16 @@ class DeviceState:
     identity: DeviceIdentity
     unsupported: set[str] = field(default_factory=set)
     last_sample_us: dict[int, int] = field(default_factory=dict)
+    # GPM: two samples allocated once, the last one taken and the one the next collection fills,
+    # and the metrics request, whose metric ids are set once.
     gpm_previous: Any = None
+    gpm_spare: Any = None
+    gpm_request: Any = None
     xid_events: Any = None
     new_xids: list[int] = field(default_factory=list)  # drained from the event set, not yet recorded
+    # NVML's current utilization, read at most once per collection: both utilization reads fall
+    # back to it when no sample arrived.
+    rates: Any = None
 
 
 def start_device(nvml: Any, state: DeviceState) -> None:
@@ -88,11 +95,30 @@ def start_device(nvml: Any, state: DeviceState) -> None:
         state.unsupported.add("xid")
     try:
         if nvml.nvmlGpmQueryDeviceSupport(state.handle).isSupportedDevice:
-            state.gpm_previous = nvml.nvmlGpmSampleGet(state.handle, nvml.nvmlGpmSampleAlloc())
+            state.gpm_previous = nvml.nvmlGpmSampleAlloc()
+            state.gpm_spare = nvml.nvmlGpmSampleAlloc()
+            nvml.nvmlGpmSampleGet(state.handle, state.gpm_previous)
+            request = nvml.c_nvmlGpmMetricsGet_t()
+            request.version = nvml.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = len(_GPM_FIELDS)
+            for slot, (metric, _name) in enumerate(_GPM_FIELDS):
+                request.metrics[slot].metricId = metric
+            state.gpm_request = request
         else:
             state.unsupported.add("gpm")
     except nvml.NVMLError:
         state.unsupported.add("gpm")
+
+
+def stop_device(nvml: Any, state: DeviceState) -> None:
+    """Frees what `start_device` allocated in NVML (the GPM samples); called before the session shuts down."""
+    for sample in (state.gpm_previous, state.gpm_spare):
+        if sample is not None:
+            try:
+                nvml.nvmlGpmSampleFree(sample)
+            except nvml.NVMLError:
+                pass  # the session is going away: nothing more to do for it
+    state.gpm_previous = state.gpm_spare = None
 
 
 def read_device(nvml: Any, state: DeviceState, errors: Counter[tuple[str, str]], per_process: bool) -> DeviceReading:
@@ -100,6 +126,7 @@ def read_device(nvml: Any, state: DeviceState, errors: Counter[tuple[str, str]],
     gpu = str(state.identity.index)
     values: dict[str, float] = {}
     answered, failure = False, None
+    state.rates = None
     for call, read in READS:
         if call in state.unsupported:
             continue
@@ -157,10 +184,12 @@ def _memory_temperature(nvml, state):
     return {names.MEMORY_TEMP: _field_number(field_value)}
 
 
+# nvmlValue_t is a union; valueType says which member holds the number.
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
 def _field_number(field_value) -> float:
-    # nvmlValue_t is a union; valueType says which member holds the number.
-    member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
-    return float(getattr(field_value.value, member.get(field_value.valueType, "uiVal")))
+    return float(getattr(field_value.value, _VALUE_MEMBERS.get(field_value.valueType, "uiVal")))
 
 
 def _power(nvml, state):
@@ -193,17 +222,24 @@ def _sampled_mean(nvml, state, sampling_type: int) -> float | None:
     return sum(sample.sampleValue.uiVal for sample in samples) / len(samples)
 
 
+def _current_rates(nvml, state):
+    """NVML's current utilization (GPU and memory), asked once per collection."""
+    if state.rates is None:
+        state.rates = nvml.nvmlDeviceGetUtilizationRates(state.handle)
+    return state.rates
+
+
 def _gpu_utilization(nvml, state):
     mean = _sampled_mean(nvml, state, GPU_UTILIZATION_SAMPLES)
     if mean is None:  # no new sample in the period: NVML's own current reading
-        mean = nvml.nvmlDeviceGetUtilizationRates(state.handle).gpu
+        mean = _current_rates(nvml, state).gpu
     return {names.GPU_UTIL: mean}
 
 
 def _memory_copy_utilization(nvml, state):
     mean = _sampled_mean(nvml, state, MEMORY_UTILIZATION_SAMPLES)
     if mean is None:
-        mean = nvml.nvmlDeviceGetUtilizationRates(state.handle).memory
+        mean = _current_rates(nvml, state).memory
     return {names.MEM_COPY_UTIL: mean}
 
 
@@ -216,15 +252,17 @@ def _decoder(nvml, state):
 
 
 def _framebuffer(nvml, state):
-    try:
-        memory = nvml.nvmlDeviceGetMemoryInfo(state.handle, version=nvml.nvmlMemory_v2)
-        reserved = {names.FB_RESERVED: memory.reserved / MIB}
-    except nvml.NVMLError as error:
-        if getattr(error, "value", None) not in UNSUPPORTED_ERRORS:
-            raise
-        memory = nvml.nvmlDeviceGetMemoryInfo(state.handle)  # v1: no reserved figure
-        reserved = {}
-    return {names.FB_FREE: memory.free / MIB, names.FB_USED: memory.used / MIB, **reserved}
+    if "framebuffer_v2" not in state.unsupported:
+        try:
+            memory = nvml.nvmlDeviceGetMemoryInfo(state.handle, version=nvml.nvmlMemory_v2)
+            return {names.FB_FREE: memory.free / MIB, names.FB_USED: memory.used / MIB,
+                    names.FB_RESERVED: memory.reserved / MIB}
+        except nvml.NVMLError as error:
+            if getattr(error, "value", None) not in UNSUPPORTED_ERRORS:
+                raise
+            state.unsupported.add("framebuffer_v2")  # an older driver: v1 from now on, as for any unsupported call
+    memory = nvml.nvmlDeviceGetMemoryInfo(state.handle)  # v1: no reserved figure
+    return {names.FB_FREE: memory.free / MIB, names.FB_USED: memory.used / MIB}
 
 
 def _ecc(nvml, state):
@@ -273,20 +311,14 @@ _GPM_FIELDS = (
 
 
 def _gpm(nvml, state):
-    current = nvml.nvmlGpmSampleGet(state.handle, nvml.nvmlGpmSampleAlloc())
-    request = nvml.c_nvmlGpmMetricsGet_t()
-    request.version = nvml.NVML_GPM_METRICS_GET_VERSION
-    request.numMetrics = len(_GPM_FIELDS)
+    # The spare sample takes this collection's reading; once compared with the previous one,
+    # the two swap roles. No allocation per collection, and none leaked when a call fails.
+    current = nvml.nvmlGpmSampleGet(state.handle, state.gpm_spare)
+    request = state.gpm_request
     request.sample1 = state.gpm_previous
     request.sample2 = current
-    for slot, (metric, _name) in enumerate(_GPM_FIELDS):
-        request.metrics[slot].metricId = metric
     nvml.nvmlGpmMetricsGet(request)
-    previous, state.gpm_previous = state.gpm_previous, current
-    try:
-        nvml.nvmlGpmSampleFree(previous)
-    except nvml.NVMLError:
-        pass
+    state.gpm_previous, state.gpm_spare = current, state.gpm_previous
     values = {}
     for slot, (_metric, name) in enumerate(_GPM_FIELDS):
         metric = request.metrics[slot]

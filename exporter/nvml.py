@@ -24,7 +24,7 @@ from typing import Any
 from contract import names
 
 from .devices import DeviceFilter, DeviceIdentity, identify, text
-from .fields import DeviceLost, DeviceState, DeviceUnreachable, LibraryGone, read_device, start_device
+from .fields import DeviceLost, DeviceState, DeviceUnreachable, LibraryGone, read_device, start_device, stop_device
 from .snapshot import DeviceReading, Snapshot
 from .xid import DEFAULT_QUIET_S, XidHistory
 
@@ -208,6 +208,8 @@ class NvmlReader:
 
     def _shutdown(self) -> None:
         if self._initialized:
+            for state in self._devices:
+                stop_device(self.nvml, state)
             try:
                 self.nvml.nvmlShutdown()
             except self.nvml.NVMLError:

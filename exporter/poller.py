@@ -3,7 +3,9 @@
 Each collection runs on a dedicated thread and is awaited for at most `timeout_s`. A
 collection that overruns (a hung NVML call) is counted as a timeout and the last snapshot is
 marked stale, which withholds its device series; while the hung call has not returned, later
-periods are skipped and counted, never stacked on top of it.
+periods are skipped and counted, never stacked on top of it. Every period ends by publishing a
+`PollState`: `on_state` gets it first (on this thread; the exporter renders its exposition
+there), then `state` holds it, so whoever sees a state in `state` finds it rendered.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Poller:
         timeout_s: float,
         attribution: Attribution | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_state: Callable[[PollState], None] | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError(f"interval_s and timeout_s must be above 0, got {interval_s} and {timeout_s}")
@@ -62,6 +65,8 @@ class Poller:
         self.timeout_s = timeout_s
         self.attribution = attribution
         self.clock = clock
+        self.on_state = on_state
+        self._on_state_failing = False
         self.state = PollState()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
         self._running: Future | None = None
@@ -96,23 +101,35 @@ class Poller:
         """One period: collect (bounded by the timeout), attribute, publish."""
         state = self.state
         if self._running is not None and not self._running.done():
-            self.state = replace(state, stale=True, skipped=state.skipped + 1)
-            return self.state
+            return self._publish(replace(state, stale=True, skipped=state.skipped + 1))
         self._running = self._executor.submit(self._collect)
         try:
             snapshot, owners = self._running.result(timeout=self.timeout_s)
         except FutureTimeout:
             log.error("collection overran its %.2f s timeout; serving no device values until one completes",
                       self.timeout_s)
-            self.state = replace(state, stale=True, timeouts=state.timeouts + 1)
-            return self.state
+            return self._publish(replace(state, stale=True, timeouts=state.timeouts + 1))
         except Exception:  # noqa: BLE001 - the loop must survive a bug in one collection
             log.exception("collection failed")
-            self.state = replace(state, stale=True, failures=state.failures + 1)
-            return self.state
-        self.state = PollState(snapshot=snapshot, owners=owners, stale=False, collections=state.collections + 1,
-                               timeouts=state.timeouts, skipped=state.skipped, failures=state.failures)
-        return self.state
+            return self._publish(replace(state, stale=True, failures=state.failures + 1))
+        return self._publish(PollState(snapshot=snapshot, owners=owners, stale=False,
+                                       collections=state.collections + 1, timeouts=state.timeouts,
+                                       skipped=state.skipped, failures=state.failures))
+
+    def _publish(self, state: PollState) -> PollState:
+        if self.on_state is not None:
+            try:
+                self.on_state(state)
+            except Exception:  # noqa: BLE001 - as above: the loop outlives a bug in what it feeds
+                # The exporter keeps serving what it rendered before, which goes stale by its age.
+                # One traceback per run of failures, not one per period.
+                if not self._on_state_failing:
+                    log.exception("on_state failed; logged again only after it has succeeded")
+                self._on_state_failing = True
+            else:
+                self._on_state_failing = False
+        self.state = state
+        return state
 
     def _collect(self) -> tuple[Snapshot, dict[str, tuple[PodRef, ...]]]:
         snapshot = self.reader.collect()
