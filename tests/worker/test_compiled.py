@@ -61,6 +61,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, str]] = []
         self.raise_after_warm: BaseException | None = None
+        self.out_of_memory_above: int | None = None  # the decode raises CUDA's OOM above this many images
+        self.raised: BaseException | None = None
 
     def __call__(self, fn):
         name = "unet" if hasattr(fn, "config") else "decode"
@@ -69,6 +71,11 @@ class Recorder:
             self.calls.append((name, int(args[0].shape[0]), threading.current_thread().name))
             if self.raise_after_warm is not None:
                 raise self.raise_after_warm
+            if name == "decode" and self.out_of_memory_above is not None and args[0].shape[0] > self.out_of_memory_above:
+                import torch
+
+                self.raised = torch.OutOfMemoryError("CUDA out of memory (injected in the compiled VAE decode)")
+                raise self.raised
             return fn(*args, **kwargs)
 
         if name == "unet":  # the pipeline reads the UNet's config and dtype through it, as through torch.compile's
@@ -157,3 +164,23 @@ def test_a_batch_that_would_recompile_after_the_warm_up_runs_eagerly_and_other_e
     recorder.raise_after_warm = RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         runner.generate(key, ["a"], [None], [1])
+
+
+def test_out_of_memory_in_a_compiled_batch_lowers_the_max_batch_as_an_eager_one_does(compiled):
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from worker.batching import BatchPolicy, BatchQueue
+    from worker.engine import Engine
+    from worker.metrics import WorkerMetrics
+
+    runner, _, recorder = compiled
+    runner.warm_up(runner.defaults())
+    recorder.out_of_memory_above = 2  # images: the compiled VAE decode runs out of memory at a bucket of 4
+    engine = Engine(BatchQueue(64), runner, BatchPolicy(max_batch_size=4, max_wait_s=0.0),
+                    WorkerMetrics(CollectorRegistry()))
+    d = runner.defaults()
+    assert engine.probe_capacity(BatchKey(d.width, d.height, steps=2, guidance_scale=7.5)) == 2
+    assert engine.max_batch_size == 2
+    assert recorder.batches("decode")[-2:] == [4, 2]  # the failed bucket, then the halved one, both compiled
+    assert isinstance(recorder.raised, torch.OutOfMemoryError)
