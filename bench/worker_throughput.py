@@ -276,6 +276,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--logs", type=Path, default=Path("bench-logs"))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--worker-args", default="", help="more flags for `python -m worker serve`, e.g. "
+                        "'--encode-processes 0'")
     parser.add_argument("--compile-cache-dir", type=Path, help="compiled: every system runs the compiled runner "
                         "(worker --compile on), its artifacts cached here")
     parser.add_argument("--profile-out", type=Path, help="write the raw pipeline's seconds per batch as a batch "
@@ -302,6 +304,7 @@ def main() -> None:
                        "--max-queue", str(max(64, 4 * size)), "--max-image-side", str(max(width, height))]
             if args.compile_cache_dir:
                 command += ["--compile", "on", "--compile-cache-dir", str(args.compile_cache_dir)]
+            command += args.worker_args.split()
             results += http_runs("worker", command, "/readyz", size,
                                  concurrencies, body, args.warmup_s, args.duration_s, args.logs)
         if "litserve" in systems:
