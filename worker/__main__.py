@@ -13,7 +13,7 @@ from contract.cli import (
     LOG_LEVELS, Environment, configure_logging, non_negative_float, non_negative_int, positive_float, positive_int,
 )
 
-from .compiled import parse_buckets
+from .compiled import COMPILE_CHOICES, parse_buckets
 from .queueconfig import QueueConfig
 from .service import WorkerLimits
 
@@ -81,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest width or height served, in pixels; the API's own bound is 2048 (env WORKER_MAX_IMAGE_SIDE)")
     add("--no-warm-up", dest="warm_up", action="store_false", default=not env.flag("NO_WARM_UP"),
         help="skip the warm-up before readiness: a small call, then a batch at --max-batch-size that measures "
-             "the capacity (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
-    add("--compile", choices=("auto", "on", "off"), default=env.get("COMPILE", "auto"),
-        help="UNet and VAE decode under torch.compile with CUDA graphs, every batch bucket compiled before ready; "
-             "auto: on CUDA only (env WORKER_COMPILE)")
+             "the capacity; --compile still compiles every bucket (env WORKER_NO_WARM_UP; warm-up on: %(default)s)")
+    add("--compile", choices=COMPILE_CHOICES, default=env.get("COMPILE", "auto"),
+        help="UNet and VAE decode under torch.compile with CUDA graphs, every batch bucket compiled before ready "
+             "(--no-warm-up does not skip it); auto: on CUDA only, and eager if compiling fails (env WORKER_COMPILE)")
     add("--batch-buckets", type=parse_buckets, default=env.get("BATCH_BUCKETS"), metavar="N,N,...",
         help="batch sizes compiled; a batch runs padded to the next (default: powers of two up to "
              "--max-batch-size, and it) (env WORKER_BATCH_BUCKETS)")

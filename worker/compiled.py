@@ -5,9 +5,10 @@ table: three times the images per second at batch 1 on an H200). A CUDA graph re
 shape, so the runner serves a fixed set of batch-size buckets: a batch of n images runs padded
 to the smallest bucket of at least n (padding images are copies of the last one and are
 dropped), and every bucket is compiled and captured during `warm_up`, before readiness. A
-request the compiled shapes do not cover (another image size, a batch above the largest bucket)
-runs on the same weights eagerly, never compiling at request time: after the warm-up the
-compiler's stance is `fail_on_recompile`, and a batch that would still recompile runs eagerly.
+request the compiled shapes do not cover (another image size, guidance off, a batch above the
+largest bucket) runs on the same weights eagerly, never compiling at request time: after the
+warm-up every compiled call runs under the stance `fail_on_recompile`, and a batch that would
+still recompile runs eagerly (logged once per shape).
 
 Compilation is cached across processes in `cache_dir` (inductor's FX graph, AOTAutograd and
 Triton caches, `TORCHINDUCTOR_CACHE_DIR`): mounted as a volume, it lets the next start on the
@@ -15,10 +16,14 @@ node skip most of the compile. What remains is tracing and capture.
 
 All compiled calls run on one thread of their own: CUDA graph trees belong to the thread that
 recorded them, and the warm-up runs on the loading thread while batches run on the pipeline's.
+
+A bucket that runs out of memory while compiling is dropped with every larger one, and the max
+batch follows the largest that captured, as an eager worker's probe halves its batch.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
@@ -34,7 +39,15 @@ from .pipeline import DiffusionRunner, ModelDefaults
 log = logging.getLogger("worker.compiled")
 
 COMPILE_MODE = "reduce-overhead"  # inductor with CUDA graphs
+COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto compiles on CUDA only
 WARM_UP_STEPS = 2  # denoising steps of each bucket's warm-up call: shapes do not depend on steps
+
+
+def compiles(choice: str, device: str) -> bool:
+    """Whether `--compile choice` compiles on `device` ("cuda" or "cpu")."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    return choice == "on" or (choice == "auto" and device == "cuda")
 
 
 def default_buckets(max_batch_size: int) -> tuple[int, ...]:
@@ -52,14 +65,14 @@ def default_buckets(max_batch_size: int) -> tuple[int, ...]:
 
 
 def parse_buckets(text: str) -> tuple[int, ...]:
-    """'1,2,4,8' -> (1, 2, 4, 8), sorted and distinct; raises ValueError on anything but whole
-    numbers of at least 1."""
+    """'1,2,4,8' -> (1, 2, 4, 8), sorted and distinct; raises ValueError (argparse's
+    ArgumentTypeError, so the flag's message shows) on anything but whole numbers of at least 1."""
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"batch buckets must be whole numbers separated by commas, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"batch buckets must be whole numbers separated by commas, got {text!r}") from None
     if not sizes or sizes[0] < 1:
-        raise ValueError(f"batch buckets must be whole numbers of at least 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"batch buckets must be whole numbers of at least 1, got {text!r}")
     return tuple(sizes)
 
 
@@ -101,6 +114,7 @@ class CompiledRunner:
         self.compiled_batches = 0  # batches served by the compiled shapes
         self.eager_batches = 0  # batches served eagerly (another size, too large, or a would-be recompile)
         self._warm = False
+        self._refused: set[tuple[int, int, int]] = set()  # (bucket, width, height) that would recompile
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-graphs")
         pipeline = runner.pipeline
         self._eager_unet = pipeline.unet
@@ -133,8 +147,11 @@ class CompiledRunner:
         return self.runner.defaults()
 
     def covers(self, key: BatchKey, images: int) -> bool:
-        """Whether a batch of `images` of `key` runs on the compiled shapes."""
-        return (key.width, key.height) == self.size and bucket_for(images, self.settings.buckets) is not None
+        """Whether a batch of `images` of `key` runs on the compiled shapes: the default size,
+        classifier-free guidance on (guidance_scale > 1 doubles the UNet's batch; the warm-up
+        captures that), and a bucket that holds it."""
+        return ((key.width, key.height) == self.size and key.guidance_scale > 1
+                and bucket_for(images, self.settings.buckets) is not None)
 
     def generate(
         self, key: BatchKey, prompts: list[str], negative_prompts: list[str | None], seeds: list[int]
@@ -149,18 +166,33 @@ class CompiledRunner:
             return self.runner.generate(key, prompts, negative_prompts, seeds)
         size = bucket_for(n, self.settings.buckets)
         try:
-            with self._compiled():
+            with self._compiled(), self._stance():
                 images = self.runner.generate(key, padded(prompts, size), padded(negative_prompts, size),
                                               padded(seeds, size))
         except Exception as error:
             if not self._warm or not _is_recompile(error):
                 raise
-            log.warning("batch of %d at %dx%d would recompile (%s); running it eagerly", n, key.width, key.height,
-                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+            shape = (size, key.width, key.height)
+            if shape not in self._refused:  # once per shape, not once per batch
+                self._refused.add(shape)
+                log.warning("a batch of %d (bucket %d) at %dx%d would recompile; such batches run eagerly (%s)",
+                            n, size, key.width, key.height, str(error).splitlines()[0] if str(error) else type(error).__name__)
             self.eager_batches += 1
             return self.runner.generate(key, prompts, negative_prompts, seeds)
         self.compiled_batches += 1
         return images[:n]
+
+    def _stance(self):
+        """After the warm-up, compiling is refused (`fail_on_recompile`) for the call inside, on
+        this thread's calls only; before it, nothing is."""
+        import contextlib
+
+        import torch
+
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if not self._warm or set_stance is None:
+            return contextlib.nullcontext()
+        return set_stance("fail_on_recompile")
 
     def _compiled(self):
         runner = self
@@ -181,35 +213,45 @@ class CompiledRunner:
 
     def warm_up(self, defaults: ModelDefaults, guidance_scale: float = 7.5) -> None:
         """Compiles and captures every bucket, largest first, at the default image size with
-        classifier-free guidance on (the API's default), then forbids recompiling: what a new
-        replica spends between its model load and readiness (`warm_up_seconds`)."""
+        classifier-free guidance on (the API's default); from then on a compiled call may not
+        recompile. What a new replica spends between its model load and readiness
+        (`warm_up_seconds`).
+
+        A bucket that runs out of memory is dropped with every larger one (`settings.buckets`
+        shrinks, and the max batch should follow it: `largest_bucket`); out of memory at the
+        smallest bucket, or any other error, propagates."""
         started = time.perf_counter()
         key = BatchKey(defaults.width, defaults.height, steps=WARM_UP_STEPS, guidance_scale=guidance_scale)
         for size in sorted(self.settings.buckets, reverse=True):
             began = time.perf_counter()
-            # Twice: CUDA graph trees record on a shape's second call, after one warm-up run.
-            for _ in range(2):
-                self.generate(key, ["warm-up"] * size, [None] * size, list(range(size)))
+            try:
+                # Twice: CUDA graph trees record on a shape's second call, after one warm-up run.
+                for _ in range(2):
+                    self.generate(key, ["warm-up"] * size, [None] * size, list(range(size)))
+            except Exception as error:
+                smaller = tuple(b for b in self.settings.buckets if b < size)
+                if not self.is_out_of_memory(error) or not smaller:
+                    raise
+                self.release_memory()
+                log.error("bucket %d ran out of memory while compiling (%s); serving buckets %s only",
+                          size, error, smaller)
+                self.settings = CompileSettings(smaller, self.settings.cache_dir)
+                continue
             log.info("bucket %d compiled and captured in %.1f s", size, time.perf_counter() - began)
-        self._thread.submit(_forbid_recompiles).result()
         self._warm = True
         self.warm_up_seconds = time.perf_counter() - started
         log.info("compiled %d buckets %s in %.1f s (cache %s)", len(self.settings.buckets), self.settings.buckets,
                  self.warm_up_seconds, self.settings.cache_dir or "the compiler's default")
+
+    @property
+    def largest_bucket(self) -> int:
+        return self.settings.buckets[-1]
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return self.runner.is_out_of_memory(error)
 
     def release_memory(self) -> None:
         self.runner.release_memory()
-
-
-def _forbid_recompiles() -> None:
-    import torch
-
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is not None:
-        set_stance("fail_on_recompile")
 
 
 def _is_recompile(error: BaseException) -> bool:

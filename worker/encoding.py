@@ -8,8 +8,9 @@ processes instead (pixels out and base64 back through pipes); `processes=0` in a
 before. A process pool that breaks (a process killed) is replaced, and the images of that call
 are encoded in a thread, so an answer is never lost to the pool.
 
-This module imports only the standard library, numpy and Pillow: it is what a spawned encoder
-process loads.
+This module imports only the standard library and, when it encodes, Pillow. A spawned process
+still imports the parent's main module (`python -m worker`: the worker's CLI and what it imports,
+about 37 MiB resident), once, at `start`.
 """
 
 from __future__ import annotations

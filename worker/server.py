@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -26,6 +26,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from .api import build_app
+from .compiled import compiles
 from .encoding import PngEncoder
 from .metrics import WorkerMetrics
 from .queue import QueueConsumer
@@ -56,15 +57,6 @@ class ServeConfig:
 
 ENCODE_PROCESSES_ON_CUDA = 2
 
-
-COMPILE_CHOICES = ("auto", "on", "off")
-
-
-def compiles(choice: str, device: str) -> bool:
-    """Whether `--compile choice` compiles on `device` ("cuda" or "cpu")."""
-    if choice not in COMPILE_CHOICES:
-        raise ValueError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
-    return choice == "on" or (choice == "auto" and device == "cuda")
 
 
 class WorkerServer(uvicorn.Server):
@@ -102,14 +94,16 @@ class WorkerServer(uvicorn.Server):
         try:
             runner = DiffusionRunner.load(config.model_dir, config.device)
             loaded_at = time.perf_counter()
+            self.service.model_load_s = runner.load_seconds  # exported from here, through the compile
             defaults = runner.defaults()
             processes = config.encode_processes
             if processes is None:
                 processes = ENCODE_PROCESSES_ON_CUDA if runner.device == "cuda" else 0
             self.service.encoder = PngEncoder(processes)
             self.service.encoder.start()
-            if compiles(config.compile, runner.device):
-                runner = self._compiled(runner, defaults)  # compiles every bucket, whatever --no-warm-up says
+            compiled = self._compiled(runner, defaults) if compiles(config.compile, runner.device) else None
+            if compiled is not None:
+                runner = compiled  # every bucket compiled and captured, whatever --no-warm-up says
             elif config.warm_up:
                 runner.warm_up(defaults)
             # The warm-up's second part: a batch at the max batch size measures the capacity.
@@ -128,16 +122,36 @@ class WorkerServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._start_consumer)
 
     def _compiled(self, runner, defaults):
+        """The runner compiled and every bucket captured. When compiling fails: with `--compile
+        auto` None (logged as an error; the worker serves eagerly, slower), with `on` the error."""
         from .compiled import CompiledRunner, CompileSettings, default_buckets
 
         config = self.serve_config
-        max_batch = config.limits.batching.max_batch_size
+        limits = self.service.limits
+        max_batch = limits.batching.max_batch_size
         buckets = config.batch_buckets or default_buckets(max_batch)
+        if buckets[-1] > max_batch:
+            log.warning("batch buckets above --max-batch-size (%d) are not compiled: %s", max_batch,
+                        [b for b in buckets if b > max_batch])
+            buckets = tuple(b for b in buckets if b <= max_batch) or (max_batch,)
         if buckets[-1] < max_batch:
             log.warning("the largest batch bucket (%d) is below --max-batch-size (%d): larger batches run eagerly",
                         buckets[-1], max_batch)
-        compiled = CompiledRunner(runner, CompileSettings(buckets, config.compile_cache_dir), defaults)
-        compiled.warm_up(defaults)
+        try:
+            compiled = CompiledRunner(runner, CompileSettings(buckets, config.compile_cache_dir), defaults)
+            compiled.warm_up(defaults)
+        except Exception as error:
+            if config.compile != "auto":
+                raise RuntimeError(f"--compile {config.compile}: compiling the pipeline failed: {error}") from error
+            log.exception("--compile auto: compiling the pipeline failed; serving it eagerly (set --compile off "
+                          "to skip the attempt, or clear --compile-cache-dir if a cached artifact is broken)")
+            runner.release_memory()
+            return None
+        if compiled.largest_bucket < buckets[-1] == max_batch:
+            self.service.limits = replace(limits, batching=replace(limits.batching,
+                                                                   max_batch_size=compiled.largest_bucket))
+            log.warning("max batch lowered from %d to %d, the largest bucket that compiled", max_batch,
+                        compiled.largest_bucket)
         return compiled
 
     def _start_consumer(self) -> None:

@@ -122,12 +122,11 @@ class WorkerService:
     """Admission, queueing and answers for one pipeline."""
 
     def __init__(self, limits: WorkerLimits, metrics: WorkerMetrics,
-                 uptime_s: Callable[[], float | None] = process_uptime_s, encoder: PngEncoder | None = None) -> None:
-        """`uptime_s`: seconds since the process started (None: unknown), read once at readiness;
-        `encoder` encodes answers (default: in a thread)."""
+                 uptime_s: Callable[[], float | None] = process_uptime_s) -> None:
+        """`uptime_s`: seconds since the process started (None: unknown), read once at readiness."""
         self.limits = limits
         self.metrics = metrics
-        self.encoder = encoder or PngEncoder(0)
+        self.encoder = PngEncoder(0)  # answers encoded in a thread; the server may set processes
         self._uptime_s = uptime_s
         self.startup_s: float | None = None  # process start to ready; None until ready
         self.model_load_s: float | None = None  # imports and weights onto the device; None until loaded

@@ -10,6 +10,8 @@ are the eager ones. The compiled kernels themselves are checked on the GPU
 
 from __future__ import annotations
 
+import argparse
+import logging
 import threading
 
 import numpy as np
@@ -17,7 +19,7 @@ import pytest
 
 from worker.batching import BatchKey
 from worker.compiled import CompiledRunner, CompileSettings, bucket_for, default_buckets, padded, parse_buckets
-from worker.server import compiles
+from worker.compiled import compiles
 
 
 @pytest.mark.parametrize(("max_batch", "buckets"), [
@@ -30,7 +32,7 @@ def test_default_buckets_are_powers_of_two_up_to_the_max_batch_and_it(max_batch,
 def test_buckets_parse_sorted_and_distinct_and_refuse_what_is_not_a_batch_size():
     assert parse_buckets("8, 1,2,8") == (1, 2, 8)
     for bad in ("", "0,2", "-1", "two", "1.5"):
-        with pytest.raises(ValueError, match="batch buckets"):
+        with pytest.raises(argparse.ArgumentTypeError, match="batch buckets"):  # argparse shows its message
             parse_buckets(bad)
     with pytest.raises(ValueError):
         default_buckets(0)
@@ -60,7 +62,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, str]] = []
-        self.raise_after_warm: BaseException | None = None
+        self.fail_with: BaseException | None = None
         self.out_of_memory_above: int | None = None  # the decode raises CUDA's OOM above this many images
         self.raised: BaseException | None = None
 
@@ -69,8 +71,8 @@ class Recorder:
 
         def compiled(*args, **kwargs):
             self.calls.append((name, int(args[0].shape[0]), threading.current_thread().name))
-            if self.raise_after_warm is not None:
-                raise self.raise_after_warm
+            if self.fail_with is not None:
+                raise self.fail_with
             if name == "decode" and self.out_of_memory_above is not None and args[0].shape[0] > self.out_of_memory_above:
                 import torch
 
@@ -101,10 +103,7 @@ def compiled(tiny_model):
     runner = DiffusionRunner.load(tiny_model, device="cpu")
     recorder = Recorder()
     wrapped = CompiledRunner(runner, CompileSettings((1, 2, 4)), runner.defaults(), compile_fn=recorder)
-    yield wrapped, runner, recorder
-    import torch
-
-    torch.compiler.set_stance("default")  # the warm-up forbids recompiling, process-wide
+    return wrapped, runner, recorder
 
 
 def test_a_batch_runs_padded_to_its_bucket_and_answers_the_eager_images_of_its_own_seeds(compiled):
@@ -127,9 +126,11 @@ def test_shapes_the_buckets_do_not_cover_run_eagerly_and_never_reach_the_compile
     d = runner.defaults()
     other_size = BatchKey(d.width // 2, d.height // 2, steps=2, guidance_scale=7.5)
     assert len(runner.generate(other_size, ["a"], [None], [1])) == 1
+    unguided = BatchKey(d.width, d.height, steps=2, guidance_scale=1.0)  # the UNet would see n, not 2n
+    assert len(runner.generate(unguided, ["a"], [None], [1])) == 1
     too_many = BatchKey(d.width, d.height, steps=2, guidance_scale=7.5)
     assert len(runner.generate(too_many, ["a"] * 5, [None] * 5, list(range(5)))) == 5
-    assert recorder.calls == [] and runner.eager_batches == 2 and runner.compiled_batches == 0
+    assert recorder.calls == [] and runner.eager_batches == 3 and runner.compiled_batches == 0
     # and the pipeline's own modules are the eager ones again after a compiled batch
     runner.generate(too_many, ["a"], [None], [1])
     assert runner.runner.pipeline.unet is runner._eager_unet
@@ -153,15 +154,15 @@ def test_a_batch_that_would_recompile_after_the_warm_up_runs_eagerly_and_other_e
     runner, _, recorder = compiled
     d = runner.defaults()
     key = BatchKey(d.width, d.height, steps=2, guidance_scale=7.5)
-    recorder.raise_after_warm = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+    recorder.fail_with = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
     with pytest.raises(RuntimeError, match="recompile"):  # before the warm-up, nothing is forbidden: a real error
         runner.generate(key, ["a"], [None], [1])
-    recorder.raise_after_warm = None
+    recorder.fail_with = None
     runner.warm_up(runner.defaults())
-    recorder.raise_after_warm = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+    recorder.fail_with = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
     assert len(runner.generate(key, ["a", "b"], [None] * 2, [1, 2])) == 2
     assert runner.eager_batches == 1
-    recorder.raise_after_warm = RuntimeError("CUDA error: an illegal memory access was encountered")
+    recorder.fail_with = RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         runner.generate(key, ["a"], [None], [1])
 
@@ -184,3 +185,78 @@ def test_out_of_memory_in_a_compiled_batch_lowers_the_max_batch_as_an_eager_one_
     assert engine.max_batch_size == 2
     assert recorder.batches("decode")[-2:] == [4, 2]  # the failed bucket, then the halved one, both compiled
     assert isinstance(recorder.raised, torch.OutOfMemoryError)
+
+
+def test_a_bucket_out_of_memory_while_compiling_is_dropped_with_every_larger_one(compiled):
+    runner, _, recorder = compiled
+    recorder.out_of_memory_above = 2
+    runner.warm_up(runner.defaults())
+    assert runner.settings.buckets == (1, 2) and runner.largest_bucket == 2
+    assert recorder.batches("decode") == [4, 2, 2, 1, 1]  # 4 failed once; 2 and 1 captured
+
+
+def test_out_of_memory_at_the_smallest_bucket_while_compiling_propagates(compiled):
+    import torch
+
+    runner, _, recorder = compiled
+    recorder.out_of_memory_above = 0
+    with pytest.raises(torch.OutOfMemoryError):
+        runner.warm_up(runner.defaults())
+
+
+# -- the server's use of it: what --compile auto and on do when compiling fails ------------------
+
+def server_for(tiny_model, compile_choice: str, max_batch: int, buckets=None):
+    from worker.batching import BatchPolicy
+    from worker.server import ServeConfig, WorkerServer
+    from worker.service import WorkerLimits
+
+    limits = WorkerLimits(batching=BatchPolicy(max_batch_size=max_batch, max_wait_s=0.0))
+    return WorkerServer(ServeConfig(model_dir=tiny_model, device="cpu", limits=limits, compile=compile_choice,
+                                    batch_buckets=buckets))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """CompiledRunner as the server builds it, with the recorder in torch.compile's place."""
+    import worker.compiled
+
+    recorder = Recorder()
+    real = worker.compiled.CompiledRunner
+
+    class Recorded(real):
+        def __init__(self, runner, settings, defaults):
+            super().__init__(runner, settings, defaults, compile_fn=recorder)
+
+    monkeypatch.setattr(worker.compiled, "CompiledRunner", Recorded)
+    return recorder
+
+
+@pytest.mark.parametrize("choice", ["auto", "on"])
+def test_a_failed_compile_serves_eagerly_with_auto_and_fails_loudly_with_on(tiny_model, recorded, choice, caplog):
+    from worker.pipeline import DiffusionRunner
+
+    runner = DiffusionRunner.load(tiny_model, device="cpu")
+    recorded.fail_with = RuntimeError("Unsupported: graph break in the UNet")  # every compiled call
+    server = server_for(tiny_model, choice, max_batch=2)
+    if choice == "on":
+        with pytest.raises(RuntimeError, match="--compile on: compiling the pipeline failed"):
+            server._compiled(runner, runner.defaults())
+        return
+    with caplog.at_level(logging.ERROR, logger="worker.server"):
+        assert server._compiled(runner, runner.defaults()) is None  # the caller serves `runner` eagerly
+    assert "serving it eagerly" in caplog.text
+    assert runner.pipeline.unet.__class__.__name__ == "UNet2DConditionModel"  # the eager modules are back
+
+
+def test_the_server_lowers_the_max_batch_to_the_largest_bucket_that_compiled_and_drops_buckets_above_it(
+        tiny_model, recorded):
+    from worker.pipeline import DiffusionRunner
+
+    runner = DiffusionRunner.load(tiny_model, device="cpu")
+    recorded.out_of_memory_above = 2
+    server = server_for(tiny_model, "on", max_batch=4, buckets=(1, 2, 4, 8))
+    compiled = server._compiled(runner, runner.defaults())
+    assert 8 not in recorded.batches("decode")  # above --max-batch-size: never compiled
+    assert compiled.settings.buckets == (1, 2)
+    assert server.service.limits.batching.max_batch_size == 2
