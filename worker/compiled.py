@@ -256,5 +256,6 @@ class CompiledRunner:
 
 def _is_recompile(error: BaseException) -> bool:
     """Whether `error` is the compiler refusing to recompile under `fail_on_recompile`."""
-    text = f"{type(error).__name__}: {error}"
-    return "recompil" in text.lower()
+    from torch._dynamo.exc import RecompileError
+
+    return isinstance(error, RecompileError)

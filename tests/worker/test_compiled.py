@@ -154,15 +154,17 @@ def test_a_batch_that_would_recompile_after_the_warm_up_runs_eagerly_and_other_e
     runner, _, recorder = compiled
     d = runner.defaults()
     key = BatchKey(d.width, d.height, steps=2, guidance_scale=7.5)
-    recorder.fail_with = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
-    with pytest.raises(RuntimeError, match="recompile"):  # before the warm-up, nothing is forbidden: a real error
+    from torch._dynamo.exc import RecompileError
+
+    recorder.fail_with = RecompileError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+    with pytest.raises(RecompileError):  # before the warm-up, nothing is forbidden: a real error
         runner.generate(key, ["a"], [None], [1])
     recorder.fail_with = None
     runner.warm_up(runner.defaults())
-    recorder.fail_with = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+    recorder.fail_with = RecompileError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
     assert len(runner.generate(key, ["a", "b"], [None] * 2, [1, 2])) == 2
     assert runner.eager_batches == 1
-    recorder.fail_with = RuntimeError("CUDA error: an illegal memory access was encountered")
+    recorder.fail_with = RuntimeError("CUDA error: an illegal memory access was encountered (recompile)")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         runner.generate(key, ["a"], [None], [1])
 
