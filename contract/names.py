@@ -24,6 +24,9 @@ MAX_BATCH_SIZE = "diffusion_max_batch_size"  # gauge, the batch limit in force n
 READY = "diffusion_ready"  # gauge, 1 when the model is loaded and the worker is not draining
 MODEL_LOAD = "diffusion_model_load_seconds"  # gauge, seconds the model took to load (imports included)
 WARM_UP_SECONDS = "diffusion_warmup_seconds"  # gauge, model loaded to ready: warm-up, compile and capture, probe
+COMPILED_BUCKETS = "diffusion_compiled_buckets"  # gauge, batch sizes compiled and captured (0: the pipeline runs eagerly)
+EAGER_BATCHES = "diffusion_eager_batches"  # counter (exposed with _total), batches a compiled worker ran eagerly
+ENCODER_RESTARTS = "diffusion_png_encoder_restarts"  # counter (exposed with _total), encoder process pools replaced
 BATCH_SPLITS = "diffusion_batch_splits"  # counter (exposed with _total), failed batches bisected for retry
 ISOLATED_FAILURES = "diffusion_isolated_failures"  # counter (exposed with _total), failed alone after a split
 # What a replica can serve and what is asked of it, in image-steps (images x denoising steps):
@@ -39,7 +42,8 @@ QUEUE_RECLAIMED = "diffusion_queue_reclaimed"  # counter (exposed with _total), 
 QUEUE_IN_HAND = "diffusion_queue_jobs_in_hand"  # gauge, jobs pulled off the stream and not yet acknowledged
 
 WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT, BATCH_SIZE, BUSY_SECONDS,
-                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, WARM_UP_SECONDS, BATCH_SPLITS, ISOLATED_FAILURES,
+                  REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, WARM_UP_SECONDS, COMPILED_BUCKETS,
+                  EAGER_BATCHES, ENCODER_RESTARTS, BATCH_SPLITS, ISOLATED_FAILURES,
                   CAPACITY_IMAGE_STEPS, BATCH_THROUGHPUT, STARTUP_SECONDS, REQUESTED_IMAGE_STEPS,
                   QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND)
 

@@ -33,6 +33,9 @@ class LiveState:
     startup_seconds: Callable[[], float | None]  # process start to ready; None: not ready yet, or unknown
     model_load_seconds: Callable[[], float | None]  # imports and weights onto the device; None: not loaded yet
     warm_up_seconds: Callable[[], float | None]  # model loaded to ready; None: not ready yet
+    compiled_buckets: Callable[[], int] = lambda: 0  # batch sizes compiled and captured; 0: eager
+    eager_batches: Callable[[], int] = lambda: 0  # batches a compiled runner ran eagerly (uncovered shapes)
+    encoder_restarts: Callable[[], int] = lambda: 0  # PNG encoder process pools replaced after breaking
 
 
 class LiveCollector:
@@ -75,6 +78,18 @@ class LiveCollector:
         for size, rate in sorted(state.throughput_by_batch_size().items()):
             profile.add_metric((str(size),), rate)
         yield profile
+        yield GaugeMetricFamily(
+            names.COMPILED_BUCKETS, "Batch sizes compiled with CUDA graphs and captured (--compile); 0 when the "
+            "pipeline runs eagerly, --compile auto's fallback included", value=state.compiled_buckets(),
+        )
+        yield CounterMetricFamily(
+            names.EAGER_BATCHES, "Batches a compiled worker ran eagerly: another image size, guidance off, more "
+            "images than the largest bucket, or a shape that would recompile", value=state.eager_batches(),
+        )
+        yield CounterMetricFamily(
+            names.ENCODER_RESTARTS, "PNG encoder process pools replaced after one broke (their answers were encoded "
+            "in a thread)", value=state.encoder_restarts(),
+        )
         for name, text, value in (
             (names.STARTUP_SECONDS, "Seconds from process start to ready: imports, model load, warm-up and capacity "
              "probe", state.startup_seconds()),

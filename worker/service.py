@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from contract.schema import GenerationRequest
 
 from .batching import BatchKey, BatchPolicy, BatchQueue, Job, QueueClosed, QueueFull
+from .compiled import CompiledRunner
 from .encoding import PngEncoder
 from .engine import BatchFailed, Engine, ImageRunner
 from .metrics import LiveState, WorkerMetrics
@@ -127,6 +128,7 @@ class WorkerService:
         self.limits = limits
         self.metrics = metrics
         self.encoder = PngEncoder(0)  # answers encoded in a thread; the server may set processes
+        self._compiled: CompiledRunner | None = None  # the runner, when it is compiled
         self._uptime_s = uptime_s
         self.startup_s: float | None = None  # process start to ready; None until ready
         self.model_load_s: float | None = None  # imports and weights onto the device; None until loaded
@@ -154,6 +156,9 @@ class WorkerService:
                 startup_seconds=lambda: self.startup_s,
                 model_load_seconds=lambda: self.model_load_s,
                 warm_up_seconds=lambda: self.warm_up_s,
+                compiled_buckets=lambda: len(self._compiled.settings.buckets) if self._compiled else 0,
+                eager_batches=lambda: self._compiled.eager_batches if self._compiled else 0,
+                encoder_restarts=lambda: self.encoder.replaced,
             )
         )
 
@@ -179,6 +184,7 @@ class WorkerService:
         `loaded_at` (time.perf_counter() when the load ended) times the warm-up to here.
         The start-up seconds are read last: what a new replica costs before it serves."""
         self.model_load_s = load_seconds
+        self._compiled = runner if isinstance(runner, CompiledRunner) else None
         self.defaults = defaults
         engine = Engine(self.queue, runner, self.limits.batching, self.metrics)
         if probe_capacity:

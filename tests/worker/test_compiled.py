@@ -262,3 +262,30 @@ def test_the_server_lowers_the_max_batch_to_the_largest_bucket_that_compiled_and
     assert 8 not in recorded.batches("decode")  # above --max-batch-size: never compiled
     assert compiled.settings.buckets == (1, 2)
     assert server.service.limits.batching.max_batch_size == 2
+
+
+def test_the_worker_exports_its_compiled_buckets_and_counts_the_batches_it_ran_eagerly(compiled):
+    from prometheus_client import CollectorRegistry
+
+    from contract import names
+    from worker.metrics import WorkerMetrics
+    from worker.service import WorkerLimits, WorkerService
+
+    runner, eager, _ = compiled
+
+    def exported(service):
+        return {family.name: family.samples[0].value for family in service.metrics.registry.collect()
+                if family.name in (names.COMPILED_BUCKETS, names.EAGER_BATCHES)}
+
+    plain = WorkerService(WorkerLimits(), WorkerMetrics(CollectorRegistry()))
+    plain.attach(eager, eager.defaults(), 1.0)
+    assert exported(plain) == {names.COMPILED_BUCKETS: 0, names.EAGER_BATCHES: 0}
+    service = WorkerService(WorkerLimits(), WorkerMetrics(CollectorRegistry()))
+    service.attach(runner, runner.defaults(), 1.0)
+    assert exported(service) == {names.COMPILED_BUCKETS: 3, names.EAGER_BATCHES: 0}
+    d = runner.defaults()
+    runner.generate(BatchKey(d.width // 2, d.height // 2, steps=2, guidance_scale=7.5), ["a"], [None], [1])
+    assert exported(service)[names.EAGER_BATCHES] == 1
+    for running in (plain, service):
+        running.queue.close()
+        assert running.engine.join(5.0)

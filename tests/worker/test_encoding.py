@@ -13,8 +13,12 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
+from contract import names
 from worker.encoding import PngEncoder, encode_all
+from worker.metrics import WorkerMetrics
+from worker.service import WorkerLimits, WorkerService
 
 from .test_drain import start_process
 
@@ -51,6 +55,10 @@ def test_a_killed_encoder_process_loses_no_answer_and_the_pool_is_replaced(encod
     answers = [asyncio.run(encoder.encode(images)) for _ in range(3)]
     assert all(answer == encode_all(images) for answer in answers)
     assert encoder.replaced == 1  # broken once, replaced once, the next calls on the new pool
+    service = WorkerService(WorkerLimits(), WorkerMetrics(CollectorRegistry()))
+    service.encoder = encoder
+    restarts = {family.name: family.samples[0].value for family in service.metrics.registry.collect() if family.samples}
+    assert restarts[names.ENCODER_RESTARTS] == 1  # exported, so a dashboard sees it
 
 
 def test_a_thread_encodes_when_no_processes_are_asked_for_and_a_negative_count_is_refused():
