@@ -83,16 +83,18 @@ def main() -> None:
     report["meta"].update(torch=torch.__version__, gpu=torch.cuda.get_device_name(0))
     defaults = runner.defaults()
     key = BatchKey(defaults.width, defaults.height, args.steps, 7.5)
-    check = BatchKey(defaults.width, defaults.height, args.steps, 7.5)
     seeds = [11, 12, 13]
-    reference = runner.generate(check, [PROMPT] * 3, [None] * 3, seeds)
-    if not args.skip_eager:
-        report["eager_s"] = {}
+    reference = runner.generate(key, [PROMPT] * 3, [None] * 3, seeds)
+
+    def time_buckets(name: str, timed_runner) -> None:
+        report[f"{name}_s"] = {}
         for size in args.buckets:
-            report["eager_s"][size] = timed(runner, key, size, args.repeats)
-            print(f"eager    B={size:<3} {report['eager_s'][size]:.3f} s  {size / report['eager_s'][size]:6.2f} images/s",
-                  flush=True)
+            seconds = report[f"{name}_s"][size] = timed(timed_runner, key, size, args.repeats)
+            print(f"{name:<8} B={size:<3} {seconds:.3f} s  {size / seconds:6.2f} images/s", flush=True)
             save()
+
+    if not args.skip_eager:
+        time_buckets("eager", runner)
 
     compiled = CompiledRunner(runner, CompileSettings(args.buckets, args.cache_dir), defaults)
     began = time.perf_counter()
@@ -100,13 +102,8 @@ def main() -> None:
     report["compile_s"] = time.perf_counter() - began
     print(f"compiled {args.buckets} in {report['compile_s']:.1f} s", flush=True)
     save()
-    report["compiled_s"] = {}
-    for size in args.buckets:
-        report["compiled_s"][size] = timed(compiled, key, size, args.repeats)
-        print(f"compiled B={size:<3} {report['compiled_s'][size]:.3f} s  {size / report['compiled_s'][size]:6.2f} images/s",
-              flush=True)
-        save()
-    images = compiled.generate(check, [PROMPT] * 3, [None] * 3, seeds)  # 3 images, padded to a bucket of 4
+    time_buckets("compiled", compiled)
+    images = compiled.generate(key, [PROMPT] * 3, [None] * 3, seeds)  # 3 images, padded to a bucket of 4
     report["agreement"] = agreement(reference, images)
     report["batches"] = {"compiled": compiled.compiled_batches, "eager": compiled.eager_batches}
     print(f"agreement with eager: {report['agreement']}", flush=True)
