@@ -47,7 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     prom = parser.add_argument_group(
         "Prometheus access (scaler-side: KEDA does not forward TriggerAuthentication to external scalers)"
     )
-    prom.add_argument("--prometheus-bearer-token-file", default=ENV.get("PROMETHEUS_BEARER_TOKEN_FILE"), help="send this file's token as a Bearer token; re-read on every query (env SCALER_PROMETHEUS_BEARER_TOKEN_FILE)")
+    prom.add_argument(
+        "--prometheus-address",
+        default=ENV.get("PROMETHEUS_ADDRESS"),
+        help="the operator's Prometheus (base URL of its HTTP API): the credentials below go to it and nowhere else "
+        "(a ScaledObject naming another prometheusAddress is read without them), and a trigger without "
+        "prometheusAddress reads it; required with credentials (env SCALER_PROMETHEUS_ADDRESS)",
+    )
+    prom.add_argument("--prometheus-bearer-token-file", default=ENV.get("PROMETHEUS_BEARER_TOKEN_FILE"), help="send this file's token as a Bearer token to --prometheus-address only; re-read on every query (env SCALER_PROMETHEUS_BEARER_TOKEN_FILE)")
     prom.add_argument("--prometheus-username", default=ENV.get("PROMETHEUS_USERNAME"), help="basic auth user (env SCALER_PROMETHEUS_USERNAME)")
     prom.add_argument("--prometheus-password-file", default=ENV.get("PROMETHEUS_PASSWORD_FILE"), help="basic auth password, read from this file (env SCALER_PROMETHEUS_PASSWORD_FILE)")
     prom.add_argument("--prometheus-ca-file", default=ENV.get("PROMETHEUS_CA_FILE"), help="CA bundle to verify Prometheus' HTTPS certificate (env SCALER_PROMETHEUS_CA_FILE)")
@@ -60,9 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument(
         "--allowed-prometheus-urls",
         default=ENV.get("ALLOWED_PROMETHEUS_URLS", ""),
-        help="comma list of URL prefixes prometheusAddress must start with; empty allows any. Set it when "
-        "credentials are configured, so a ScaledObject cannot send them elsewhere (env SCALER_ALLOWED_PROMETHEUS_URLS)",
+        help="comma list of URLs a ScaledObject's prometheusAddress must fall within (same scheme, host and port, "
+        "a path at or below); --prometheus-address is always allowed; empty allows any address outside "
+        "--denied-networks. Set it to --prometheus-address to refuse every other address (env SCALER_ALLOWED_PROMETHEUS_URLS)",
     )
+    tenancy = parser.add_argument_group("What ScaledObjects may reach (docs/SECURITY.md)")
+    tenancy.add_argument(
+        "--denied-networks",
+        default=ENV.get("DENIED_NETWORKS", ",".join(_DEFAULTS.denied_networks)),
+        help="comma list of CIDR blocks a prometheusAddress or redisAddress a ScaledObject names may not resolve "
+        "into (checked at connect time): the pod's loopback, link-local with the cloud metadata endpoints, "
+        "unspecified; --prometheus-address, --allowed-prometheus-urls and --redis-address are exempt "
+        "(env SCALER_DENIED_NETWORKS)",
+    )
+    tenancy.add_argument(
+        "--allow-cross-namespace",
+        action="store_true",
+        default=ENV.flag("ALLOW_CROSS_NAMESPACE"),
+        help="let a ScaledObject read series and streams of other namespaces (a selector, a query or a stream "
+        "naming them). Off, its queries carry namespace=\"<its namespace>\" and a stream must be "
+        "diffusion:<its namespace>:<name>. Only for a cluster whose every namespace is trusted: on, anyone who may "
+        "create a ScaledObject reads every namespace's load (env SCALER_ALLOW_CROSS_NAMESPACE)",
+    )
+    tenancy.add_argument("--max-scaled-objects-per-namespace", type=int, default=ENV.get("MAX_SCALED_OBJECTS_PER_NAMESPACE", _DEFAULTS.max_scaled_objects_per_namespace), help="registered triggers of one namespace at most, so one namespace cannot exhaust the scaler for the others; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS_PER_NAMESPACE)")
     prom.add_argument(
         "--scrape-targets-dir",
         default=ENV.get("SCRAPE_TARGETS_DIR"),
@@ -73,9 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     prom.add_argument("--max-concurrent-queries", type=int, default=ENV.get("MAX_CONCURRENT_QUERIES", _DEFAULTS.max_concurrent_queries), help="Prometheus queries in flight, across all ScaledObjects (env SCALER_MAX_CONCURRENT_QUERIES)")
     queue = parser.add_argument_group("Redis access (for ScaledObjects with redisAddress; credentials never in metadata)")
     queue.add_argument(
+        "--redis-address",
+        default=ENV.get("REDIS_ADDRESS"),
+        help="the operator's Redis (redis://host:port or rediss://...): the password goes to it and nowhere else "
+        "(a ScaledObject naming another redisAddress is read without it); required with a password "
+        "(env SCALER_REDIS_ADDRESS)",
+    )
+    queue.add_argument(
         "--redis-password-file",
         default=ENV.get("REDIS_PASSWORD_FILE"),
-        help="the password sent to every redisAddress, read from this file; unset, the environment variable "
+        help="the password sent to --redis-address, read from this file; unset, the environment variable "
         "SCALER_REDIS_PASSWORD, else no AUTH (env SCALER_REDIS_PASSWORD_FILE)",
     )
     add(
@@ -86,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(ScaledObject, then its target's readyReplicas), so an empty answer from Prometheus while it has ready replicas is "
         "missing data, not 0; off, outside a cluster or without RBAC, the last good reading decides "
         "(env SCALER_KUBERNETES_API)",
+    )
+    add(
+        "--events",
+        default=ENV.get("EVENTS", _DEFAULTS.events),
+        choices=["auto", "off"],
+        help="auto: wherever the Kubernetes API is used (--kubernetes-api), record an Event on the ScaledObject "
+        "when the size it is asked for changes, is held by a stabilization window, or its data goes stale, saying "
+        "why; rate-limited and aggregated, shown by kubectl describe scaledobject. Needs create and patch on "
+        "events (manifests/components/scaler-access); without them the scaler logs that once and carries on "
+        "(env SCALER_EVENTS)",
     )
     add("--idle-forget-seconds", type=float, default=ENV.get("IDLE_FORGET_SECONDS", f"{_DEFAULTS.idle_forget_s:g}"), help="forget a ScaledObject no RPC has asked about for this long (env SCALER_IDLE_FORGET_SECONDS)")
     add("--max-scaled-objects", type=int, default=ENV.get("MAX_SCALED_OBJECTS", _DEFAULTS.max_scaled_objects), help="registered triggers at most; beyond it RPCs are RESOURCE_EXHAUSTED (env SCALER_MAX_SCALED_OBJECTS)")
@@ -115,7 +159,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key_file=args.tls_key_file,
         tls_client_ca_file=args.tls_client_ca_file,
         prometheus_auth=auth,
+        prometheus_address=args.prometheus_address or None,
         allowed_prometheus_urls=tuple(u.strip() for u in args.allowed_prometheus_urls.split(",") if u.strip()),
+        denied_networks=tuple(n.strip() for n in args.denied_networks.split(",") if n.strip()),
+        allow_cross_namespace=args.allow_cross_namespace,
+        max_scaled_objects_per_namespace=args.max_scaled_objects_per_namespace,
+        redis_address=args.redis_address or None,
         scrape_targets_dir=args.scrape_targets_dir,
         max_concurrent_queries=args.max_concurrent_queries,
         redis_password=password_from("SCALER_REDIS_PASSWORD", args.redis_password_file),
@@ -123,6 +172,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_scaled_objects=args.max_scaled_objects,
         shutdown_grace_s=args.shutdown_grace_seconds,
         kubernetes_api=args.kubernetes_api,
+        events=args.events,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from adapter import metadatavalues as parsers, promql
+from adapter.access import AccessRules, Confinement, check_query, check_stream, confine_selector
 from adapter.metadatavalues import REPLICAS, MetadataError, MetadataKey  # noqa: F401 - MetadataError is this module's too
 from adapter.policy import COMBINE_MODES, PolicySpec
 from adapter.promql import Queries, parse_duration_seconds  # noqa: F401 - parse_duration_seconds is this module's too
@@ -47,6 +48,8 @@ class ScalerSpec:
     `scrape_targets_file` (an absolute path inside the scaler's --scrape-targets-dir), in which
     case `prometheus_address` is "". With `redis_address` (a URL without credentials) the queue
     signal is `stream`'s backlog in Redis. Times are in seconds; `window` a PromQL duration.
+    Parsed for a namespace (`parse_metadata`'s `access` and `namespace`), `selector` carries
+    `namespace="<it>"` and every query reads that namespace's series only.
     """
 
     prometheus_address: str
@@ -69,7 +72,7 @@ class ScalerSpec:
 
 METADATA_KEYS: tuple[MetadataKey, ...] = (
     MetadataKey("prometheusAddress", ScalerSpec, "prometheus_address", parsers.url,
-                "accepted: the base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090"),
+                "accepted: the base URL of the Prometheus HTTP API (http or https), e.g. http://prometheus.monitoring:9090"),
     MetadataKey("scrapeTargetsFile", ScalerSpec, "scrape_targets_file", parsers.text,
                 "accepted: a Prometheus file_sd JSON file inside the scaler's --scrape-targets-dir"),
     MetadataKey("redisAddress", ScalerSpec, "redis_address", parsers.redis_url,
@@ -158,12 +161,13 @@ def _targets_path(directory: str, name: str) -> Path:
 
 
 def _validate(
-    values: Mapping[str, Any], texts: Mapping[str, str], allowed_prefixes: tuple[str, ...], directory: str | None
+    values: Mapping[str, Any], texts: Mapping[str, str], access: AccessRules | None, directory: str | None
 ) -> None:
     """The rules between keys, and between keys and the scaler's flags; raises MetadataError.
 
     `values` holds every key's parsed value (its default when unset), `texts` the keys that
-    were set, as given; `directory` is --scrape-targets-dir.
+    were set, as given; `access` the operator's rules (None: none, as the simulator parses);
+    `directory` is --scrape-targets-dir.
     """
     targets_file, address = values["scrapeTargetsFile"], values["prometheusAddress"]
     if targets_file is not None:
@@ -185,11 +189,15 @@ def _validate(
                 accepted = "query overrides need prometheusAddress; scrapeTargetsFile reads the built-in signals"
                 raise MetadataError(name, texts[name], accepted)
     elif address is None:
-        why = "it is required (redisAddress gives only the queue; ready replicas come from here or scrapeTargetsFile); "
+        why = ("it is required, as the scaler has no --prometheus-address (redisAddress gives only the queue; ready "
+               "replicas come from here or scrapeTargetsFile); ")
         raise MetadataError("prometheusAddress", None, why + _BY_NAME["prometheusAddress"].accepted)
-    elif allowed_prefixes and not any(address.startswith(p.rstrip("/")) for p in allowed_prefixes):
-        raise MetadataError("prometheusAddress", texts["prometheusAddress"],
-                            "this scaler only queries addresses starting with " + ", ".join(allowed_prefixes))
+    elif access is not None and (problem := access.prometheus_problem(address)) is not None:
+        raise MetadataError("prometheusAddress", texts.get("prometheusAddress", address), problem)
+    if access is not None and values["redisAddress"] is not None:
+        problem = access.redis_problem(values["redisAddress"])
+        if problem is not None:
+            raise MetadataError("redisAddress", texts["redisAddress"], problem)
 
     if values["redisAddress"] is None and "stream" in texts:
         raise MetadataError("stream", texts["stream"], "the stream is read only with redisAddress")
@@ -212,6 +220,27 @@ def _validate(
                             f"it must be at least refreshSeconds ({refresh:g})")
 
 
+def _confine(values: dict[str, Any], texts: Mapping[str, str], namespace: str) -> None:
+    """Confines the parsed values to `namespace` (in place): the selector gets its matcher, and
+    query overrides and the stream must stay inside it; raises MetadataError naming the key."""
+    try:
+        matchers = confine_selector(promql.parse_selector(values["selector"]), namespace)
+    except Confinement as error:
+        raise MetadataError("selector", texts.get("selector"), str(error)) from None
+    values["selector"] = promql.format_selector(matchers)
+    for name in _QUERY_KEYS:
+        if values[name] is not None:
+            try:
+                check_query(values[name], namespace)
+            except Confinement as error:
+                raise MetadataError(name, texts[name], str(error)) from None
+    if values["redisAddress"] is not None:
+        try:
+            check_stream(values["stream"], namespace)
+        except Confinement as error:
+            raise MetadataError("stream", texts.get("stream", values["stream"]), str(error)) from None
+
+
 def _is_known(key: str) -> bool:
     if key in KNOWN_KEYS or key in KEDA_KEYS:
         return True
@@ -219,14 +248,23 @@ def _is_known(key: str) -> bool:
 
 
 def parse_metadata(
-    metadata: Mapping[str, str], allowed_prefixes: tuple[str, ...] = (), scrape_targets_dir: str | None = None
+    metadata: Mapping[str, str],
+    access: AccessRules | None = None,
+    scrape_targets_dir: str | None = None,
+    namespace: str | None = None,
 ) -> ScalerSpec:
-    """The ScalerSpec a trigger's metadata map (key -> text) describes.
+    """The ScalerSpec a trigger's metadata map (key -> text) describes, for a ScaledObject in
+    `namespace`.
 
-    `allowed_prefixes` are the URL prefixes prometheusAddress must start with (empty: any);
-    `scrape_targets_dir` is the directory scrapeTargetsFile must name a file in (None: direct
-    scraping is refused). Raises MetadataError on the first bad key: each key's own bounds are
-    checked in METADATA_KEYS' order, then the rules between keys.
+    `access` holds the operator's rules (adapter/access.py): where prometheusAddress and
+    redisAddress may point (an unset prometheusAddress is its `prometheus_address`), and, unless
+    it allows cross-namespace reads, the confinement to `namespace`: the selector gets
+    `namespace="<namespace>"` and may name no other, every query override must carry that
+    matcher in every selector, and the stream must be one of the namespace's. None (the
+    simulator, tests): no rules. `scrape_targets_dir` is the directory scrapeTargetsFile must
+    name a file in (None: direct scraping is refused). Raises MetadataError on the first bad key:
+    each key's own bounds are checked in METADATA_KEYS' order, then the rules between keys, then
+    the namespace's.
     """
     texts = _texts(metadata)
     values = {key.name: key.default for key in METADATA_KEYS}
@@ -236,7 +274,14 @@ def parse_metadata(
     if "signals" not in texts and values["targetP95Seconds"] is not None:
         # Unset, the signals are all that are configured, and an objective configures latency.
         values["signals"] = tuple(s for s in SIGNALS if s in values["signals"] or s == LATENCY)
-    _validate(values, texts, allowed_prefixes, scrape_targets_dir)
+    if (access is not None and access.prometheus_address and values["prometheusAddress"] is None
+            and values["scrapeTargetsFile"] is None):
+        values["prometheusAddress"] = access.prometheus_address.rstrip("/")
+    _validate(values, texts, access, scrape_targets_dir)
+    if access is not None and not access.cross_namespace:
+        if namespace is None:
+            raise ValueError("a namespace is needed to confine a ScaledObject's reads")
+        _confine(values, texts, namespace)
 
     def fields_of(owner: type) -> dict[str, Any]:
         return {key.field: values[key.name] for key in METADATA_KEYS if key.owner is owner}

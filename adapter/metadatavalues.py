@@ -36,7 +36,8 @@ class MetadataError(ValueError):
         self.key = key
         self.value = value
         self.accepted = accepted
-        shown = "missing" if value is None else repr(value)
+        # A tenant's text, bounded: it reaches the log and KEDA's status.
+        shown = "missing" if value is None else repr(value if len(value) <= 300 else value[:300] + "...")
         super().__init__(f"trigger metadata {key}: {shown} is not valid; {accepted}")
 
 

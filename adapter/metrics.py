@@ -14,9 +14,11 @@ from typing import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from adapter.events import REASONS as EVENT_REASONS
 from adapter.kube import FALLBACK_REASONS
 from adapter.policy import demand_trend
 from adapter.reading import Reading
+from adapter.recorder import RESULTS as EVENT_RESULTS
 from adapter.targets import Target, Unavailable
 from contract import names
 from contract.names import CAPACITY, GPU, QUERIES, SIGNALS
@@ -59,6 +61,20 @@ class ScalerMetrics:
             registry=registry,
         )
         self.kubernetes_api_fallback({})
+        self.kubernetes_events = Counter(
+            names.SCALER_KUBERNETES_EVENTS,
+            "Kubernetes Events drafted on ScaledObjects, by the Event's reason and what became of it: created, "
+            "patched (a repeat counted into an existing Event), rate_limited or queue_full (dropped), failed",
+            [names.REASON, names.RESULT],
+            registry=registry,
+        )
+        for reason in EVENT_REASONS:
+            for result in EVENT_RESULTS:
+                self.kubernetes_events.labels(reason, result)
+
+    def kubernetes_event(self, reason: str, result: str) -> None:
+        """Counts one drafted Event's fate (adapter.recorder.RESULTS); called from the writer thread too."""
+        self.kubernetes_events.labels(reason, result).inc()
 
     def kubernetes_api_fallback(self, counts: Mapping[str, int]) -> None:
         """How many ScaledObjects fall back for each of adapter.kube.FALLBACK_REASONS (absent: 0)."""

@@ -62,6 +62,15 @@ def parse_selector(selector: str) -> tuple[tuple[str, str, str], ...]:
     return tuple(matchers)
 
 
+def format_selector(matchers: tuple[tuple[str, str, str], ...]) -> str:
+    """Label matchers as `parse_selector` reads them back: `label op "value"`, comma separated,
+    the value's backslashes, double quotes and line breaks escaped."""
+    def quoted(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    return ",".join(f"{label}{op}{quoted(value)}" for label, op, value in matchers)
+
+
 @dataclass(frozen=True)
 class Queries:
     """The PromQL expressions a refresh may evaluate (instant queries), by query name: the

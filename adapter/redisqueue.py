@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeout
 
+from adapter.access import AccessRules, Endpoint, check_resolved, excerpt
 from adapter.config import ScalerSpec
 from adapter.reading import QueryOutcome, Reading, outcome, to_reading
 from contract.names import QUEUE
@@ -57,19 +58,43 @@ class RedisBacklog:
     address and query timeout, shared by every ScaledObject that names it.
 
     `password` (the scaler's --redis-password-file or SCALER_REDIS_PASSWORD; None: no AUTH) is
-    sent to every address. A client no read has used for `idle_close_s` is closed when another
-    is created, so addresses of forgotten ScaledObjects do not hold connections for ever.
+    sent only to `rules.redis_address`, the operator's Redis (same scheme, host and port); any
+    other address a ScaledObject names is read without it, and its host name is refused when it
+    resolves into `rules.denied_networks` (checked before a client is made, and again every
+    `recheck_s`). A client no read has used for `idle_close_s` is closed when another is
+    created, so addresses of forgotten ScaledObjects do not hold connections for ever. Raises
+    ValueError when a password is set without `rules.redis_address`.
     """
 
-    def __init__(self, password: str | None = None, *, idle_close_s: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(self, password: str | None = None, *, rules: AccessRules = AccessRules(),
+                 idle_close_s: float = 900.0, recheck_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        if password and not rules.redis_address:
+            raise ValueError("a Redis password is set (--redis-password-file or SCALER_REDIS_PASSWORD) but "
+                             "--redis-address (SCALER_REDIS_ADDRESS) is not: the scaler sends it only to the Redis "
+                             "the operator configures, never to one a ScaledObject names")
         self._password = password
+        self._rules = rules
         self._idle_close_s = idle_close_s
+        self._recheck_s = recheck_s
         self._clock = clock
         self._clients: dict[tuple[str, float], aioredis.Redis] = {}
         self._used_at: dict[tuple[str, float], float] = {}
+        self._checked_at: dict[str, float] = {}
+
+    async def _check_host(self, address: str) -> None:
+        """Raises access.Denied when a ScaledObject's Redis host resolves into a denied network."""
+        if self._rules.redis_credentials(address):
+            return  # the operator's own
+        host = Endpoint.of(address).host
+        now = self._clock()
+        if now - self._checked_at.get(host, -float("inf")) < self._recheck_s:
+            return
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+        check_resolved(host, (info[4][0] for info in infos), self._rules.denied_networks)
+        self._checked_at[host] = now
 
     async def _client(self, address: str, timeout_s: float) -> aioredis.Redis:
+        await self._check_host(address)
         key = (address, timeout_s)
         self._used_at[key] = self._clock()
         client = self._clients.get(key)
@@ -77,8 +102,9 @@ class RedisBacklog:
             # redis-py's default retries three times with up to 10 s of backoff, far past the
             # query timeout. No retry: the next refresh is the retry, and the last good value is
             # served meanwhile. (The pool itself replaces a connection a Redis restart broke.)
+            password = self._password if self._rules.redis_credentials(address) else None
             client = self._clients[key] = aioredis.Redis.from_url(
-                address, password=self._password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                address, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                 retry=Retry(NoBackoff(), 0),
             )
             await self._close_idle()  # after registering: a read starting meanwhile finds this client
@@ -100,14 +126,15 @@ class RedisBacklog:
         where = f"Redis at {spec.redis_address}, stream {spec.stream!r}"
         started = self._clock()
         try:
-            client = await self._client(spec.redis_address, spec.query_timeout_s)
-            # The socket timeouts bound each exchange; this bounds connect, AUTH and the read together.
+            # The socket timeouts bound each exchange; this bounds the host's check, connect, AUTH
+            # and the read together.
             async with asyncio.timeout(spec.query_timeout_s):
+                client = await self._client(spec.redis_address, spec.query_timeout_s)
                 jobs = await stream_backlog(client, spec.stream)
         except (TimeoutError, RedisTimeout):
             error = f"no answer within {spec.query_timeout_s:g}s"
         except Exception as e:  # refused, AUTH, WRONGTYPE, and a bug alike: a failed read, never 0
-            error = f"{type(e).__name__}: {e}"
+            error = f"{type(e).__name__}: {excerpt(e, 300)}"
         else:
             if jobs is not None:
                 return outcome(QUEUE, float(jobs), self._clock() - started)

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -18,10 +19,13 @@ from prometheus_client import CollectorRegistry
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from contract.httpserver import MetricsServer
 from adapter.metrics import ScalerMetrics, TargetCollector
+from adapter.access import DEFAULT_DENIED_NETWORKS, AccessRules, Endpoint, parse_networks
 from adapter.prometheus import PrometheusAuth, PrometheusClient
 from adapter.service import SERVICE_NAME, ExternalScalerService
 from adapter.directscrape import DirectSignalReader, SignalRouter
 from adapter.kube import MODES, OFF, KubernetesReplicas, in_cluster_configuration
+from adapter.kubeevents import KubernetesEventSink
+from adapter.recorder import EventRecorder
 from adapter.redisqueue import QueueFromRedis, RedisBacklog
 from adapter.signals import SignalReader
 from adapter.targets import TargetRegistry
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # /healthz fails when the event loop has not ticked for this long (a wedged loop).
 _HEARTBEAT_LIMIT_S = 10.0
+# The Events' source (kubectl describe's From column), with the pod's name as the instance.
+EVENT_COMPONENT = "diffusion-scaler"
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,23 @@ class ServerConfig:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None  # set: clients must present a certificate it signed
     prometheus_auth: PrometheusAuth = field(default_factory=PrometheusAuth)
-    allowed_prometheus_urls: tuple[str, ...] = ()
+    # The operator's Prometheus: the credentials go there only; a trigger without prometheusAddress reads it.
+    prometheus_address: str | None = None
+    allowed_prometheus_urls: tuple[str, ...] = ()  # set: metadata may name addresses within these only
+    denied_networks: tuple[str, ...] = DEFAULT_DENIED_NETWORKS  # metadata's addresses never reach these
+    allow_cross_namespace: bool = False  # True: a ScaledObject may read other namespaces' series and streams
     scrape_targets_dir: str | None = None  # set: ScaledObjects may name file_sd files in it (scrapeTargetsFile)
     max_concurrent_queries: int = 32
-    redis_password: str | None = field(default=None, repr=False)  # sent to every redisAddress; None: no AUTH
+    redis_address: str | None = None  # the operator's Redis: the password goes there only
+    redis_password: str | None = field(default=None, repr=False)  # sent to redis_address only; None: no AUTH
     idle_forget_s: float = 900.0
     max_scaled_objects: int = 2000
+    max_scaled_objects_per_namespace: int = 200
     shutdown_grace_s: float = 5.0
     kubernetes_api: str = "auto"  # auto: read scale targets' replicas where in-cluster config loads; off: never
     kubernetes_api_ttl_s: float = 30.0  # a target's replica count is read at most this often
     kubernetes_api_timeout_s: float = 2.0  # per API request
+    events: str = "auto"  # auto: record Events on ScaledObjects wherever the Kubernetes API is used; off: never
 
     def __post_init__(self):
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -64,8 +77,46 @@ class ServerConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be a port number, 0 to 65535")
         if self.kubernetes_api not in MODES:
             raise ValueError(f"--kubernetes-api must be one of {', '.join(MODES)}, not {self.kubernetes_api!r}")
-        if self.max_concurrent_queries < 1 or self.max_scaled_objects < 1:
-            raise ValueError("--max-concurrent-queries and --max-scaled-objects must be at least 1")
+        if self.events not in MODES:
+            raise ValueError(f"--events must be one of {', '.join(MODES)}, not {self.events!r}")
+        if self.max_concurrent_queries < 1 or self.max_scaled_objects < 1 or self.max_scaled_objects_per_namespace < 1:
+            raise ValueError("--max-concurrent-queries, --max-scaled-objects and --max-scaled-objects-per-namespace "
+                             "must be at least 1")
+        for flag, url, schemes in (("--prometheus-address", self.prometheus_address, ("http", "https")),
+                                   ("--redis-address", self.redis_address, ("redis", "rediss")),
+                                   *(("--allowed-prometheus-urls", u, ("http", "https")) for u in self.allowed_prometheus_urls)):
+            if url is None:
+                continue
+            try:
+                scheme = Endpoint.of(url).scheme
+            except ValueError as error:
+                raise ValueError(f"{flag}: {error}") from None
+            if scheme not in schemes:
+                raise ValueError(f"{flag}: {url!r} must be a {' or '.join(schemes)} URL")
+        if self.prometheus_auth.bearer_token_file and self.prometheus_auth.username:
+            raise ValueError("--prometheus-bearer-token-file and --prometheus-username are two ways to authenticate; "
+                             "set one (both would be one Authorization header)")
+        if self.prometheus_auth.configured() and not self.prometheus_address:
+            raise ValueError("Prometheus credentials are set (--prometheus-bearer-token-file, --prometheus-username) but "
+                             "--prometheus-address (SCALER_PROMETHEUS_ADDRESS) is not: the scaler sends them only to "
+                             "the Prometheus you name there, never to a prometheusAddress a ScaledObject names")
+        if self.redis_password and not self.redis_address:
+            raise ValueError("a Redis password is set (--redis-password-file or SCALER_REDIS_PASSWORD) but --redis-address "
+                             "(SCALER_REDIS_ADDRESS) is not: the scaler sends it only to the Redis you name there, "
+                             "never to a redisAddress a ScaledObject names")
+        parse_networks(self.denied_networks)  # raises ValueError naming a bad block
+
+    @property
+    def access(self) -> AccessRules:
+        """The rules for what trigger metadata may reach (adapter/access.py)."""
+        return AccessRules(
+            prometheus_address=self.prometheus_address,
+            redis_address=self.redis_address,
+            allowed_prometheus_urls=self.allowed_prometheus_urls,
+            denied_networks=parse_networks(self.denied_networks),
+            cross_namespace=self.allow_cross_namespace,
+            max_per_namespace=self.max_scaled_objects_per_namespace,
+        )
 
 
 def _read(path: str) -> bytes:
@@ -121,7 +172,7 @@ class ScalerServer:
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.grpc_port: int | None = None
         self.http_port: int | None = None
-        self._client = PrometheusClient(config.prometheus_auth)
+        self._client = PrometheusClient(config.prometheus_auth, rules=config.access)
         self._heartbeat = time.monotonic()
         self._serving = False
 
@@ -140,18 +191,26 @@ class ScalerServer:
             on_fallback=metrics.kubernetes_api_fallback,
             **({"unavailable": unavailable} if unavailable else {}),
         )
-        self._redis = RedisBacklog(config.redis_password)
+        self._events: EventRecorder | None = None
+        if config.events != OFF and kubernetes is not None:
+            self._event_sink = KubernetesEventSink(kubernetes, timeout_s=config.kubernetes_api_timeout_s)
+            self._events = EventRecorder(self._event_sink, component=EVENT_COMPONENT, instance=socket.gethostname(),
+                                         on_result=metrics.kubernetes_event)
+        log.info("Kubernetes Events on ScaledObjects: %s", "recorded" if self._events else
+                 "off (--events off)" if config.events == OFF else "off (no Kubernetes API)")
+        self._redis = RedisBacklog(config.redis_password, rules=config.access)
         reader = QueueFromRedis(
             SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct), self._redis
         )
         self.registry = TargetRegistry(
             reader,
-            allowed_prefixes=config.allowed_prometheus_urls,
+            access=config.access,
             scrape_targets_dir=config.scrape_targets_dir,
             idle_forget_s=config.idle_forget_s,
             max_targets=config.max_scaled_objects,
             on_reading=metrics.observe_reading,
             replicas=self._kube,
+            on_refresh=self._events.observe if self._events else None,
         )
         self.metrics_registry.register(TargetCollector(self.registry.targets, self.registry.now))
 
@@ -214,4 +273,7 @@ class ScalerServer:
         await self._direct.close()
         await self._redis.close()
         self._kube.close()
+        if self._events is not None:
+            await asyncio.to_thread(self._events.close)
+            self._event_sink.close()
         return clean

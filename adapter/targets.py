@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
+from adapter.access import AccessRules
 from adapter.config import ScalerSpec, parse_metadata
 from adapter.policy import Decision, PolicyState, Signals, decide, queue_active
 from adapter.reading import QueryOutcome, Reading, absent_is_not_zero, silent_signals
@@ -169,21 +170,25 @@ class TargetRegistry:
         reader: SignalReader,
         *,
         clock: Callable[[], float] = time.monotonic,
-        allowed_prefixes: tuple[str, ...] = (),
+        access: AccessRules | None = AccessRules(),
         scrape_targets_dir: str | None = None,
         idle_forget_s: float = 900.0,
         max_targets: int = 2000,
         on_reading: Callable[[Reading], None] | None = None,
         replicas: ReplicaCounter | None = None,
+        on_refresh: Callable[[Target, float], None] | None = None,
     ):
+        """`on_refresh(target, now)` is called after each refresh has been applied (the
+        EventRecorder's `observe`); it must neither raise nor block."""
         self._reader = reader
         self._replicas = replicas
         self._clock = clock
-        self._allowed_prefixes = allowed_prefixes
+        self._access = access
         self._scrape_targets_dir = scrape_targets_dir
         self._idle_forget_s = idle_forget_s
         self._max_targets = max_targets
         self._on_reading = on_reading
+        self._on_refresh = on_refresh
         self._targets: dict[TargetKey, Target] = {}
         self._tasks: dict[TargetKey, asyncio.Task] = {}
         self._closing = False
@@ -216,10 +221,17 @@ class TargetRegistry:
             pass
 
     def _register(self, key: TargetKey, namespace: str, name: str, metadata: Mapping[str, str]) -> Target:
-        spec = parse_metadata(metadata, self._allowed_prefixes, self._scrape_targets_dir)
+        spec = parse_metadata(metadata, self._access, self._scrape_targets_dir, namespace)
         if len(self._targets) >= self._max_targets:
             raise TooManyTargets(
                 f"{len(self._targets)} triggers are registered, the limit (--max-scaled-objects); "
+                "idle ones are forgotten after --idle-forget-seconds"
+            )
+        cap = self._access.max_per_namespace if self._access is not None else None
+        if cap is not None and sum(1 for t in self._targets.values() if t.namespace == namespace) >= cap:
+            # One namespace cannot take the scaler from the others: they still register.
+            raise TooManyTargets(
+                f"namespace {namespace} has {cap} triggers registered, its limit (--max-scaled-objects-per-namespace); "
                 "idle ones are forgotten after --idle-forget-seconds"
             )
         if spec.unknown_keys:
@@ -244,9 +256,12 @@ class TargetRegistry:
                 self._reader.read(target.spec), self._replicas.replicas(target.namespace, target.name, self._clock())
             )
         previous_error, previously_silent = target.last_error, target.silent
-        target.apply(reading, self._clock(), api_replicas)
+        now = self._clock()
+        target.apply(reading, now, api_replicas)
         if self._on_reading is not None:
             self._on_reading(reading)
+        if self._on_refresh is not None:
+            self._on_refresh(target, now)
         # Log changes, not every refresh: a Prometheus outage would otherwise log once per
         # target per refresh. The counters in /metrics carry the rest.
         if target.last_error and target.last_error != previous_error:

@@ -5,7 +5,8 @@
         --run-time 5m --headless
 
 Settings come from the environment: PROMPT, SIZE (default 512x512), STEPS (20), IMAGES (n, 1),
-GUIDANCE (7.5), WAIT_S (think time between a user's requests, default 0: closed loop).
+GUIDANCE (7.5), WAIT_S (think time between a user's requests, default 0: closed loop), API_KEY
+(sent as `Authorization: Bearer`, for a worker or gateway run with --api-key-file).
 Responses are checked, not just counted: a 200 must carry IMAGES base64 PNGs. 429 and 503 are
 reported under their own names so backpressure is visible apart from real failures.
 """
@@ -25,6 +26,7 @@ BODY = {
     "guidance_scale": float(os.environ.get("GUIDANCE", "7.5")),
 }
 PNG_B64_PREFIX = "iVBORw0KGgo"  # base64 of the PNG signature
+HEADERS = {"Authorization": f"Bearer {os.environ['API_KEY']}"} if os.environ.get("API_KEY") else {}
 
 
 class ImageClient(HttpUser):
@@ -33,7 +35,7 @@ class ImageClient(HttpUser):
     @task
     def generate(self) -> None:
         body = {**BODY, "seed": random.randrange(2**31)}
-        with self.client.post("/v1/images/generations", json=body, catch_response=True,
+        with self.client.post("/v1/images/generations", json=body, headers=HEADERS, catch_response=True,
                               name="/v1/images/generations") as response:
             if response.status_code in (429, 503):
                 response.failure(f"backpressure {response.status_code} Retry-After={response.headers.get('Retry-After')}")

@@ -30,6 +30,7 @@ O(1), with no reliance on XINFO's `lag` (nil in Redis 7.0 once entries are delet
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED, EXPIRED, CANCELLED)
 FINAL = (DONE, FAILED, EXPIRED, CANCELLED)
 
 DEFAULT_STREAM = "diffusion:jobs"
+# A stream of a Kubernetes namespace's: `diffusion:<namespace>:<name>` (the manifests name the
+# gateway's and workers' stream `diffusion:ml:sd-worker`). The scaler reads a ScaledObject's
+# own namespace's streams only (adapter/access.py); the local default above belongs to none.
+STREAM_PREFIX = "diffusion"
+_NAMESPACED_STREAM = re.compile(r"^diffusion:([a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?):(.+)$")
 DEFAULT_GROUP = "workers"
 JOB_FIELD = "job"  # the stream entry's field for the job id
 IMAGES_FIELD = "images"  # the stream entry's field for the request's image count
@@ -53,6 +59,18 @@ def entry_images(fields: dict[str, str]) -> int:
         return max(1, int(fields.get(IMAGES_FIELD, 1)))
     except ValueError:
         return 1
+
+
+def namespaced_stream(namespace: str, name: str) -> str:
+    """The stream `name` of `namespace`: `diffusion:<namespace>:<name>`."""
+    return f"{STREAM_PREFIX}:{namespace}:{name}"
+
+
+def stream_namespace(stream: str) -> str | None:
+    """The namespace a stream belongs to (`diffusion:<namespace>:<name>`, the namespace a DNS
+    label as Kubernetes names them), or None for a stream of no namespace."""
+    found = _NAMESPACED_STREAM.match(stream)
+    return found.group(1) if found else None
 
 
 @dataclass(frozen=True)
@@ -200,7 +218,8 @@ def redis_url_problem(url: str, schemes: tuple[str, ...] = REDIS_SCHEMES) -> str
     None when it can. Credentials are refused wherever they sit: in the user info, or as
     `password=` / `username=` in the query, which redis-py's `from_url` also reads. A password
     in a URL ends up in process listings, pod specs, ScaledObjects and logs; it comes from a
-    file or an environment variable instead (`password_from`)."""
+    file or an environment variable instead (`password_from`). TLS options (`ssl_*`) in the
+    query are refused too: redis-py would let them override the client's checks."""
     from urllib.parse import parse_qs, urlsplit
 
     try:
@@ -211,6 +230,11 @@ def redis_url_problem(url: str, schemes: tuple[str, ...] = REDIS_SCHEMES) -> str
     query = parse_qs(parts.query)
     if "@" in parts.netloc or "password" in query or "username" in query:
         return CARRIES_PASSWORD
+    tls_options = sorted(name for name in query if name.startswith("ssl_"))
+    if tls_options:
+        # redis-py lets a URL's query override the client's own settings: `ssl_cert_reqs=none`
+        # would turn certificate checking off without a word.
+        return f"sets TLS options in its query ({', '.join(tls_options)}); they are not taken from a URL"
     if parts.scheme not in schemes:
         return f"must start with {', '.join(s + '://' for s in schemes)}, not {parts.scheme or '(no scheme)'}://"
     if parts.scheme != "unix" and not parts.hostname:

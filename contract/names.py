@@ -35,6 +35,8 @@ BATCH_THROUGHPUT = "diffusion_batch_throughput_image_steps_per_second"  # gauge 
 BATCH_SIZE_LABEL = "batch_size"  # BATCH_THROUGHPUT: images in the batch
 STARTUP_SECONDS = "diffusion_startup_seconds"  # gauge, process start to ready (load, warm-up, capacity probe)
 REQUESTED_IMAGE_STEPS = "diffusion_requested_image_steps"  # counter (exposed with _total), asked of this worker, on arrival
+# Kept apart from REQUESTS, whose rate is the scaler's arrivals: refused clients must not scale the fleet.
+HTTP_UNAUTHORIZED = "diffusion_http_unauthorized"  # counter (exposed with _total), requests refused 401 (--api-key-file)
 
 # pull mode (worker/queue.py): jobs taken off the Redis stream
 QUEUE_JOBS = "diffusion_queue_jobs"  # counter (exposed with _total), jobs ended by this worker, by JOB_OUTCOME_LABEL
@@ -45,7 +47,7 @@ WORKER_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT, REQUEST_DURATION, QUEUE_WAIT,
                   REQUESTS, IMAGES, MAX_BATCH_SIZE, READY, MODEL_LOAD, WARM_UP_SECONDS, COMPILED_BUCKETS,
                   EAGER_BATCHES, ENCODER_RESTARTS, BATCH_SPLITS, ISOLATED_FAILURES,
                   CAPACITY_IMAGE_STEPS, BATCH_THROUGHPUT, STARTUP_SECONDS, REQUESTED_IMAGE_STEPS,
-                  QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND)
+                  QUEUE_JOBS, QUEUE_RECLAIMED, QUEUE_IN_HAND, HTTP_UNAUTHORIZED)
 
 JOB_OUTCOME_LABEL = "outcome"  # QUEUE_JOBS: done, failed, expired, cancelled, dead_lettered, duplicate, missing
 JOB_OUTCOMES = ("done", "failed", "expired", "cancelled", "dead_lettered", "duplicate", "missing")
@@ -61,8 +63,8 @@ GATEWAY_REQUESTED_IMAGE_STEPS = "gateway_requested_image_steps"  # counter (expo
 GATEWAY_METRICS = (GATEWAY_ACCEPTED, GATEWAY_REJECTED, GATEWAY_QUEUE_WAIT, GATEWAY_LATENCY, GATEWAY_BACKLOG,
                    GATEWAY_REQUESTED_IMAGE_STEPS)
 API_LABEL = "api"  # GATEWAY_ACCEPTED: sync (/v1/images/generations) or async (/v1/jobs)
-REJECT_REASON_LABEL = "reason"  # GATEWAY_REJECTED: invalid, backlog_full, redis_unavailable
-REJECT_REASONS = ("invalid", "backlog_full", "redis_unavailable")
+REJECT_REASON_LABEL = "reason"  # GATEWAY_REJECTED: invalid, backlog_full, redis_unavailable, unauthorized (401)
+REJECT_REASONS = ("invalid", "backlog_full", "redis_unavailable", "unauthorized")
 
 OUTCOME_LABEL = "outcome"
 OUTCOMES = ("ok", "rejected", "timeout", "error", "cancelled")
@@ -211,12 +213,13 @@ SCALER_GRPC_DURATION = "scaler_grpc_request_duration_seconds"
 SCALER_QUERY_DURATION = "scaler_prometheus_query_duration_seconds"
 SCALER_KUBERNETES_API_FALLBACK = "scaler_kubernetes_api_fallback"
 SCALER_SIGNAL_SILENT = "scaler_signal_silent"  # gauge by signal: enabled, no series, replicas ready
+SCALER_KUBERNETES_EVENTS = "scaler_kubernetes_events"  # counter (exposed with _total), by REASON (the Event's) and RESULT
 
 SCALER_METRICS = (SCALER_SCALEDOBJECTS, SCALER_QUEUE, SCALER_READY, SCALER_GPU, SCALER_P95,
                   SCALER_DEMAND, SCALER_CAPACITY, SCALER_STARTUP, SCALER_DEMAND_TREND, SCALER_PROPOSAL,
                   SCALER_COMPOSITE, SCALER_DESIRED, SCALER_ACTIVE, SCALER_BURST, SCALER_LIMITING, SCALER_HOLD,
                   SCALER_VALUE_AGE, SCALER_STALE, SCALER_QUERY_LAST_DURATION, SCALER_REFRESHES,
                   SCALER_QUERY_FAILURES, SCALER_GRPC_REQUESTS, SCALER_GRPC_DURATION, SCALER_QUERY_DURATION,
-                  SCALER_KUBERNETES_API_FALLBACK, SCALER_SIGNAL_SILENT)
+                  SCALER_KUBERNETES_API_FALLBACK, SCALER_SIGNAL_SILENT, SCALER_KUBERNETES_EVENTS)
 
 ALL_METRICS = frozenset(WORKER_METRICS + tuple(DCGM_METRICS) + EXPORTER_METRICS + SCALER_METRICS + GATEWAY_METRICS)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
+from contract.apikey import add_api_key_flag, api_keys_from
 from contract.cli import LOG_LEVELS, Environment, configure_logging, positive_float, positive_int
-from contract.jobqueue import password_from
+from contract.redisaccess import add_redis_flags, redis_access_from
 
 from .config import GatewayConfig, check_redis_url
 
 ENV = Environment("GATEWAY_")
-PASSWORD_ENV = "GATEWAY_REDIS_PASSWORD"
 _DEFAULTS = GatewayConfig()  # each flag's default is written once, in GatewayConfig
 
 
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             "worker's OpenAI-shaped API: enqueues the request on a Redis stream and waits for its result), "
             "the asynchronous jobs API (POST /v1/jobs, GET and DELETE /v1/jobs/{id}), /healthz, /readyz "
             "(Redis answers) and /metrics. Requests wait in the queue while no worker exists, so the workers "
-            "can scale to zero. Every flag can also be set through the environment variable shown with it."
+            "can scale to zero. With --api-key-file every route but /healthz, /readyz and /metrics needs "
+            "Authorization: Bearer <key>. Every flag can also be set through the environment variable shown with it."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -48,10 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=ENV.get("HOST", _DEFAULTS.host), help="address to bind (env GATEWAY_HOST)")
     add("--port", type=port_number, default=ENV.get("PORT", str(_DEFAULTS.port)), help="HTTP port (env GATEWAY_PORT)")
     add("--redis-url", type=redis_url, default=ENV.get("REDIS_URL", _DEFAULTS.redis_url),
-        help="the Redis holding the queue, without a password (env GATEWAY_REDIS_URL)")
-    add("--redis-password-file", default=ENV.get("REDIS_PASSWORD_FILE"),
-        help="file holding Redis' password, e.g. a mounted Secret; unset, the variable GATEWAY_REDIS_PASSWORD "
-        "holds it, if any (env GATEWAY_REDIS_PASSWORD_FILE)")
+        help="the Redis holding the queue, without a password; rediss:// for TLS (env GATEWAY_REDIS_URL)")
+    add_redis_flags(add, ENV)
     add("--stream", default=ENV.get("STREAM", _DEFAULTS.stream),
         help="the queue's stream: the scale target's, the workers' and the scaler's (env GATEWAY_STREAM)")
     add("--group", default=ENV.get("GROUP", _DEFAULTS.group),
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-image-side", type=positive_int, default=ENV.get("MAX_IMAGE_SIDE", str(_DEFAULTS.max_image_side)),
         help="largest width or height accepted, in pixels; a larger size is refused with 422 (keep it equal to the "
         "workers' --max-image-side) (env GATEWAY_MAX_IMAGE_SIDE)")
+    add_api_key_flag(add, ENV)
     add("--access-log", action="store_true", default=ENV.flag("ACCESS_LOG"),
         help="log every HTTP request (env GATEWAY_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=ENV.get("LOG_LEVEL", "info"), help="(env GATEWAY_LOG_LEVEL)")
@@ -80,15 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        password = password_from(PASSWORD_ENV, args.redis_password_file)
-    except OSError as error:
-        parser.error(f"argument --redis-password-file: cannot read {args.redis_password_file}: {error.strerror}")
-    try:
         config = GatewayConfig(
-            host=args.host, port=args.port, redis_url=args.redis_url, redis_password=password, stream=args.stream,
-            group=args.group, request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl,
+            host=args.host, port=args.port, redis_url=args.redis_url, redis_access=redis_access_from(args, ENV),
+            stream=args.stream, group=args.group, request_timeout_s=args.request_timeout, result_ttl_s=args.result_ttl,
             max_backlog=args.max_backlog, idempotency_ttl_s=args.idempotency_ttl, max_image_side=args.max_image_side,
-            access_log=args.access_log,
+            access_log=args.access_log, api_keys=api_keys_from(args.api_key_file, ENV, time.monotonic()),
         )
     except ValueError as error:
         parser.error(str(error))

@@ -18,13 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from contract.apikey import UNAUTHORIZED_DESCRIPTION, RequireApiKey
 from contract.jobqueue import DONE, EXPIRED, FAILED, FINAL, QUEUED, STATUSES
 from contract.schema import ErrorResponse, GenerationRequest, GenerationResponse, ImageData
 
 from .bodylimit import MAX_BODY_BYTES, BodyLimit
 from .config import GatewayConfig
 from .jobs import BacklogFull, Enqueued, IdempotencyConflict, Job, JobQueue, QueueUnavailable
-from .metrics import ASYNC, BACKLOG_FULL, INVALID, REDIS_UNAVAILABLE, SYNC, GatewayMetrics
+from .metrics import ASYNC, BACKLOG_FULL, INVALID, REDIS_UNAVAILABLE, SYNC, UNAUTHORIZED, GatewayMetrics
 
 log = logging.getLogger("gateway.api")
 
@@ -95,6 +96,9 @@ async def _until_disconnected(request: Request) -> None:
 
 def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    """The gateway's app on `queue`. With `config.api_keys`, every route but the probes and
+    /metrics (`contract.apikey.OPEN_PATHS`) answers 401 to a request without one of them,
+    counted as a rejection for UNAUTHORIZED."""
     app = FastAPI(
         title="diffusion gateway",
         summary="Holds generation requests on the Redis job queue, so workers can scale to zero",
@@ -102,6 +106,11 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, on_refused=lambda: metrics.reject(INVALID))
+    keyed: dict[int | str, dict] = {}  # the 401 in the OpenAPI document, where the API has one
+    if config.api_keys is not None:
+        # Added last, so it runs first: a client without a key gets no further, not even to upload a body.
+        app.add_middleware(RequireApiKey, keys=config.api_keys, on_refused=lambda: metrics.reject(UNAUTHORIZED))
+        keyed[401] = {"model": ErrorResponse, "description": UNAUTHORIZED_DESCRIPTION}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> Response:
@@ -188,6 +197,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
             503: {"model": ErrorResponse, "description": "Redis is unavailable"},
             504: {"model": ErrorResponse, "description": "Not done within --request-timeout; a running job is left "
                                                          "to finish, for GET /v1/jobs/{id} (X-Job-Id)"},
+            **keyed,
         },
     )
     async def generate(body: GenerationRequest, request: Request, idempotency_key: IdempotencyKey = None):
@@ -209,6 +219,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
             422: {"description": "Invalid body, or an Idempotency-Key reused with another body"},
             429: {"model": ErrorResponse, "description": "The backlog is at --max-backlog; retry after Retry-After"},
             503: {"model": ErrorResponse, "description": "Redis is unavailable"},
+            **keyed,
         },
     )
     async def submit(body: GenerationRequest, idempotency_key: IdempotencyKey = None):
@@ -224,7 +235,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         "/v1/jobs/{job_id}",
         response_model=JobView,
         responses={404: {"model": ErrorResponse, "description": "No such job, or its record expired"},
-                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}},
+                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}, **keyed},
     )
     async def status(job_id: str):
         try:
@@ -241,7 +252,7 @@ def build_app(queue: JobQueue, metrics: GatewayMetrics, config: GatewayConfig,
         response_model=JobView,
         responses={404: {"model": ErrorResponse, "description": "No such job, or its record expired"},
                    409: {"model": CancelRefused, "description": "The job had ended already; it keeps its status"},
-                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}},
+                   503: {"model": ErrorResponse, "description": "Redis is unavailable"}, **keyed},
     )
     async def cancel(job_id: str):
         try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from contract import jobqueue
+from contract.apikey import ApiKeys
 from contract.jobqueue import DEFAULT_GROUP, DEFAULT_STREAM, QueueKeys
+from contract.redisaccess import RedisAccess
 from contract.schema import MAX_SIDE, MIN_SIDE
 
 
@@ -15,13 +17,14 @@ class GatewayConfig:
 
     Times are seconds. `request_timeout_s` is both a job's lifetime (its deadline is its
     enqueue time plus this) and the longest the synchronous API waits. `max_image_side` is in
-    pixels.
+    pixels. `redis_access` is how the queue's client authenticates and checks TLS; `api_keys`,
+    when given, are the keys the HTTP API requires (they may change as their file does).
     """
 
     host: str = "0.0.0.0"
     port: int = 8080
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_password: str | None = None  # from a file or the environment, never from the URL
+    redis_access: RedisAccess = field(default_factory=RedisAccess)  # ACL user, password (never in the URL), TLS
     stream: str = DEFAULT_STREAM
     group: str = DEFAULT_GROUP
     request_timeout_s: float = 300.0
@@ -32,6 +35,7 @@ class GatewayConfig:
     # is enqueued and then fails on the worker.
     max_image_side: int = 1024
     access_log: bool = False
+    api_keys: ApiKeys | None = field(default=None, repr=False, compare=False)  # None: the API needs no key
 
     def __post_init__(self) -> None:
         self.validate()
@@ -39,6 +43,7 @@ class GatewayConfig:
     def validate(self) -> None:
         """Raises ValueError naming the flag when a value is out of bounds."""
         check_redis_url(self.redis_url)
+        self.redis_access.check_url(self.redis_url, "--redis-url")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be 0 to 65535, not {self.port}")
         for flag, value in (("--request-timeout", self.request_timeout_s), ("--result-ttl", self.result_ttl_s),

@@ -172,8 +172,8 @@ class JobQueue:
         inside the client: a refused connection answers at once, and an enqueue that timed out
         is never sent twice."""
         client = aioredis.Redis.from_url(
-            config.redis_url, password=config.redis_password, socket_timeout=SOCKET_TIMEOUT_S,
-            socket_connect_timeout=CONNECT_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
+            config.redis_url, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=CONNECT_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0), **config.redis_access.client_options(),
         )
         return cls(client, config)
 

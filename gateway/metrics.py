@@ -25,7 +25,7 @@ from .jobs import Job, QueueUnavailable
 
 SYNC, ASYNC = "sync", "async"  # API_LABEL's values: /v1/images/generations, /v1/jobs
 APIS = (SYNC, ASYNC)
-INVALID, BACKLOG_FULL, REDIS_UNAVAILABLE = REJECT_REASONS
+INVALID, BACKLOG_FULL, REDIS_UNAVAILABLE, UNAUTHORIZED = REJECT_REASONS
 BACKLOG_REFRESH_S = 1.0  # scrapes closer together than this share one XLEN
 _REMEMBERED_JOBS = 10_000  # jobs whose queue wait was observed, so a polled job counts once
 

@@ -20,6 +20,8 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from contract.apikey import warn_if_open
+
 from .api import build_app
 from .config import GatewayConfig
 from .jobs import JobQueue, QueueUnavailable
@@ -79,6 +81,7 @@ def serve(config: GatewayConfig) -> int:
     """Serves until SIGTERM or Ctrl-C; returns the process exit code."""
     log.info("gateway on %s:%d, queue %r (group %r), request timeout %g s, max backlog %d",
              config.host, config.port, config.stream, config.group, config.request_timeout_s, config.max_backlog)
+    warn_if_open(config.api_keys, config.host, log)
     server = GatewayServer(uvicorn.Config(gateway_app(config), host=config.host, port=config.port, lifespan="on",
                                            access_log=config.access_log, log_config=None))
     server.run()

@@ -4,7 +4,8 @@ Used by the tests, the benchmark and the local stack: a private directory, appen
 with `appendfsync always` (an accepted job survives a crash of the server, not just a clean
 restart), `maxmemory-policy noeviction` (a full server refuses writes rather than drop a job),
 no RDB snapshots, and start/stop/kill/restart for fault injection. The data directory
-outlives a restart, so what was acknowledged before it is there after it.
+outlives a restart, so what was acknowledged before it is there after it. With `ServerTls` it
+serves TLS only (`rediss://`), optionally requiring client certificates.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -33,21 +35,38 @@ def find_binary() -> str:
     return path
 
 
-class LocalRedis:
-    """One redis-server process on 127.0.0.1:`port`, its data in a private directory."""
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for a LocalRedis, PEM files: the server's certificate and key, the CA that signed it
+    and checks clients' certificates, and whether clients must present one (mutual TLS). The
+    server's own client (its readiness check, `client()`) presents `client_cert_file` and
+    `client_key_file` when given."""
 
-    def __init__(self, port: int | None = None, password: str | None = None):
+    cert_file: str
+    key_file: str
+    ca_file: str
+    require_client_cert: bool = False
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+
+class LocalRedis:
+    """One redis-server process on 127.0.0.1:`port`, its data in a private directory; with
+    `tls`, TLS only on that port (and `url` is rediss://)."""
+
+    def __init__(self, port: int | None = None, password: str | None = None, tls: ServerTls | None = None):
         self.binary = find_binary()
         self.port = port or free_port()
         self.password = password
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
         self.dir = Path(tempfile.mkdtemp(prefix="localredis-"))
         self._process: subprocess.Popen | None = None
 
     def _config(self) -> str:
         lines = [
             "bind 127.0.0.1",
-            f"port {self.port}",
+            f"port {0 if self.tls else self.port}",
             f"dir {self.dir}",
             "appendonly yes",
             "appendfsync always",
@@ -59,10 +78,18 @@ class LocalRedis:
         ]
         if self.password:
             lines.append(f"requirepass {self.password}")
+        if self.tls:
+            lines += [f"tls-port {self.port}", f"tls-cert-file {self.tls.cert_file}",
+                      f"tls-key-file {self.tls.key_file}", f"tls-ca-cert-file {self.tls.ca_file}",
+                      f"tls-auth-clients {'yes' if self.tls.require_client_cert else 'no'}"]
         return "\n".join(lines) + "\n"
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, password=self.password)
+        """A client as the default user (with the password, if any), trusting the server's CA."""
+        if self.tls is None:
+            return redis.Redis.from_url(self.url, password=self.password)
+        return redis.Redis.from_url(self.url, password=self.password, ssl_ca_certs=self.tls.ca_file,
+                                    ssl_certfile=self.tls.client_cert_file, ssl_keyfile=self.tls.client_key_file)
 
     def start(self, timeout_s: float = 15.0) -> LocalRedis:
         config = self.dir / "redis.conf"

@@ -6,12 +6,15 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from contract import jobqueue
+from contract.apikey import add_api_key_flag, api_keys_from
 from contract.cli import (
     LOG_LEVELS, Environment, configure_logging, non_negative_float, non_negative_int, positive_float, positive_int,
 )
+from contract.redisaccess import add_redis_flags, redis_access_from
 
 from .compiled import COMPILE_CHOICES, parse_buckets
 from .queueconfig import QueueConfig
@@ -55,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             "and the OpenAPI document at /openapi.json. Any diffusers text-to-image pipeline directory "
             "loads, offline. On SIGTERM it drains: readiness turns false, new requests get 503, accepted "
             "ones complete, then it exits 0 (1 if --drain-timeout passes first). With --queue it also pulls "
-            "jobs from a Redis stream (pull mode; see docs/WORKER.md). Every flag can also be set through "
-            "the environment variable shown with it."
+            "jobs from a Redis stream (pull mode; see docs/WORKER.md). With --api-key-file every route but "
+            "/healthz, /readyz and /metrics needs Authorization: Bearer <key>. Every flag can also be set "
+            "through the environment variable shown with it."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--encode-processes", type=non_negative_int, default=env.get("ENCODE_PROCESSES"), metavar="N",
         help="processes that encode answers to PNG, off the pipeline's interpreter lock; 0: a thread "
              "(default: 2 on CUDA, 0 on CPU) (env WORKER_ENCODE_PROCESSES)")
+    add_api_key_flag(add, env)
     add("--access-log", action="store_true", default=env.flag("ACCESS_LOG"),
         help="log every HTTP request (env WORKER_ACCESS_LOG)")
     add("--log-level", choices=LOG_LEVELS, default=env.get("LOG_LEVEL", "info"),
@@ -101,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull = serve.add_argument_group("pull mode", "take jobs from a Redis stream as well as over HTTP")
     add = pull.add_argument
     add("--queue", default=env.get("QUEUE"), metavar="URL",
-        help="Redis URL, redis://host:port/db, without a password; absent: HTTP only (env WORKER_QUEUE)")
+        help="Redis URL, redis://host:port/db (rediss:// for TLS), without a password; absent: HTTP only "
+             "(env WORKER_QUEUE)")
     add("--stream", default=env.get("STREAM", jobqueue.DEFAULT_STREAM), help="the jobs' stream (env WORKER_STREAM)")
     add("--group", default=env.get("GROUP", jobqueue.DEFAULT_GROUP), help="the consumer group (env WORKER_GROUP)")
     add("--claim-idle", type=positive_float, default=env.get("CLAIM_IDLE", f"{_PULL.claim_idle_s:g}"),
@@ -110,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="deliveries of one job before it is dead-lettered as failed (env WORKER_MAX_DELIVERIES)")
     add("--result-ttl", type=positive_int, default=env.get("RESULT_TTL", _PULL.result_ttl_s),
         help="seconds a finished job and its result are kept (env WORKER_RESULT_TTL)")
-    add("--redis-password-file", default=env.get("REDIS_PASSWORD_FILE"), metavar="PATH",
-        help="file holding the Redis password (env WORKER_REDIS_PASSWORD_FILE; else env WORKER_REDIS_PASSWORD)")
+    add_redis_flags(add, env)
     return parser
 
 
@@ -119,13 +124,10 @@ def queue_config(args: argparse.Namespace) -> QueueConfig | None:
     """Pull mode's settings from parsed flags, or None without --queue; raises ValueError naming the flag."""
     if not args.queue:
         return None
-    try:
-        password = jobqueue.password_from(ENV_PREFIX + "REDIS_PASSWORD", args.redis_password_file)
-    except OSError as error:
-        raise ValueError(f"--redis-password-file {args.redis_password_file}: {error.strerror or error}") from None
     return QueueConfig(
         url=args.queue, stream=args.stream, group=args.group, claim_idle_s=args.claim_idle,
-        max_deliveries=args.max_deliveries, result_ttl_s=args.result_ttl, password=password,
+        max_deliveries=args.max_deliveries, result_ttl_s=args.result_ttl,
+        access=redis_access_from(args, Environment(ENV_PREFIX)),
     )
 
 
@@ -151,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_side=args.max_image_side,
         )
         queue = queue_config(args)
+        api_keys = api_keys_from(args.api_key_file, Environment(ENV_PREFIX), time.monotonic())
     except ValueError as error:
         print(f"python -m worker serve: {error}", file=sys.stderr)
         return 2
@@ -172,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_buckets=args.batch_buckets,
         compile_cache_dir=args.compile_cache_dir,
         encode_processes=args.encode_processes,
+        api_keys=api_keys,
     )
     code = serve(config)
     # The pipeline thread may still be inside torch (drain timed out, or a load was cut

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from contract.apikey import UNAUTHORIZED_DESCRIPTION, ApiKeys, RequireApiKey
 from contract.schema import ErrorResponse, GenerationRequest, GenerationResponse, ImageData
 
 from .service import ClientGone, ImageSpec, InvalidRequest, Rejected, RequestFailed, WorkerService
@@ -45,12 +46,19 @@ def _error(status: int, message: str, retry_after_s: int | None = None) -> JSONR
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-def build_app(service: WorkerService) -> FastAPI:
+def build_app(service: WorkerService, api_keys: ApiKeys | None = None) -> FastAPI:
+    """The worker's app on `service`. With `api_keys`, every route but the probes and /metrics
+    (`contract.apikey.OPEN_PATHS`) answers 401 to a request without one of them, counted in
+    `service.metrics.unauthorized`."""
     app = FastAPI(
         title="diffusion worker",
         summary="Text-to-image with dynamic batching, shaped like the OpenAI images API",
         version="0.1.0",
     )
+    keyed: dict[int | str, dict] = {}  # the 401 in the OpenAPI document, where the API has one
+    if api_keys is not None:
+        app.add_middleware(RequireApiKey, keys=api_keys, on_refused=service.metrics.unauthorized.inc)
+        keyed[401] = {"model": ErrorResponse, "description": UNAUTHORIZED_DESCRIPTION}
 
     @app.post(
         "/v1/images/generations",
@@ -60,6 +68,7 @@ def build_app(service: WorkerService) -> FastAPI:
             500: {"model": ErrorResponse, "description": "The pipeline failed on this request's batch"},
             503: {"model": ErrorResponse, "description": "Draining or model not loaded"},
             504: {"model": ErrorResponse, "description": "Not done within the request timeout"},
+            **keyed,
         },
     )
     async def generate(body: GenerationRequest, request: Request):

@@ -150,6 +150,10 @@ class WorkerMetrics:
             names.QUEUE_RECLAIMED, "Jobs taken over from a consumer that left them pending past --claim-idle",
             registry=registry,
         )
+        self.unauthorized = Counter(
+            names.HTTP_UNAUTHORIZED, "HTTP requests refused with 401: no API key, or not one of --api-key-file's; "
+            "not in the requests counter, so refused clients never count as arrivals", registry=registry,
+        )
         self.queue_in_hand = Gauge(
             names.QUEUE_IN_HAND, "Jobs pulled off the Redis stream and not yet acknowledged (0 in direct mode)",
             registry=registry,

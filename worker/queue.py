@@ -64,8 +64,8 @@ class QueueConsumer:
         self.clock = clock
         # No retries inside the client: this class owns the policy (backoff, outage logging).
         self.client = aioredis.Redis.from_url(
-            config.url, password=config.password, decode_responses=True, retry=Retry(NoBackoff(), 0),
-            socket_timeout=config.block_s + 10, socket_connect_timeout=5,
+            config.url, decode_responses=True, retry=Retry(NoBackoff(), 0), socket_timeout=config.block_s + 10,
+            socket_connect_timeout=5, **config.access.client_options(),
         )
         self._heartbeat_script = self.client.register_script(jobqueue.HEARTBEAT)
         self.jobs = JobHandler(config, service, self.client, self.name, clock, self)

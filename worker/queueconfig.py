@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from contract import jobqueue
+from contract.redisaccess import RedisAccess
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class QueueConfig:
     claim_idle_s: float = 60.0  # a pending entry idle this long belongs to a dead consumer
     max_deliveries: int = 3  # deliveries of one job before it is dead-lettered
     result_ttl_s: int = 3600  # how long a finished job's hash (and result) is kept
-    password: str | None = field(default=None, repr=False)
+    access: RedisAccess = field(default_factory=RedisAccess)  # ACL user, password and TLS files
     block_s: float = 1.0  # how long one XREADGROUP waits for new entries
     status_check_s: float = 1.0  # how often the statuses of the jobs in hand are read (cancels)
 
@@ -31,6 +32,7 @@ class QueueConfig:
                              "WORKER_REDIS_PASSWORD instead, so it is never in the process list or the pod spec")
         if problem is not None:
             raise ValueError(f"--queue {problem}")
+        self.access.check_url(self.url, "--queue")
         if not self.claim_idle_s > 0:
             raise ValueError(f"--claim-idle must be above 0 seconds, got {self.claim_idle_s}")
         for value, flag in ((self.max_deliveries, "--max-deliveries"), (self.result_ttl_s, "--result-ttl")):

@@ -25,6 +25,8 @@ from types import FrameType
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from contract.apikey import ApiKeys, warn_if_open
+
 from .api import build_app
 from .compiled import compiles
 from .encoding import PngEncoder
@@ -53,6 +55,7 @@ class ServeConfig:
     batch_buckets: tuple[int, ...] | None = None  # compiled batch sizes; None: `default_buckets(max batch)`
     compile_cache_dir: Path | None = None  # compiled artifacts kept across processes; None: the compiler's default
     encode_processes: int | None = None  # PNG encoder processes; None: ENCODE_PROCESSES_ON_CUDA on CUDA, else 0 (a thread)
+    api_keys: ApiKeys | None = field(default=None, repr=False)  # None: the API needs no key
 
 
 ENCODE_PROCESSES_ON_CUDA = 2
@@ -68,7 +71,7 @@ class WorkerServer(uvicorn.Server):
         self.consumer = QueueConsumer(config.queue, self.service) if config.queue else None
         super().__init__(
             uvicorn.Config(
-                build_app(self.service),
+                build_app(self.service, config.api_keys),
                 host=config.host,
                 port=config.port,
                 lifespan="off",
@@ -84,6 +87,7 @@ class WorkerServer(uvicorn.Server):
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        warn_if_open(self.serve_config.api_keys, self.serve_config.host, log)
         threading.Thread(target=self._load_model, name="model-load", daemon=True).start()
         await super().serve(sockets)
 

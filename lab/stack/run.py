@@ -16,6 +16,7 @@ import grpc
 
 from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK
 from adapter.server import ScalerServer, ServerConfig
 from lab.hpa import PASS_THROUGH
 from lab.keda import GrpcScaler, KedaLoop
@@ -103,8 +104,10 @@ async def run(args: argparse.Namespace) -> int:
     direct = args.metrics_source == "direct" or (args.metrics_source == "auto" and not prometheus_installed())
     # kubernetes_api off: the stack has no cluster, and a machine with a service-account token
     # must not have the stack read a real one.
+    # denied_networks: every server of the stack runs on loopback, which a cluster's scaler refuses.
     scaler = ScalerServer(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0, kubernetes_api="off",
-                                       scrape_targets_dir=str(workdir) if direct else None))
+                                       scrape_targets_dir=str(workdir) if direct else None,
+                                       denied_networks=DENIED_NETWORKS_BUT_LOOPBACK))
     balancer = Balancer(fleet)
     prometheus: LocalPrometheus | None = None
     channel = None

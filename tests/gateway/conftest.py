@@ -78,6 +78,11 @@ class RunningGateway:
     config: GatewayConfig
     redis: redis.Redis
     server: uvicorn.Server
+    api_key: str | None = None  # sent as a Bearer token by post, get and delete, when the gateway wants one
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key is not None else {}
 
     @property
     def keys(self) -> QueueKeys:
@@ -89,13 +94,14 @@ class RunningGateway:
     def post(self, path: str = "/v1/images/generations", body: dict | None = None, key: str | None = None,
              timeout_s: float = 30) -> requests.Response:
         headers = {"Idempotency-Key": key} if key is not None else {}
-        return requests.post(self.url + path, json=BODY if body is None else body, headers=headers, timeout=timeout_s)
+        return requests.post(self.url + path, json=BODY if body is None else body, headers={**self.auth, **headers},
+                             timeout=timeout_s)
 
     def get(self, path: str) -> requests.Response:
-        return requests.get(self.url + path, timeout=10)
+        return requests.get(self.url + path, headers=self.auth, timeout=10)
 
     def delete(self, path: str) -> requests.Response:
-        return requests.delete(self.url + path, timeout=10)
+        return requests.delete(self.url + path, headers=self.auth, timeout=10)
 
     def job(self, job_id: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.job(job_id)).items()}
@@ -137,20 +143,24 @@ def start_gateway(redis_server: LocalRedis) -> Iterator[Callable[..., RunningGat
     """Starts the real app (lifespan included) under uvicorn in a thread against `redis_server`."""
     started: list[tuple[uvicorn.Server, threading.Thread, redis.Redis]] = []
 
-    def start(wait_until_ready: bool = True, **settings) -> RunningGateway:
+    def start(wait_until_ready: bool = True, api_key: str | None = None, redis_at: LocalRedis | None = None,
+              **settings) -> RunningGateway:
+        """`settings`: GatewayConfig's fields; `api_key`: what the returned gateway's requests send;
+        `redis_at`: another server than `redis_server` (the config's URL and the test's client)."""
         port = free_port()
-        config = GatewayConfig(host="127.0.0.1", port=port, redis_url=redis_server.url, **settings)
+        target = redis_at or redis_server
+        config = GatewayConfig(host="127.0.0.1", port=port, redis_url=target.url, **settings)
         server = uvicorn.Server(uvicorn.Config(gateway_app(config), host="127.0.0.1", port=port, lifespan="on",
                                                log_config=None))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        client = redis_server.client()
+        client = target.client()
         started.append((server, thread, client))
         deadline = time.monotonic() + 20
         while not server.started:
             assert time.monotonic() < deadline, "gateway did not start"
             time.sleep(0.01)
-        running = RunningGateway(f"http://127.0.0.1:{port}", config, client, server)
+        running = RunningGateway(f"http://127.0.0.1:{port}", config, client, server, api_key)
         if wait_until_ready:
             wait_ready(running.url)
         return running

@@ -17,6 +17,7 @@ from adapter._proto import externalscaler_pb2 as pb
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from contract import names
 from lab.localprom import LocalPrometheus, PrometheusNotFound, find_binary
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK
 from adapter.server import ScalerServer, ServerConfig
 from lab.synthetic import SyntheticPods
 
@@ -125,8 +126,10 @@ def start_scaler():
 
     def start(**overrides) -> RunningScaler:
         # No real cluster is ever read: tests of the API pass their own fake (test_kube_api.py).
+        # Every server here runs on loopback, which a cluster's scaler refuses for metadata's
+        # addresses (tests/integration/test_tenancy.py attacks the default).
         config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0,
-                                 "kubernetes_api": "off", **overrides})
+                                 "kubernetes_api": "off", "denied_networks": DENIED_NETWORKS_BUT_LOOPBACK, **overrides})
         scaler = RunningScaler(config)
         started.append(scaler)
         return scaler

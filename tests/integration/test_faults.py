@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK
 from adapter.config import KNOWN_KEYS
 from contract import names
 from lab.localprom import free_port
@@ -133,7 +134,8 @@ def shared_scaler():
     from .conftest import RunningScaler
     from adapter.server import ServerConfig
 
-    scaler = RunningScaler(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0, kubernetes_api="off"))
+    scaler = RunningScaler(ServerConfig(listen_address="127.0.0.1", grpc_port=0, http_port=0, kubernetes_api="off",
+                                        denied_networks=DENIED_NETWORKS_BUT_LOOPBACK))
     yield scaler
     scaler.close()
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from adapter import kube
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK
 from adapter.server import ServerConfig
 from contract import names
 from lab.synthetic import PodLoad
@@ -29,7 +30,8 @@ def start_kube_scaler():
     def start(configuration, **overrides) -> RunningScaler:
         """A scaler whose Kubernetes API is the fake at `configuration`."""
         config = ServerConfig(**{"listen_address": "127.0.0.1", "grpc_port": 0, "http_port": 0,
-                                 "kubernetes_api_ttl_s": 0.2, "kubernetes_api_timeout_s": 1.0, **overrides})
+                                 "kubernetes_api_ttl_s": 0.2, "kubernetes_api_timeout_s": 1.0,
+                                 "denied_networks": DENIED_NETWORKS_BUT_LOOPBACK, **overrides})
         scaler = RunningScaler(config, kubernetes_configuration=configuration)
         started.append(scaler)
         return scaler

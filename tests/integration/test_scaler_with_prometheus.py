@@ -85,7 +85,7 @@ def test_every_rpc_answers_with_the_composite_of_real_prometheus_signals(prometh
 
 def test_an_override_returning_a_scalar_falls_back_to_one_request_per_query(prometheus, fleet, scaler, deployment):
     fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=20))
-    override = f'scalar(sum({names.REQUESTS_IN_FLIGHT}{{deployment="{deployment}"}}))'
+    override = f'scalar(sum({names.REQUESTS_IN_FLIGHT}{{namespace="ml",deployment="{deployment}"}}))'
     so = ref(deployment, prometheus.url, queueQuery=override, signals=names.QUEUE)
     eventually(lambda: _assert_value(scaler, so, 3.0))
     assert sample(scaler, names.SCALER_QUERY_DURATION + "_count", query=names.QUEUE) >= 1
@@ -94,11 +94,15 @@ def test_an_override_returning_a_scalar_falls_back_to_one_request_per_query(prom
 @pytest.mark.parametrize(
     "override, says",
     [
-        (names.REQUESTS_IN_FLIGHT + '{{deployment="{d}"}} or vector(1)', "returned 2 series; aggregate it"),
+        (names.REQUESTS_IN_FLIGHT + '{{namespace="ml",deployment="{d}"}} or vector(1)', "returned 2 series; aggregate it"),
+        # Confined to its namespace, a query that does not parse is refused before it is sent
+        # (tests/unit/test_access.py); across namespaces, Prometheus is the one to say so.
         (f"sum(rate({names.REQUESTS_IN_FLIGHT}[1m])", "parse error"),
     ],
 )
-def test_a_broken_override_fails_the_refresh_and_names_the_query(prometheus, fleet, scaler, deployment, override, says):
+def test_a_broken_override_fails_the_refresh_and_names_the_query(prometheus, fleet, start_scaler, deployment, override,
+                                                                 says):
+    scaler = start_scaler(allow_cross_namespace="parse error" in says)
     fleet.set_pod("ml", deployment, f"{deployment}-0", PodLoad(queue=20))
     wait_until_scraped(prometheus, deployment)
     so = ref(deployment, prometheus.url, queueQuery=override.format(d=deployment))

@@ -18,7 +18,7 @@ from .test_scaler_with_prometheus import sample
 
 pytestmark = pytest.mark.integration
 
-KEYS = jobqueue.QueueKeys()
+KEYS = jobqueue.QueueKeys(jobqueue.namespaced_stream("ml", "sd-worker"))  # a stream of ref()'s namespace
 
 
 def enqueue(server, jobs: int) -> None:
@@ -63,7 +63,7 @@ def test_a_backlog_wakes_an_empty_fleet_and_redis_down_is_missing_data_never_zer
     prometheus, redis_server, scaler, deployment
 ):
     labels = scaler_labels(deployment)
-    so = ref(deployment, prometheus.url, redisAddress=redis_server.url, targetQueuePerReplica="4",
+    so = ref(deployment, prometheus.url, redisAddress=redis_server.url, stream=KEYS.stream, targetQueuePerReplica="4",
              scaleDownWindowSeconds="60", staleAfterSeconds="3")
 
     def value() -> float:
@@ -153,7 +153,7 @@ def test_a_backlog_wakes_the_fleet_while_prometheus_is_down_and_redis_down_too_i
     own_prometheus, redis_server, scaler, deployment
 ):
     labels = scaler_labels(deployment)
-    so = ref(deployment, own_prometheus.url, redisAddress=redis_server.url, targetQueuePerReplica="4",
+    so = ref(deployment, own_prometheus.url, redisAddress=redis_server.url, stream=KEYS.stream, targetQueuePerReplica="4",
              staleAfterSeconds="3")
     create_stream(redis_server)
 

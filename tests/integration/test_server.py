@@ -14,6 +14,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK
 from adapter._proto import externalscaler_pb2_grpc as pb_grpc
 from contract import names
 from lab.localprom import free_port
@@ -109,7 +110,9 @@ def test_rotated_certificate_files_are_used_for_new_connections(tmp_path, start_
 
 def test_the_command_line_serves_until_sigterm_then_exits_cleanly(prometheus):
     grpc_port, http_port = free_port(), free_port()
-    env = {**os.environ, "SCALER_HTTP_PORT": str(http_port), "PYTHONUNBUFFERED": "1"}
+    # Loopback is denied to metadata by default; here the operator allows it, as the lab does.
+    env = {**os.environ, "SCALER_HTTP_PORT": str(http_port), "PYTHONUNBUFFERED": "1",
+           "SCALER_DENIED_NETWORKS": ",".join(DENIED_NETWORKS_BUT_LOOPBACK)}
     process = subprocess.Popen(
         [sys.executable, "-m", "adapter", "--listen-address", "127.0.0.1", "--grpc-port", str(grpc_port)],
         env=env,

@@ -21,7 +21,7 @@ from adapter.config import parse_metadata
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 KUSTOMIZATIONS = ["base", "monitoring", "overlays/prometheus-operator", "overlays/exporter-daemonset",
-                  "overlays/queue", "overlays/queue-with-redis"]
+                  "overlays/queue", "overlays/queue-with-redis", "overlays/scaler-access"]
 KEDA_CRD = ROOT.parent / "shared" / "reference" / "keda" / "keda.sh_scaledobjects.yaml"
 KUBERNETES_VERSION = "1.34.0"
 RULES = MANIFESTS / "monitoring" / "rules"
@@ -57,8 +57,9 @@ def test_every_kustomization_builds(kustomization):
 def test_every_core_object_validates_against_the_kubernetes_schemas(kustomization):
     checked = 0
     for obj in build(kustomization):
-        if "." in obj["apiVersion"].split("/")[0] and not obj["apiVersion"].startswith("apps/"):
-            continue  # custom resources: checked against their own CRDs below
+        group = obj["apiVersion"].split("/")[0] if "/" in obj["apiVersion"] else ""
+        if "." in group and not group.endswith(".k8s.io"):
+            continue  # custom resources: checked against their own CRDs below (RBAC's, networking's are Kubernetes')
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         checked += 1
     assert checked
@@ -170,26 +171,58 @@ def test_the_daemonset_overlay_replaces_the_sidecar_and_mounts_pod_resources_wri
     assert mount["mountPath"] == "/var/lib/kubelet/pod-resources" and not mount.get("readOnly")
 
 
-def test_the_scaler_can_only_get_scaledobjects_deployments_and_statefulsets():
+def granted(role: dict) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every rule of a Role."""
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no names, no URLs
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+# Each call the scaler makes through the kubernetes client, and what it needs: get a ScaledObject,
+# then its Deployment or StatefulSet (adapter/kube.py); create and patch Events (adapter/kubeevents.py).
+API_CALLS = {
+    "get_namespaced_custom_object": {("keda.sh", "scaledobjects", "get"), ("apps", "deployments", "get"),
+                                     ("apps", "statefulsets", "get")},
+    "create_namespaced_event": {("", "events", "create")},
+    "patch_namespaced_event": {("", "events", "patch")},
+}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_nothing_is_granted_cluster_wide(kustomization):
+    assert not objects("ClusterRole", kustomization) and not objects("ClusterRoleBinding", kustomization)
+
+
+@pytest.mark.parametrize(("kustomization", "namespace"), [("base", "ml"), ("overlays/scaler-access", "models")])
+def test_the_scaler_is_granted_in_the_namespace_of_its_scaledobjects_what_its_api_calls_need(kustomization, namespace):
     [account] = objects("ServiceAccount")
-    [scaler] = [d for d in objects("Deployment") if d["metadata"]["name"] == account["metadata"]["name"]]
-    # The token is mounted into the scaler's pods only, not into anything else using the account.
-    assert account["automountServiceAccountToken"] is False
-    assert scaler["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
-    assert scaler["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
-    assert not objects("RoleBinding") and not objects("Role")
-    [binding] = objects("ClusterRoleBinding")
+    [role] = objects("Role", kustomization)
+    [binding] = objects("RoleBinding", kustomization)
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == namespace
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]}
     ]
-    [role] = objects("ClusterRole")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
-    assert granted == {("keda.sh", "scaledobjects", "get"), ("apps", "deployments", "get"),
-                       ("apps", "statefulsets", "get")}
-    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])  # no nonResourceURLs
+    assert granted(role) == set().union(*API_CALLS.values())
+
+
+def test_the_api_calls_in_the_scalers_code_are_the_ones_the_role_was_checked_against():
+    """A new call (a list, a watch, another kind) fails here until the Role and API_CALLS say what it needs."""
+    called = set()
+    for path in (ROOT / "adapter").glob("*.py"):
+        called |= set(re.findall(r"self\._(?:api|core|custom|apps)\.(\w+)", path.read_text()))
+    assert called == set(API_CALLS)
+
+
+def test_only_the_scalers_pods_mount_its_token():
+    [account] = objects("ServiceAccount")
+    [scaler] = [d for d in objects("Deployment") if d["metadata"]["name"] == account["metadata"]["name"]]
+    assert account["automountServiceAccountToken"] is False
+    assert scaler["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert scaler["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+    [scaled_object] = objects("ScaledObject")
+    assert scaled_object["metadata"]["namespace"] == objects("Role")[0]["metadata"]["namespace"]
 
 
 def test_rules_pass_promtool_check_and_every_alert_has_a_unit_test():

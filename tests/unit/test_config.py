@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapter.access import AccessRules
 from adapter.config import FROM_ENV_SUFFIX, KNOWN_KEYS, METADATA_KEYS, MetadataError, parse_metadata
 from adapter.policy import PolicySpec
 
@@ -130,11 +131,16 @@ def test_weights_parse_in_weighted_mode():
     assert dict(spec.policy.weights) == {"queue": 2.0, "gpu": 0.5, "latency": 1.0, "capacity": 1.0}
 
 
-def test_allowed_prefixes_restrict_the_prometheus_address():
-    parse_metadata(BASE, allowed_prefixes=("http://prometheus.monitoring",))
-    with pytest.raises(MetadataError) as raised:
-        parse_metadata({"prometheusAddress": "http://evil:9090"}, allowed_prefixes=("http://prometheus.monitoring",))
-    assert raised.value.key == "prometheusAddress"
+def test_allowed_urls_restrict_the_prometheus_address_at_a_host_and_path_boundary():
+    allowed = AccessRules(allowed_prometheus_urls=("http://prometheus.monitoring:9090",))
+    parse_metadata(BASE, allowed, namespace="ml")
+    parse_metadata({**BASE, "prometheusAddress": "http://prometheus.monitoring:9090/sub"}, allowed, namespace="ml")
+    # A prefix is a server and a path, not a string: these would start with the allowed text.
+    for address in ("http://evil:9090", "http://prometheus.monitoring:9090.evil.example", "http://prometheus.monitoring:90901",
+                    "https://prometheus.monitoring:9090", "http://prometheus.monitoring:9090x/"):
+        with pytest.raises(MetadataError) as raised:
+            parse_metadata({**BASE, "prometheusAddress": address}, allowed, namespace="ml")
+        assert raised.value.key == "prometheusAddress"
 
 
 @pytest.mark.parametrize(
@@ -335,10 +341,14 @@ def test_the_redis_password_is_the_scalers_own_setting_from_a_file_or_else_the_e
         return config_from_args(build_parser().parse_args(list(flags)))
 
     monkeypatch.delenv("SCALER_REDIS_PASSWORD", raising=False)
+    monkeypatch.delenv("SCALER_REDIS_ADDRESS", raising=False)
     assert config().redis_password is None
-    monkeypatch.setenv("SCALER_REDIS_PASSWORD", "from-env")
-    assert config().redis_password == "from-env"
     secret = tmp_path / "password"
     secret.write_text("from-file\n")  # a mounted Secret's trailing newline is not part of it
+    with pytest.raises(ValueError, match="--redis-address"):  # a password with nowhere safe to go
+        config("--redis-password-file", str(secret))
+    monkeypatch.setenv("SCALER_REDIS_ADDRESS", "redis://redis.ml:6379")
+    monkeypatch.setenv("SCALER_REDIS_PASSWORD", "from-env")
+    assert config().redis_password == "from-env"
     loaded = config("--redis-password-file", str(secret))
     assert loaded.redis_password == "from-file" and "from-file" not in repr(loaded)

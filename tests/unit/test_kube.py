@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -21,12 +22,16 @@ from lab.localprom import free_port
 
 
 class FakeApiServer:
-    """The few REST paths the scaler reads: a ScaledObject, and its scale target.
+    """The few REST paths the scaler uses: it reads a ScaledObject and its scale target, and
+    creates and patches core/v1 Events.
 
     `replicas` is every target's status.replicas and `ready` its status.readyReplicas (left out
     when 0, as the API server does; `replicas` when None); ScaledObjects named in `missing`
     answer 404; `status` other than 200 answers every request with that code (a 403 as the API
-    server words it); `delay_s` holds each answer back."""
+    server words it), `event_status` only the writes of Events; `delay_s` holds each answer back.
+    Events written are kept in `events` (name -> the stored Event); a strategic merge patch
+    replaces the fields it names, as the API server does for an Event's scalar fields;
+    `requests` lists (method, path, Content-Type) of every request."""
 
     def __init__(self, replicas: int = 4, scale_target_ref: dict | None = None, ready: int | None = None):
         self.replicas = replicas
@@ -34,15 +39,31 @@ class FakeApiServer:
         self.scale_target_ref = scale_target_ref if scale_target_ref is not None else {"name": "sd"}
         self.missing: set[str] = set()
         self.status = 200
+        self.event_status = 200
         self.delay_s = 0.0
         self.paths: list[str] = []
+        self.requests: list[tuple[str, str, str]] = []
+        self.events: dict[str, dict] = {}
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                self._serve(None)
+
+            def do_POST(self):
+                self._serve(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def do_PATCH(self):
+                self._serve(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+            def _serve(self, sent):
                 fake.paths.append(self.path)
+                fake.requests.append((self.command, self.path.split("?")[0], self.headers.get("Content-Type", "")))
                 time.sleep(fake.delay_s)
-                code, body = fake.answer(self.path.split("?")[0])
+                if self.command == "GET":
+                    code, body = fake.answer(self.path.split("?")[0])
+                else:
+                    code, body = fake.write(self.command, self.path.split("?")[0], sent)
                 data = json.dumps(body).encode()
                 try:
                     self.send_response(code)
@@ -61,18 +82,45 @@ class FakeApiServer:
         self.host = f"http://127.0.0.1:{self._server.server_port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
+    @staticmethod
+    def failure(status: int, path: str) -> tuple[int, dict]:
+        return status, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": status,
+                        "reason": "Forbidden" if status == 403 else "NotFound" if status == 404 else "Error",
+                        "message": f"{path} is forbidden: User \"system:serviceaccount:ml:diffusion-scaler\""}
+
+    def write(self, method: str, path: str, sent: dict) -> tuple[int, dict]:
+        """POST /api/v1/namespaces/{ns}/events, PATCH /api/v1/namespaces/{ns}/events/{name}."""
+        for status in (self.status, self.event_status):
+            if status != 200:
+                return self.failure(status, path)
+        parts = path.strip("/").split("/")
+        if parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "events":
+            return self.failure(405, path)
+        namespace = parts[3]
+        if method == "POST" and len(parts) == 5:
+            name = sent["metadata"]["name"]
+            if sent["metadata"].get("namespace", namespace) != namespace or name in self.events:
+                return self.failure(409 if name in self.events else 400, path)
+            self.events[name] = {**sent, "metadata": {**sent["metadata"], "namespace": namespace,
+                                                      "uid": f"event-{len(self.events)}"}}
+            return 201, self.events[name]
+        if method == "PATCH" and len(parts) == 6:
+            if parts[5] not in self.events:
+                return self.failure(404, path)
+            self.events[parts[5]] = {**self.events[parts[5]], **sent}
+            return 200, self.events[parts[5]]
+        return self.failure(405, path)
+
     def answer(self, path: str) -> tuple[int, dict]:
         if self.status != 200:
-            return self.status, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": self.status,
-                                 "reason": "Forbidden" if self.status == 403 else "Error",
-                                 "message": f"{path} is forbidden: User \"system:serviceaccount:ml:diffusion-scaler\""}
+            return self.failure(self.status, path)
         parts = path.strip("/").split("/")
         # /apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects/{name}
         if parts[:3] == ["apis", "keda.sh", "v1alpha1"] and parts[3] == "namespaces" and parts[5] == "scaledobjects":
             if parts[6] in self.missing:
                 return 404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": f"{path} not found"}
             return 200, {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
-                         "metadata": {"namespace": parts[4], "name": parts[6]},
+                         "metadata": {"namespace": parts[4], "name": parts[6], "uid": self.uid(parts[6])},
                          "spec": {"scaleTargetRef": self.scale_target_ref}}
         # /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}: the scale target
         if parts[0] == "apis" and parts[3] == "namespaces" and len(parts) == 7:
@@ -82,6 +130,11 @@ class FakeApiServer:
                          "metadata": {"namespace": parts[4], "name": parts[6]},
                          "spec": {"replicas": self.replicas}, "status": status}
         return 404, {"kind": "Status", "code": 404, "reason": "NotFound", "message": f"{path} not found"}
+
+    @staticmethod
+    def uid(scaled_object: str) -> str:
+        """The uid of the ScaledObject named so (one per name, as long as it is not re-created)."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, scaled_object))
 
     def configuration(self) -> client.Configuration:
         configuration = client.Configuration()

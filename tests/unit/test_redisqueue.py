@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK, AccessRules, parse_networks
 from adapter.config import parse_metadata
 from adapter.policy import Signals
 from adapter.reading import absent_is_not_zero, needed_queries
@@ -21,6 +22,14 @@ from lab.localredis import LocalRedis
 from .test_signals import FakePrometheus
 
 STREAM = jobqueue.DEFAULT_STREAM
+# These Redis servers run on loopback, which the scaler refuses for a ScaledObject's address by
+# default (tests/unit/test_access.py attacks that rule); here loopback is allowed.
+LOOPBACK_ALLOWED = parse_networks(DENIED_NETWORKS_BUT_LOOPBACK)
+
+
+def backlog(password: str | None = None, redis_address: str | None = None, **kwargs) -> RedisBacklog:
+    return RedisBacklog(password, rules=AccessRules(redis_address=redis_address, denied_networks=LOOPBACK_ALLOWED),
+                        **kwargs)
 
 
 def spec(address: str, **extra):
@@ -31,7 +40,7 @@ def spec(address: str, **extra):
 
 def read_once(address: str, password: str | None = None, **extra):
     async def go():
-        source = RedisBacklog(password)
+        source = backlog(password, address)
         try:
             return await source.read(spec(address, **extra))
         finally:
@@ -88,7 +97,7 @@ def test_an_existing_empty_stream_is_a_real_zero_even_after_a_busy_fleet(redis_s
 
     async def go():
         fake = FakePrometheus({names.READY: 4.0})
-        return await QueueFromRedis(SignalReader(fake, 4), RedisBacklog()).read(spec(redis_server.url, signals="queue"))
+        return await QueueFromRedis(SignalReader(fake, 4), backlog()).read(spec(redis_server.url, signals="queue"))
 
     reading = asyncio.run(go())
     # Everything ended: 0 is believed though 4 replicas were busy, unlike an empty PromQL answer.
@@ -114,7 +123,7 @@ def test_a_stream_that_vanishes_is_missing_data_last_good_value_then_unavailable
     so = spec(redis_server.url, signals="queue", targetQueuePerReplica="4", staleAfterSeconds="20")
 
     async def read():
-        reader = QueueFromRedis(SignalReader(fake, 4), RedisBacklog())
+        reader = QueueFromRedis(SignalReader(fake, 4), backlog())
         try:
             return await reader.read(so)
         finally:
@@ -180,7 +189,7 @@ def test_a_hung_redis_times_out_within_the_query_timeout():
 
         server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        source = RedisBacklog()
+        source = backlog()
         started = time.monotonic()
         outcome = await source.read(spec(f"redis://127.0.0.1:{port}/0", queryTimeoutSeconds="0.3"))
         elapsed = time.monotonic() - started
@@ -197,7 +206,7 @@ def test_a_restarted_redis_is_read_again_on_the_next_refresh(redis_server):
     create_stream(redis_server)
 
     async def go():
-        source = RedisBacklog()
+        source = backlog()
         first = await source.read(spec(redis_server.url))
         await asyncio.to_thread(redis_server.restart)
         with redis_server.client() as client:
@@ -215,7 +224,7 @@ def test_a_restarted_redis_is_read_again_on_the_next_refresh(redis_server):
 
 def test_scaled_objects_naming_one_address_share_one_client_and_close_closes_it(redis_server):
     async def go():
-        source = RedisBacklog()
+        source = backlog()
         await asyncio.gather(*(source.read(spec(redis_server.url, stream=f"s{n}")) for n in range(3)))
         await source.read(spec(redis_server.url, stream="s0"))
         during = await asyncio.to_thread(connections, redis_server)
@@ -232,7 +241,7 @@ def test_a_client_unused_past_its_idle_time_is_closed_when_another_is_created(re
     now = [1000.0]
 
     async def go():
-        source = RedisBacklog(idle_close_s=900.0, clock=lambda: now[0])
+        source = backlog(idle_close_s=900.0, clock=lambda: now[0])
         await source.read(spec(redis_server.url))
         one = await asyncio.to_thread(connections, redis_server)
         now[0] += 901.0
@@ -255,7 +264,7 @@ def test_prometheus_is_not_asked_for_the_queue_when_redis_answers_it(redis_serve
     fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 99.0, names.READY: 0.0})
 
     async def go():
-        return await QueueFromRedis(SignalReader(fake, 4), RedisBacklog()).read(spec(redis_server.url))
+        return await QueueFromRedis(SignalReader(fake, 4), backlog()).read(spec(redis_server.url))
 
     reading = asyncio.run(go())
     assert needed_queries(spec(redis_server.url)) == (names.READY_REPLICAS, names.GPU)
@@ -273,7 +282,7 @@ def test_the_redis_read_runs_beside_the_prometheus_request_and_its_failure_is_na
 
         server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
         address = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
-        reader = QueueFromRedis(SignalReader(fake, 4), RedisBacklog())
+        reader = QueueFromRedis(SignalReader(fake, 4), backlog())
         started = time.monotonic()
         reading = await reader.read(spec(address, signals="queue", queryTimeoutSeconds="0.4"))
         elapsed = time.monotonic() - started
@@ -291,7 +300,7 @@ def test_a_spec_without_redis_is_read_by_the_other_source_alone():
     fake = FakePrometheus({names.REQUESTS_IN_FLIGHT: 7.0, names.READY: 1.0})
 
     async def go():
-        return await QueueFromRedis(SignalReader(fake, 4), RedisBacklog()).read(
+        return await QueueFromRedis(SignalReader(fake, 4), backlog()).read(
             parse_metadata({"prometheusAddress": "http://prom:9090", "signals": "queue"}))
 
     assert asyncio.run(go()).signals == Signals(queue=7, ready_replicas=1)

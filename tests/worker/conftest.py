@@ -21,6 +21,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract.apikey import ApiKeys
 from lab.localprom import free_port
 from worker.api import build_app
 from worker.batching import BatchKey, BatchPolicy
@@ -96,11 +97,13 @@ class RunningWorker:
     url: str
     service: WorkerService
     runner: BoundaryRunner
+    api_key: str | None = None  # sent as a Bearer token by `post`, when the worker wants one
 
     def post(self, timeout_s: float = 60, **body) -> requests.Response:
         body.setdefault("prompt", "a lighthouse at dusk")
         body.setdefault("num_inference_steps", 2)
-        return requests.post(f"{self.url}/v1/images/generations", json=body, timeout=timeout_s)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key is not None else {}
+        return requests.post(f"{self.url}/v1/images/generations", json=body, headers=headers, timeout=timeout_s)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         text = requests.get(f"{self.url}/metrics", timeout=10).text
@@ -126,14 +129,16 @@ def start_worker(tiny_runner) -> Iterator[Callable[..., RunningWorker]]:
     """Starts the real HTTP server in a thread with the given batching and limits; stops it after the test."""
     started: list[tuple[uvicorn.Server, threading.Thread, WorkerService, BoundaryRunner]] = []
 
-    def start(max_batch_size: int = 8, max_wait_s: float = 0.02, **limits) -> RunningWorker:
+    def start(max_batch_size: int = 8, max_wait_s: float = 0.02, api_keys: ApiKeys | None = None,
+              api_key: str | None = None, **limits) -> RunningWorker:
+        """`api_keys`: what the app requires; `api_key`: what the returned worker's `post` sends."""
         batching = BatchPolicy(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
         service = WorkerService(WorkerLimits(batching=batching, **limits), WorkerMetrics(CollectorRegistry()))
         runner = BoundaryRunner(tiny_runner)
         service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
         port = free_port()
         server = uvicorn.Server(
-            uvicorn.Config(build_app(service), host="127.0.0.1", port=port, lifespan="off", log_config=None)
+            uvicorn.Config(build_app(service, api_keys), host="127.0.0.1", port=port, lifespan="off", log_config=None)
         )
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -142,7 +147,7 @@ def start_worker(tiny_runner) -> Iterator[Callable[..., RunningWorker]]:
         while not server.started:
             assert time.monotonic() < deadline, "worker did not start"
             time.sleep(0.01)
-        return RunningWorker(f"http://127.0.0.1:{port}", service, runner)
+        return RunningWorker(f"http://127.0.0.1:{port}", service, runner, api_key)
 
     yield start
     for server, thread, service, runner in started:

@@ -536,10 +536,10 @@ def test_pull_mode_flags_come_from_the_environment_and_the_password_from_a_file(
         monkeypatch.setenv(f"WORKER_{name}", value)
     config = queue_config(build_parser().parse_args(["serve", "--model", "m"]))
     assert (config.url, config.stream, config.group, config.claim_idle_s, config.max_deliveries,
-            config.result_ttl_s, config.password) == ("redis://redis:6379/2", "jobs:sd15", "pool", 30.0, 5, 600,
+            config.result_ttl_s, config.access.password) == ("redis://redis:6379/2", "jobs:sd15", "pool", 30.0, 5, 600,
                                                        "s3cret")
     assert "s3cret" not in repr(config)
     monkeypatch.delenv("WORKER_REDIS_PASSWORD_FILE")
-    assert queue_config(build_parser().parse_args(["serve", "--model", "m"])).password == "from-env"
+    assert queue_config(build_parser().parse_args(["serve", "--model", "m"])).access.password == "from-env"
     monkeypatch.delenv("WORKER_QUEUE")
     assert queue_config(build_parser().parse_args(["serve", "--model", "m"])) is None
