@@ -10,7 +10,7 @@ import signal
 import sys
 
 from adapter.prometheus import PrometheusAuth
-from contract.jobqueue import password_from
+from contract.redisaccess import add_redis_flags, redis_access_from
 from contract.cli import LOG_LEVELS, Environment, configure_logging
 from adapter.server import ScalerServer, ServerConfig
 
@@ -106,12 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(a ScaledObject naming another redisAddress is read without it); required with a password "
         "(env SCALER_REDIS_ADDRESS)",
     )
-    queue.add_argument(
-        "--redis-password-file",
-        default=ENV.get("REDIS_PASSWORD_FILE"),
-        help="the password sent to --redis-address, read from this file; unset, the environment variable "
-        "SCALER_REDIS_PASSWORD, else no AUTH (env SCALER_REDIS_PASSWORD_FILE)",
-    )
+    # The same flags as the gateway's and the workers'; all of them go to --redis-address only.
+    add_redis_flags(queue.add_argument, ENV)
     add(
         "--kubernetes-api",
         default=ENV.get("KUBERNETES_API", _DEFAULTS.kubernetes_api),
@@ -167,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         redis_address=args.redis_address or None,
         scrape_targets_dir=args.scrape_targets_dir,
         max_concurrent_queries=args.max_concurrent_queries,
-        redis_password=password_from("SCALER_REDIS_PASSWORD", args.redis_password_file),
+        redis_access=redis_access_from(args, ENV),
         idle_forget_s=args.idle_forget_seconds,
         max_scaled_objects=args.max_scaled_objects,
         shutdown_grace_s=args.shutdown_grace_seconds,

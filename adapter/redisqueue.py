@@ -29,6 +29,7 @@ from adapter.access import AccessRules, Endpoint, check_resolved, excerpt
 from adapter.config import ScalerSpec
 from adapter.reading import QueryOutcome, Reading, outcome, to_reading
 from contract.names import QUEUE
+from contract.redisaccess import RedisAccess
 
 
 class SignalSource(Protocol):
@@ -57,22 +58,23 @@ class RedisBacklog:
     """Reads streams' backlogs: one `redis.asyncio` client (a connection pool) per distinct
     address and query timeout, shared by every ScaledObject that names it.
 
-    `password` (the scaler's --redis-password-file or SCALER_REDIS_PASSWORD; None: no AUTH) is
-    sent only to `rules.redis_address`, the operator's Redis (same scheme, host and port); any
-    other address a ScaledObject names is read without it, and its host name is refused when it
-    resolves into `rules.denied_networks` (checked before a client is made, and again every
-    `recheck_s`). A client no read has used for `idle_close_s` is closed when another is
-    created, so addresses of forgotten ScaledObjects do not hold connections for ever. Raises
-    ValueError when a password is set without `rules.redis_address`.
+    `access` (the scaler's --redis-username, --redis-password-file or SCALER_REDIS_PASSWORD, and
+    its TLS files; the default: no AUTH, the system's CAs) is used only for `rules.redis_address`,
+    the operator's Redis (same scheme, host and port); any other address a ScaledObject names is
+    read as the default user with no client certificate, its server checked against the
+    system's CAs, and its host name is refused when it resolves into `rules.denied_networks`
+    (checked before a client is made, and again every `recheck_s`). A client no read has used
+    for `idle_close_s` is closed when another is created, so addresses of forgotten
+    ScaledObjects do not hold connections for ever. Raises ValueError when credentials are set
+    without `rules.redis_address`.
     """
 
-    def __init__(self, password: str | None = None, *, rules: AccessRules = AccessRules(),
+    def __init__(self, access: RedisAccess = RedisAccess(), *, rules: AccessRules = AccessRules(),
                  idle_close_s: float = 900.0, recheck_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        if password and not rules.redis_address:
-            raise ValueError("a Redis password is set (--redis-password-file or SCALER_REDIS_PASSWORD) but "
-                             "--redis-address (SCALER_REDIS_ADDRESS) is not: the scaler sends it only to the Redis "
-                             "the operator configures, never to one a ScaledObject names")
-        self._password = password
+        if (access.password or access.username or access.cert_file) and not rules.redis_address:
+            raise ValueError("Redis credentials are set but --redis-address (SCALER_REDIS_ADDRESS) is not: the scaler "
+                             "sends them only to the Redis the operator configures, never to one a ScaledObject names")
+        self._access = access
         self._rules = rules
         self._idle_close_s = idle_close_s
         self._recheck_s = recheck_s
@@ -102,10 +104,10 @@ class RedisBacklog:
             # redis-py's default retries three times with up to 10 s of backoff, far past the
             # query timeout. No retry: the next refresh is the retry, and the last good value is
             # served meanwhile. (The pool itself replaces a connection a Redis restart broke.)
-            password = self._password if self._rules.redis_credentials(address) else None
+            options = self._access.client_options() if self._rules.redis_credentials(address) else {}
             client = self._clients[key] = aioredis.Redis.from_url(
-                address, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),
+                address, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+                **options,
             )
             await self._close_idle()  # after registering: a read starting meanwhile finds this client
         return client

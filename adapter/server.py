@@ -21,6 +21,7 @@ from contract.httpserver import MetricsServer
 from adapter.metrics import ScalerMetrics, TargetCollector
 from adapter.access import DEFAULT_DENIED_NETWORKS, AccessRules, Endpoint, parse_networks
 from adapter.prometheus import PrometheusAuth, PrometheusClient
+from contract.redisaccess import RedisAccess
 from adapter.service import SERVICE_NAME, ExternalScalerService
 from adapter.directscrape import DirectSignalReader, SignalRouter
 from adapter.kube import MODES, OFF, KubernetesReplicas, in_cluster_configuration
@@ -57,7 +58,9 @@ class ServerConfig:
     scrape_targets_dir: str | None = None  # set: ScaledObjects may name file_sd files in it (scrapeTargetsFile)
     max_concurrent_queries: int = 32
     redis_address: str | None = None  # the operator's Redis: the password goes there only
-    redis_password: str | None = field(default=None, repr=False)  # sent to redis_address only; None: no AUTH
+    # Who the scaler is to Redis (ACL user, password, client certificate): sent to redis_address
+    # only; its CA file verifies that Redis. A ScaledObject's other redisAddress gets none of it.
+    redis_access: RedisAccess = field(default_factory=RedisAccess)
     idle_forget_s: float = 900.0
     max_scaled_objects: int = 2000
     max_scaled_objects_per_namespace: int = 200
@@ -100,10 +103,13 @@ class ServerConfig:
             raise ValueError("Prometheus credentials are set (--prometheus-bearer-token-file, --prometheus-username) but "
                              "--prometheus-address (SCALER_PROMETHEUS_ADDRESS) is not: the scaler sends them only to "
                              "the Prometheus you name there, never to a prometheusAddress a ScaledObject names")
-        if self.redis_password and not self.redis_address:
-            raise ValueError("a Redis password is set (--redis-password-file or SCALER_REDIS_PASSWORD) but --redis-address "
-                             "(SCALER_REDIS_ADDRESS) is not: the scaler sends it only to the Redis you name there, "
-                             "never to a redisAddress a ScaledObject names")
+        credentials = self.redis_access.password or self.redis_access.username or self.redis_access.cert_file
+        if credentials and not self.redis_address:
+            raise ValueError("Redis credentials are set (--redis-password-file or SCALER_REDIS_PASSWORD, --redis-username, "
+                             "--redis-cert-file) but --redis-address (SCALER_REDIS_ADDRESS) is not: the scaler sends "
+                             "them only to the Redis you name there, never to a redisAddress a ScaledObject names")
+        if self.redis_address:
+            self.redis_access.check_url(self.redis_address, "--redis-address")
         parse_networks(self.denied_networks)  # raises ValueError naming a bad block
 
     @property
@@ -198,7 +204,7 @@ class ScalerServer:
                                          on_result=metrics.kubernetes_event)
         log.info("Kubernetes Events on ScaledObjects: %s", "recorded" if self._events else
                  "off (--events off)" if config.events == OFF else "off (no Kubernetes API)")
-        self._redis = RedisBacklog(config.redis_password, rules=config.access)
+        self._redis = RedisBacklog(config.redis_access, rules=config.access)
         reader = QueueFromRedis(
             SignalRouter(SignalReader(self._client.query, config.max_concurrent_queries), self._direct), self._redis
         )

@@ -20,6 +20,7 @@ from adapter._proto import externalscaler_pb2 as pb
 from adapter.access import DEFAULT_DENIED_NETWORKS
 from adapter.prometheus import PrometheusAuth
 from contract.jobqueue import namespaced_stream
+from contract.redisaccess import RedisAccess
 
 from .conftest import eventually, eventually_fails, metrics_request
 
@@ -175,7 +176,7 @@ def test_a_tenants_redis_address_never_receives_the_scalers_redis_password(start
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        scaler = start_scaler(redis_address=redis_server.url, redis_password="redis-secret",
+        scaler = start_scaler(redis_address=redis_server.url, redis_access=RedisAccess(password="redis-secret"),
                               prometheus_address="http://127.0.0.1:9")
         thief = tenant_ref("thief", redisAddress=f"redis://127.0.0.1:{port}/0",
                            stream=namespaced_stream("tenant-b", "sd-worker"))

@@ -342,13 +342,13 @@ def test_the_redis_password_is_the_scalers_own_setting_from_a_file_or_else_the_e
 
     monkeypatch.delenv("SCALER_REDIS_PASSWORD", raising=False)
     monkeypatch.delenv("SCALER_REDIS_ADDRESS", raising=False)
-    assert config().redis_password is None
+    assert config().redis_access.password is None
     secret = tmp_path / "password"
     secret.write_text("from-file\n")  # a mounted Secret's trailing newline is not part of it
     with pytest.raises(ValueError, match="--redis-address"):  # a password with nowhere safe to go
         config("--redis-password-file", str(secret))
     monkeypatch.setenv("SCALER_REDIS_ADDRESS", "redis://redis.ml:6379")
     monkeypatch.setenv("SCALER_REDIS_PASSWORD", "from-env")
-    assert config().redis_password == "from-env"
+    assert config().redis_access.password == "from-env"
     loaded = config("--redis-password-file", str(secret))
-    assert loaded.redis_password == "from-file" and "from-file" not in repr(loaded)
+    assert loaded.redis_access.password == "from-file" and "from-file" not in repr(loaded)

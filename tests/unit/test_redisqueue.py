@@ -10,6 +10,7 @@ import pytest
 
 from adapter.access import DENIED_NETWORKS_BUT_LOOPBACK, AccessRules, parse_networks
 from adapter.config import parse_metadata
+from contract.redisaccess import RedisAccess
 from adapter.policy import Signals
 from adapter.reading import absent_is_not_zero, needed_queries
 from adapter.redisqueue import QueueFromRedis, RedisBacklog
@@ -18,6 +19,8 @@ from adapter.targets import Target, Unavailable
 from contract import jobqueue, names
 from lab.localprom import free_port
 from lab.localredis import LocalRedis
+
+from tests.conftest import add_acl_user
 
 from .test_signals import FakePrometheus
 
@@ -28,8 +31,8 @@ LOOPBACK_ALLOWED = parse_networks(DENIED_NETWORKS_BUT_LOOPBACK)
 
 
 def backlog(password: str | None = None, redis_address: str | None = None, **kwargs) -> RedisBacklog:
-    return RedisBacklog(password, rules=AccessRules(redis_address=redis_address, denied_networks=LOOPBACK_ALLOWED),
-                        **kwargs)
+    return RedisBacklog(RedisAccess(password=password),
+                        rules=AccessRules(redis_address=redis_address, denied_networks=LOOPBACK_ALLOWED), **kwargs)
 
 
 def spec(address: str, **extra):
@@ -180,6 +183,30 @@ def test_a_password_is_sent_from_the_scalers_settings_and_a_refusal_is_a_failed_
         refused = read_once(locked.url, password="wrong")
         assert "AuthenticationError: invalid username-password pair" in refused.error
         assert read_once(locked.url, password="s3cret").value == 0
+
+
+def test_the_operators_mutual_tls_redis_is_read_as_its_acl_user_and_a_tenants_copy_gets_no_credentials(
+    start_tls_redis, tls_files
+):
+    """The scaler's --redis-username, password and client certificate reach --redis-address; the
+    same server named another way (localhost for 127.0.0.1) is a tenant's address: no AUTH, no
+    client certificate, so a mutual-TLS server refuses it."""
+    server = start_tls_redis(require_client_cert=True)
+    create_stream(server)
+    add_acl_user(server, "scaler", "scaler-acl-password", "diffusion:*")
+    access = RedisAccess(username="scaler", password="scaler-acl-password", ca_file=tls_files.ca,
+                         cert_file=tls_files.client_cert, key_file=tls_files.client_key)
+
+    async def go(address: str):
+        source = RedisBacklog(access, rules=AccessRules(redis_address=server.url, denied_networks=LOOPBACK_ALLOWED))
+        try:
+            return await source.read(spec(address))
+        finally:
+            await source.close()
+
+    assert asyncio.run(go(server.url)).value == 0
+    refused = asyncio.run(go(server.url.replace("127.0.0.1", "localhost")))
+    assert refused.error is not None and "scaler-acl-password" not in refused.error
 
 
 def test_a_hung_redis_times_out_within_the_query_timeout():
