@@ -21,7 +21,7 @@ from adapter.config import parse_metadata
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 KUSTOMIZATIONS = ["base", "monitoring", "overlays/prometheus-operator", "overlays/exporter-daemonset",
-                  "overlays/queue", "overlays/queue-with-redis", "overlays/scaler-access"]
+                  "overlays/queue", "overlays/queue-with-redis", "overlays/scaler-access", "overlays/tls"]
 KEDA_CRD = ROOT.parent / "shared" / "reference" / "keda" / "keda.sh_scaledobjects.yaml"
 KUBERNETES_VERSION = "1.34.0"
 RULES = MANIFESTS / "monitoring" / "rules"
@@ -66,7 +66,7 @@ def test_every_core_object_validates_against_the_kubernetes_schemas(kustomizatio
 
 
 @pytest.mark.parametrize("kustomization", ["base", "overlays/prometheus-operator", "overlays/exporter-daemonset",
-                                           "overlays/queue"])
+                                           "overlays/queue", "overlays/tls"])
 def test_the_scaledobject_validates_against_kedas_crd_and_the_scalers_parser(kustomization):
     if not KEDA_CRD.exists():
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{KEDA_CRD} is missing")
@@ -75,7 +75,9 @@ def test_the_scaledobject_validates_against_kedas_crd_and_the_scalers_parser(kus
     [scaled_object] = objects("ScaledObject", kustomization)
     jsonschema.validate(scaled_object, version["schema"]["openAPIV3Schema"])
     [trigger] = scaled_object["spec"]["triggers"]
-    spec = parse_metadata(trigger["metadata"])
+    # Parsed as the shipped scaler parses it: its flags' rules, confined to the ScaledObject's namespace.
+    spec = parse_metadata(trigger["metadata"], shipped_scaler_config(kustomization).access,
+                          namespace=scaled_object["metadata"]["namespace"])
     assert spec.unknown_keys == ()
     # The HPA must not stack its own windows on the scaler's.
     behavior = scaled_object["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
@@ -83,6 +85,36 @@ def test_the_scaledobject_validates_against_kedas_crd_and_the_scalers_parser(kus
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 0
     assert scaled_object["spec"]["fallback"]["replicas"] >= 1
     assert int(trigger["metadata"]["maxReplicas"]) == scaled_object["spec"]["maxReplicaCount"]
+
+
+def shipped_scaler_config(kustomization: str):
+    """The scaler's ServerConfig as its Deployment's environment sets it (a value from a Secret
+    reads as a placeholder of the right kind)."""
+    from adapter.__main__ import build_parser, config_from_args
+
+    [scaler] = [d for d in objects("Deployment", kustomization) if d["metadata"]["name"] == "diffusion-scaler"]
+    variables = {e["name"]: e.get("value") or _from_secret(kustomization, e) for e in container(scaler, "scaler")["env"]}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update({name: value for name, value in variables.items() if value is not None})
+    try:
+        return config_from_args(build_parser().parse_args([]))
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def _from_secret(kustomization: str, variable: dict) -> str | None:
+    """What a Secret the kustomization generates holds for `variable`'s secretKeyRef; None when
+    it generates none (the user creates it)."""
+    ref = (variable.get("valueFrom") or {}).get("secretKeyRef")
+    if ref is None:
+        return None
+    import base64
+
+    for secret in objects("Secret", kustomization):
+        if secret["metadata"]["name"] == ref["name"] and ref["key"] in secret.get("data", {}):
+            return base64.b64decode(secret["data"][ref["key"]]).decode()
+    return None
 
 
 def container(deployment: dict, name: str) -> dict:
@@ -154,7 +186,8 @@ def test_the_queue_overlay_scales_the_workers_from_zero_on_the_streams_backlog()
         assert {ref["name"] for ref in secrets.values()} == {"diffusion-redis"}
         assert {ref["key"] for ref in secrets.values()} == {"address", "password"}
     # the throwaway Redis is reachable only from the pods that use it
-    [policy] = objects("NetworkPolicy", "overlays/queue-with-redis")
+    [policy] = [p for p in objects("NetworkPolicy", "overlays/queue-with-redis")
+                if p["metadata"]["name"] == "redis-clients-only"]
     allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     clients = [d for d in objects("Deployment", "overlays/queue-with-redis") if d["metadata"]["name"] != "redis"]
     assert {d["metadata"]["name"] for d in clients} == {"sd-worker", "diffusion-gateway", "diffusion-scaler"}
@@ -293,3 +326,82 @@ def test_every_promql_expression_names_only_metrics_of_the_contract():
             assert name in served or base in served, f"{name} in {expr!r} is not a metric of contract.names"
     # the scan is not vacuous: the queue, the GPU and the latency signals are all read
     assert {"DCGM_FI_DEV_GPU_UTIL", "diffusion_requests_in_flight", "diffusion_request_duration_seconds_bucket"} <= read
+
+
+# -- issue 17: who may reach what, and the scaler's safe defaults ------------------------------------
+
+PROMETHEUS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+
+def ingress_by_port(policy: dict) -> dict[int, list[dict]]:
+    """port -> the peers allowed to reach it."""
+    allowed: dict[int, list[dict]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            allowed.setdefault(port["port"], []).extend(rule["from"])
+    return allowed
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/queue", "overlays/tls"])
+def test_only_keda_reaches_the_scalers_grpc_port_and_only_prometheus_its_metrics(kustomization):
+    [scaler] = [d for d in objects("Deployment", kustomization) if d["metadata"]["name"] == "diffusion-scaler"]
+    ports = {p["name"]: p["containerPort"] for p in container(scaler, "scaler")["ports"]}
+    [policy] = [p for p in objects("NetworkPolicy", kustomization) if p["metadata"]["name"] == "diffusion-scaler"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= scaler["spec"]["template"]["metadata"]["labels"].items()
+    assert ingress_by_port(policy) == {
+        ports["grpc"]: [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}},
+                         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}}}],
+        ports["metrics"]: [PROMETHEUS_PEER],
+    }
+
+
+@pytest.mark.parametrize("kustomization, api_open", [("base", True), ("overlays/queue", False)])
+def test_the_workers_metrics_are_prometheus_only_and_a_pull_worker_takes_no_calls(kustomization, api_open):
+    [worker] = [d for d in objects("Deployment", kustomization) if d["metadata"]["name"] == "sd-worker"]
+    ports = {p["name"]: p["containerPort"] for c in worker["spec"]["template"]["spec"]["containers"]
+             for p in c.get("ports", [])}
+    [policy] = [p for p in objects("NetworkPolicy", kustomization) if p["metadata"]["name"] == "sd-worker"]
+    allowed = ingress_by_port(policy)
+    assert allowed[ports["metrics"]] == [PROMETHEUS_PEER]
+    assert allowed[ports["http"]] == ([{"namespaceSelector": {}}] if api_open else [PROMETHEUS_PEER])
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/queue", "overlays/tls"])
+def test_the_shipped_scaler_binds_its_credentials_to_its_own_backends_and_refuses_other_addresses(kustomization):
+    config = shipped_scaler_config(kustomization)
+    [scaled_object] = objects("ScaledObject", kustomization)
+    metadata = scaled_object["spec"]["triggers"][0]["metadata"]
+    assert config.prometheus_address == metadata["prometheusAddress"]
+    assert config.allowed_prometheus_urls == (config.prometheus_address,)
+    assert not config.allow_cross_namespace
+    if "redisAddress" in metadata:
+        [scaler] = [d for d in objects("Deployment", kustomization) if d["metadata"]["name"] == "diffusion-scaler"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container(scaler, "scaler")["env"] if "valueFrom" in e}
+        # the password and the address it may go to come from one Secret: they cannot disagree
+        assert refs["SCALER_REDIS_ADDRESS"]["name"] == refs["SCALER_REDIS_PASSWORD"]["name"]
+
+
+def test_the_tls_overlay_runs_keda_to_scaler_over_mutual_tls_from_cert_manager():
+    built = build("overlays/tls")
+    [scaler] = [d for d in objects("Deployment", "overlays/tls") if d["metadata"]["name"] == "diffusion-scaler"]
+    main = container(scaler, "scaler")
+    variables = env(main)
+    mount = next(m["mountPath"] for m in main["volumeMounts"] if m["name"] == "tls")
+    assert variables["SCALER_TLS_CERT_FILE"] == f"{mount}/tls.crt" and variables["SCALER_TLS_KEY_FILE"] == f"{mount}/tls.key"
+    assert variables["SCALER_TLS_CLIENT_CA_FILE"] == f"{mount}/ca.crt"  # mutual: KEDA must present its certificate
+    assert "grpc" not in main["readinessProbe"]  # the kubelet's gRPC probe has no client certificate
+    [volume] = [v for v in scaler["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    certificates = {o["metadata"]["name"]: o for o in built if o["kind"] == "Certificate"}
+    [server] = [c for c in certificates.values() if c["spec"]["secretName"] == volume["secret"]["secretName"]]
+    [scaled_object] = objects("ScaledObject", "overlays/tls")
+    [trigger] = scaled_object["spec"]["triggers"]
+    host = trigger["metadata"]["scalerAddress"].rsplit(":", 1)[0]
+    assert host in server["spec"]["dnsNames"] and "server auth" in server["spec"]["usages"]
+    [auth] = [o for o in built if o["kind"] == "TriggerAuthentication"
+              and o["metadata"]["name"] == trigger["authenticationRef"]["name"]]
+    parameters = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(parameters) == {"caCert", "tlsClientCert", "tlsClientKey"}
+    [client] = [c for c in certificates.values() if c["spec"]["secretName"] == parameters["tlsClientCert"]["name"]]
+    assert "client auth" in client["spec"]["usages"]
+    assert client["spec"]["issuerRef"] == server["spec"]["issuerRef"]  # one CA signs both
