@@ -405,3 +405,18 @@ def test_the_tls_overlay_runs_keda_to_scaler_over_mutual_tls_from_cert_manager()
     [client] = [c for c in certificates.values() if c["spec"]["secretName"] == parameters["tlsClientCert"]["name"]]
     assert "client auth" in client["spec"]["usages"]
     assert client["spec"]["issuerRef"] == server["spec"]["issuerRef"]  # one CA signs both
+
+
+@pytest.mark.parametrize("kustomization, name, program", [("base", "sd-worker", "worker"),
+                                                          ("overlays/queue", "sd-worker", "worker"),
+                                                          ("overlays/queue", "diffusion-gateway", "gateway")])
+def test_the_shipped_apis_want_a_key_from_a_mounted_secret(kustomization, name, program):
+    """A mounted Secret, not a variable: a changed Secret reaches the file, and the key rotates
+    without a restart (contract/apikey.py)."""
+    [deployment] = [d for d in objects("Deployment", kustomization) if d["metadata"]["name"] == name]
+    main = container(deployment, program)
+    path = env(main)[f"{program.upper()}_API_KEY_FILE"]
+    [mount] = [m for m in main["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+    [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "diffusion-api-key" and mount["readOnly"]
+    assert f"{program.upper()}_API_KEY" not in env(main)
