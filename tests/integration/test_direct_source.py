@@ -56,3 +56,22 @@ def test_a_scaler_without_the_directory_refuses_the_key(start_scaler, deployment
         scaler.stub.GetMetricSpec(direct_ref(deployment))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "--scrape-targets-dir" in refused.value.details()
+
+
+def test_a_scaledobject_reads_only_its_own_namespaces_pods_from_a_shared_file(fleet, start_scaler, tmp_path, deployment):
+    """One file_sd file lists pods of two namespaces (the file's labels win over a pod's own);
+    tenant-b's ScaledObject, whose selector names no namespace, is confined to tenant-b's."""
+    fleet.set_pod("tenant-a", deployment, "a", PodLoad(queue=40))
+    fleet.set_pod("tenant-b", deployment, "b", PodLoad(queue=8))
+    pods = tmp_path / "pods.json"
+    pods.write_text(json.dumps([{"targets": [fleet.address], "labels": {"job": "workers"}}]))
+    scaler = start_scaler(scrape_targets_dir=str(tmp_path))
+    ref = pb.ScaledObjectRef(name=deployment, namespace="tenant-b", scalerMetadata={
+        **direct_ref(deployment).scalerMetadata, "selector": f'deployment="{deployment}"'})
+
+    def confined():  # 8 in flight / 4 per replica; with tenant-a's 40 it would be 12
+        assert scaler.stub.GetMetrics(metrics_request(ref)).metricValues[0].metricValueFloat == 2.0
+
+    eventually(confined, timeout_s=15)
+    for namespace, pod in (("tenant-a", "a"), ("tenant-b", "b")):
+        fleet.remove_pod(namespace, deployment, pod)
