@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo evaluate protos bench clean prometheus redis
+.PHONY: test demo evaluate protos bench clean prometheus redis image-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: $(STAMP) prometheus redis
 
 evaluate: $(STAMP)  # docs/EVALUATION.md's tables, about 2 min (120 s of CPU)
 	$(BIN)/python bench/evaluation.py
+
+# Builds every image target of the Dockerfile with buildah and runs each as the manifests do
+# (tools/image-test.sh, as root; docs/IMAGES.md). Not part of `make test`: about 10 minutes.
+image-test:
+	test -x $(BIN)/python || $(MAKE) $(STAMP)  # any .venv will do: it runs the host-side checks
+	PYTHON=$(BIN)/python bash tools/image-test.sh
 
 protos: $(STAMP)
 	$(BIN)/python tools/genprotos.py
