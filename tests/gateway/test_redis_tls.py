@@ -81,8 +81,9 @@ def test_without_its_client_certificate_a_mutual_tls_redis_refuses_the_gateway(
         gateway = start_gateway(wait_until_ready=False, redis_at=server, redis_access=access)
         logged = unready_for(gateway, caplog)
     # TLS 1.3 sends the server's alert after the handshake: read, it names the cause; when the
-    # client was writing, the connection just ends
-    assert "CERTIFICATE_REQUIRED" in logged or "EOF occurred in violation of protocol" in logged
+    # client was writing, the connection just ends, or the server resets it (seen on CI)
+    assert any(refusal in logged for refusal in
+               ("CERTIFICATE_REQUIRED", "EOF occurred in violation of protocol", "Connection reset by peer"))
 
 
 def test_a_wrong_acl_password_is_refused_and_never_logged(start_tls_redis, start_gateway, tls_files, caplog):
