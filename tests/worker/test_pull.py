@@ -137,27 +137,34 @@ class Puller:
         self.thread.join(10)
 
 
+def pull_worker(tiny_runner, config: QueueConfig, max_batch_size: int = 4, max_wait_s: float = 0.05,
+                max_queue_images: int = 64) -> Puller:
+    """A pull-mode worker in-process on `config`'s queue: the tiny pipeline behind the real
+    service and consumer, on an event loop thread of its own."""
+    service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size, max_wait_s),
+                                         max_queue_images=max_queue_images),
+                            WorkerMetrics(CollectorRegistry()))
+    runner = BoundaryRunner(tiny_runner)
+    service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def make() -> QueueConsumer:
+        consumer = QueueConsumer(config, service)
+        consumer.start()
+        return consumer
+
+    return Puller(service, runner, asyncio.run_coroutine_threadsafe(make(), loop).result(10), loop, thread)
+
+
 @pytest.fixture
 def start_puller(tiny_runner, redis_server):
     started: list[Puller] = []
 
     def start(max_batch_size: int = 4, max_wait_s: float = 0.05, max_queue_images: int = 64, **queue) -> Puller:
-        service = WorkerService(WorkerLimits(batching=BatchPolicy(max_batch_size, max_wait_s),
-                                             max_queue_images=max_queue_images),
-                                WorkerMetrics(CollectorRegistry()))
-        runner = BoundaryRunner(tiny_runner)
-        service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        config = QueueConfig(url=redis_server.url, **queue)
-
-        async def make() -> QueueConsumer:
-            consumer = QueueConsumer(config, service)
-            consumer.start()
-            return consumer
-
-        puller = Puller(service, runner, asyncio.run_coroutine_threadsafe(make(), loop).result(10), loop, thread)
+        puller = pull_worker(tiny_runner, QueueConfig(url=redis_server.url, **queue), max_batch_size, max_wait_s,
+                             max_queue_images)
         started.append(puller)
         return puller
 

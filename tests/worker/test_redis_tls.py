@@ -6,30 +6,23 @@ with all of it and an API key."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 import requests
-from prometheus_client import CollectorRegistry
 
 from contract import jobqueue
 from contract.redisaccess import RedisAccess
 from lab.localprom import free_port
 from tests.conftest import add_acl_user
 from worker.__main__ import main
-from worker.batching import BatchPolicy
-from worker.metrics import WorkerMetrics
-from worker.queue import QueueConsumer
 from worker.queueconfig import QueueConfig
-from worker.service import WorkerLimits, WorkerService
 
-from .conftest import REPO, BoundaryRunner
-from .test_pull import Puller, ended, enqueue, job, wait_for
+from .conftest import REPO
+from .test_pull import Puller, ended, enqueue, job, pull_worker, wait_for
 
 USER, PASSWORD = "worker", "worker-acl-password-42"
 
@@ -40,20 +33,7 @@ def start_puller_at(tiny_runner):
     started: list[Puller] = []
 
     def start(url: str, access: RedisAccess) -> Puller:
-        service = WorkerService(WorkerLimits(batching=BatchPolicy(4, 0.05)), WorkerMetrics(CollectorRegistry()))
-        runner = BoundaryRunner(tiny_runner)
-        service.attach(runner, tiny_runner.defaults(), tiny_runner.load_seconds)
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.start()
-        config = QueueConfig(url=url, access=access)
-
-        async def make() -> QueueConsumer:
-            consumer = QueueConsumer(config, service)
-            consumer.start()
-            return consumer
-
-        puller = Puller(service, runner, asyncio.run_coroutine_threadsafe(make(), loop).result(10), loop, thread)
+        puller = pull_worker(tiny_runner, QueueConfig(url=url, access=access))
         started.append(puller)
         return puller
 
